@@ -1,0 +1,50 @@
+"""The ``ovdiff`` command line: a thin layer that parses, calls the library and prints.
+
+Nothing heavy is imported here: each command imports torch and friends inside its own function.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from . import cache, models
+from .pending import PENDING_SETTINGS, pending
+from .synth import synth
+
+app = typer.Typer(
+    name="ovdiff",
+    help="Segment any image into any classes you can name, without training (OVDiff, ECCV 2024).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ovdiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """ovdiff: open-vocabulary segmentation with prototypes synthesised by Stable Diffusion."""
+
+
+app.command("synth")(synth)
+for _name in ("segment", "explain", "eval"):
+    app.command(_name, context_settings=PENDING_SETTINGS)(pending(_name))
+app.add_typer(models.app, name="models")
+app.add_typer(cache.app, name="cache")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,102 @@
+"""What every command shares: options, the one-line error convention, consoles and progress."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Human output goes to stdout; progress, notes and errors to stderr so `--json` output stays clean.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ModelsOpt = Annotated[
+    str | None,
+    typer.Option("--models", help="Model set (sd15, tiny), a folder with sd/ dino/ clip/, or NAME,ROLE=PATH,..."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", help="Cache folder [default: $OVDIFF_CACHE or the XDG cache dir]."),
+]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Run seed for support images [default: 42].")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail while working.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
+
+DEFAULT_MODELS = "sd15"
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line, exit 2."""
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's "you asked for something wrong" exceptions into one line and exit 2."""
+    from ..cache import CacheError
+    from ..models.registry import ModelUnavailable
+
+    try:
+        yield
+    except (ValueError, UsageError, ModelUnavailable, CacheError) as exc:
+        raise fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__) from None
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """Only the options the user set: library defaults stay canonical (None = not given)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def open_cache(cache_dir: Path | None):
+    from ..cache import Cache, default_cache_dir
+
+    return Cache(cache_dir or default_cache_dir())
+
+
+class RichProgress:
+    """Progress bars on a terminal (stderr); nothing when stderr is not a TTY or --quiet."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> RichProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err,
+                transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start(self, label: str, total: int) -> None:
+        if self._progress is not None:
+            self._task = self._progress.add_task(label, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, n)

@@ -1,0 +1,74 @@
+"""``ovdiff models list|fetch``: which model sets exist, what they need, what is here; download for offline use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import JsonOpt, fail, out, user_errors
+
+app = typer.Typer(help="List model sets and pre-download their weights.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_(as_json: JsonOpt = False) -> None:
+    """Model sets, the networks each needs, and whether their weights are on this machine."""
+    from ..models.registry import ROLE_TITLES, list_model_sets, presence
+
+    rows = []
+    for spec in list_model_sets():
+        comps = {
+            role: {"source": c.source, "status": presence(c), "library": c.library}
+            for role, c in spec.components.items()
+        }
+        rows.append({"name": spec.name, "description": spec.description, "components": comps})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("set", "network", "source", "status")
+    for row in rows:
+        for i, (role, c) in enumerate(row["components"].items()):
+            style = {"missing": "red", "present": "green"}.get(c["status"], "cyan")
+            table.add_row(row["name"] if i == 0 else "", ROLE_TITLES[role], c["source"], f"[{style}]{c['status']}")
+        table.add_section()
+    out.print(table)
+    out.print("Fetch missing weights with `ovdiff models fetch sd15` (needs internet), or use --models tiny.")
+
+
+@app.command("fetch")
+def fetch(
+    name: Annotated[str, typer.Argument(help="Model set to download, e.g. sd15.")],
+    to: Annotated[
+        Path | None,
+        typer.Option("--to", help="Also lay the weights out in this folder (sd/, dino/, clip/) for --models PATH."),
+    ] = None,
+) -> None:
+    """Download a model set's pinned revisions into the Hugging Face cache (for offline compute nodes)."""
+    from ..models.registry import MODEL_SETS, list_model_sets
+    from ..models.registry import fetch as fetch_component
+
+    list_model_sets()
+    if name not in MODEL_SETS:
+        raise fail(f"model set {name!r}: expected one of {', '.join(MODEL_SETS)}")
+    spec = MODEL_SETS[name]
+    if not any(c.hub_id for c in spec.components.values()):
+        out.print(f"{name} is built in-process: nothing to fetch")
+        return
+    with user_errors():
+        for role, comp in spec.components.items():
+            out.print(f"fetching {comp.source} ...")
+            try:
+                path = fetch_component(comp)
+            except OSError as exc:  # network errors from huggingface_hub are OSErrors
+                raise fail(f"could not download {comp.source}: {exc}".splitlines()[0], code=1) from None
+            if to is not None:
+                target = to / role
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.exists():
+                    target.symlink_to(path, target_is_directory=True)
+            out.print(f"  {role}: {path}")

@@ -1,0 +1,106 @@
+"""``ovdiff synth``: pre-generate support sets and prototype banks for a class list (cached)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (
+    DEFAULT_MODELS,
+    EXIT_INTERRUPTED,
+    CacheDirOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelsOpt,
+    QuietOpt,
+    RichProgress,
+    SeedOpt,
+    VerboseOpt,
+    err,
+    given,
+    open_cache,
+    out,
+    user_errors,
+)
+
+
+def synth(
+    classes: Annotated[list[str] | None, typer.Argument(help='Class names, e.g. cat "potted plant".')] = None,
+    classes_file: Annotated[
+        Path | None, typer.Option("--classes-file", help="One class per line; optional 'stuff' column.")
+    ] = None,
+    models: ModelsOpt = None,
+    n: Annotated[int | None, typer.Option("--n", help="Support images per class [default: 32].")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps [default: 30].")] = None,
+    seed: SeedOpt = None,
+    masker: Annotated[str | None, typer.Option("--masker", help="auto, maskcut or threshold [default: auto].")] = None,
+    extractors: Annotated[
+        str | None, typer.Option("--extractors", help="Comma list of sd, dino, clip [default: all].")
+    ] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Part prototypes per class and region [default: 32].")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Images per network batch [default: 8].")
+    ] = None,
+    stuff: Annotated[str | None, typer.Option("--stuff", help="Comma list of classes that are 'stuff'.")] = None,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheDirOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Generate support images and prototypes for CLASSES, reusing everything already cached."""
+    from ..classes import build_class_list, split_list
+
+    with user_errors():
+        class_list = build_class_list(classes, classes_file, split_list(stuff) if stuff else None)
+        from ..models import resolve_models
+        from ..models.loading import Models, resolve_device
+        from ..pipeline import SynthOptions, synthesize
+
+        spec = resolve_models(models or DEFAULT_MODELS)
+        opts = SynthOptions(
+            **given(n=n, steps=steps, seed=seed, masker=masker, extractors=extractors, k=k, batch_size=batch_size)
+        )
+        mdl = Models(spec, resolve_device(device))
+        mdl.check_available(["sd", "dino", "clip"])
+        cache = open_cache(cache_dir)
+    if verbose:
+        err.print(f"models {spec.name} on {mdl.device}; cache {cache.directory}; {opts}")
+    try:
+        with RichProgress(not quiet) as progress:
+            results = synthesize(class_list, opts, mdl, cache, progress)
+    except KeyboardInterrupt:
+        done = cache.stats.get("support", {}).get("writes", 0)
+        err.print(f"interrupted: {done} new images were saved; run the same command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        cache.close()
+    if as_json:
+        doc = {
+            "models": {"name": spec.name, "hashes": mdl.hashes, "meaningful": spec.meaningful},
+            "classes": [
+                {
+                    "name": r.name,
+                    "stuff": r.stuff,
+                    "images_generated": r.images_generated,
+                    "images_cached": r.images_cached,
+                    "prototypes": r.prototypes,
+                    "digest": r.digest,
+                    "seconds": round(r.seconds, 3),
+                }
+                for r in results
+            ],
+        }
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("class", "images new", "images cached", "prototypes", "digest", "seconds")
+    for r in results:
+        protos = ", ".join(f"{v} {kind}" for kind, v in r.prototypes.items())
+        name = f"{r.name} (stuff)" if r.stuff else r.name
+        table.add_row(name, str(r.images_generated), str(r.images_cached), protos, r.digest[:12], f"{r.seconds:.1f}")
+    out.print(table)

@@ -1,0 +1,38 @@
+"""Every default of the pipeline, in one place.
+
+Values come from the paper (sections 3 and 4) and, where the paper is silent, from the authors' public code as
+recorded in the design card. Library functions take these as keyword defaults; the CLI passes only what the
+user set, so changing a default here changes it everywhere.
+"""
+
+from __future__ import annotations
+
+# --- 3.2 support set -------------------------------------------------------------------------------------------
+PROMPT_TEMPLATE = "A good picture of a {}"
+NEGATIVE_PROMPT = "text, low quality, blurry, cartoon, meme, low resolution, bad, poor, faded"
+N_SUPPORT = 32
+STEPS = 30
+GUIDANCE = 8.0
+SEED = 42
+# Images are generated in fixed-shape batches of this size (the last one padded) so that an image's bytes never
+# depend on which other images shared its batch.
+BATCH_SIZE = 8
+
+# --- 3.3 attribution + masks ------------------------------------------------------------------------------------
+MASKER = "auto"
+MASKCUT_TAU = 0.15  # affinity threshold of the normalised cut (CutLER's MaskCut)
+MASKCUT_N_MASKS = 3  # proposals per image
+THRESHOLD_FALLBACK_BG = 0.2  # "-CutLER" variant when multi-Otsu cannot split the maps
+THRESHOLD_FALLBACK_FG = 0.5
+BG_ATTRIBUTION_MAX = 0.2  # bg mask keeps only pixels whose attribution is below this
+BG_ERODE_PX = 1
+
+# --- 3.3 prototypes ---------------------------------------------------------------------------------------------
+EXTRACTORS = ("sd", "dino", "clip")
+K_PARTS = 32
+KMEANS_ITERS = 50
+KMEANS_SEED = 0
+
+# --- 4.1 extractors ---------------------------------------------------------------------------------------------
+SD_FEATURE_TIMESTEP = 200
+SD_FEATURE_NOISE_SEED = 0

@@ -1,0 +1,222 @@
+"""Build the networks of a model set: from the hub cache, a local folder, or (tiny) from configs in-process.
+
+Heavy imports live here and are only paid by commands that run models.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .registry import Component, ModelSetSpec, component_hash, local_snapshot
+
+CONTEXT_LENGTH = 77
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda, then mps, then cpu. An unavailable explicit choice raises ValueError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in {"cpu", "cuda", "mps"} and not name.startswith("cuda:"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available on this machine (try --device cpu)")
+    return torch.device(name)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # Half precision only where it is fast and safe; CPU kernels for fp16 are slow or missing.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class PromptTokenizer:
+    """CLIP BPE tokenisation with Stable Diffusion's conventions, from open_clip's shipped vocabulary.
+
+    SD 1.5's tokenizer is this same OpenAI CLIP BPE vocabulary; we pad with end-of-text as SD does.
+    """
+
+    def __init__(self) -> None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self._tok = SimpleTokenizer()
+        self.sot = self._tok.encoder["<start_of_text>"]
+        self.eot = self._tok.encoder["<end_of_text>"]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without start/end tokens."""
+        return self._tok.encode(text)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """(B, 77) int64 ids: start, tokens (truncated to fit), end, end-padding."""
+        out = torch.full((len(texts), CONTEXT_LENGTH), self.eot, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [self.sot, *self.encode(text)[: CONTEXT_LENGTH - 2], self.eot]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+@dataclass
+class Generator:
+    """Stable Diffusion's parts, loaded once per process."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: PromptTokenizer
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """(B, 77, D) text-encoder hidden states in the model dtype."""
+        ids = self.tokenizer(texts).to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run constructors under a fixed RNG state without disturbing the caller's."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _build_tiny_generator(comp: Component) -> tuple[Any, Any, Any, dict]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = comp.config
+    with _seeded(comp.init_seed):
+        unet = UNet2DConditionModel(**cfg["unet"])
+        vae = AutoencoderKL(**cfg["vae"])
+        text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    return unet, vae, text, dict(cfg["scheduler"])
+
+
+def _load_hub_generator(path: Path) -> tuple[Any, Any, Any, dict]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return unet, vae, text, config
+
+
+def _prepare(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    model.requires_grad_(False).eval().to(device)
+    # Cast only when needed: diffusers warns on any dtype cast, even a no-op one.
+    if next(model.parameters()).dtype != dtype:
+        model.to(dtype)
+    return model
+
+
+def load_generator(comp: Component, device: torch.device, dtype: torch.dtype) -> Generator:
+    if comp.library == "tiny":
+        unet, vae, text, sched = _build_tiny_generator(comp)
+    else:
+        unet, vae, text, sched = _load_hub_generator(local_snapshot(comp))
+    for m in (unet, vae, text):
+        _prepare(m, device, dtype)
+    return Generator(unet, vae, text, PromptTokenizer(), sched, device, dtype)
+
+
+def load_dino(comp: Component, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A timm ViT that accepts any input size (positional embeddings interpolated)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if comp.library == "tiny":
+        with _seeded(comp.init_seed):
+            model = VisionTransformer(num_classes=0, dynamic_img_size=True, **comp.config)
+    else:
+        weights = local_snapshot(comp) / "model.safetensors"
+        model = timm.create_model(
+            comp.arch,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(weights)},
+            num_classes=0,
+            dynamic_img_size=True,
+        )
+    return _prepare(model, device, dtype)
+
+
+def load_clip(comp: Component, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """An open_clip CLIP model (image and text towers)."""
+    import open_clip
+
+    if comp.library == "tiny":
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+        cfg = comp.config
+        with _seeded(comp.init_seed):
+            model = CLIP(
+                embed_dim=cfg["embed_dim"],
+                vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
+                text_cfg=CLIPTextCfg(**cfg["text_cfg"]),
+            )
+    else:
+        model = open_clip.create_model(f"local-dir:{local_snapshot(comp)}")
+    return _prepare(model, device, dtype)
+
+
+_LOADERS = {"sd": load_generator, "dino": load_dino, "clip": load_clip}
+_NOTICE_SHOWN = False
+
+
+class Models:
+    """The networks of one model set, each loaded on first use and kept for the life of the process.
+
+    A run whose results are all cached touches none of them: hashes come from the spec, not the weights.
+    """
+
+    def __init__(self, spec: ModelSetSpec, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype or default_dtype(device)
+        self._loaded: dict[str, Any] = {}
+
+    @cached_property
+    def hashes(self) -> dict[str, str]:
+        """role -> model hash, for cache keys."""
+        return {role: component_hash(comp) for role, comp in self.spec.components.items()}
+
+    def get(self, role: str) -> Any:
+        """The loaded network for ``role`` ("sd" -> :class:`Generator`, "dino", "clip" -> nn.Module)."""
+        if role not in self._loaded:
+            global _NOTICE_SHOWN
+            if not self.spec.meaningful and not _NOTICE_SHOWN:
+                _NOTICE_SHOWN = True
+                print(
+                    f"note: model set '{self.spec.name}' has random weights: results are not meaningful",
+                    file=sys.stderr,
+                )
+            self._loaded[role] = _LOADERS[role](self.spec.components[role], self.device, self.dtype)
+        return self._loaded[role]
+
+    def check_available(self, roles: list[str]) -> None:
+        """Fail at once (ModelUnavailable) if any needed network's weights are missing locally."""
+        for role in roles:
+            comp = self.spec.components[role]
+            if comp.library != "tiny":
+                local_snapshot(comp)

@@ -1,0 +1,225 @@
+"""Model sets: named bundles of the three networks OVDiff needs, registered like timm's ``@register_model``.
+
+A model set is data (:class:`ModelSetSpec`): which generator, DINO and CLIP to use, where their weights come
+from, the support-image size and the SD feature layers. This module imports nothing heavy, so ``ovdiff models
+list`` and ``--help`` stay fast; :mod:`ovdiff_cli.models.loading` builds the networks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ROLES = ("sd", "dino", "clip")
+ROLE_TITLES = {"sd": "Stable Diffusion", "dino": "DINO ViT", "clip": "CLIP ViT"}
+
+
+class ModelUnavailable(RuntimeError):
+    """A model's weights are not on this machine (and must not be downloaded implicitly)."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """Where one network of a model set comes from.
+
+    ``library`` picks the loader ("diffusers", "timm", "open_clip", or "tiny" for in-process random weights);
+    ``arch`` is the library's architecture name. Exactly one source applies: a hub repo at a pinned revision,
+    a local folder (``local``), or a tiny config (``config`` + ``init_seed``).
+    """
+
+    role: str
+    library: str
+    arch: str
+    hub_id: str | None = None
+    revision: str | None = None
+    allow_patterns: tuple[str, ...] = ()
+    local: str | None = None
+    config: dict = field(default_factory=dict)
+    init_seed: int = 0
+
+    @property
+    def source(self) -> str:
+        if self.local:
+            return self.local
+        if self.hub_id:
+            return f"{self.hub_id}@{self.revision or 'main'}"
+        return f"built in-process (seed {self.init_seed})"
+
+
+@dataclass(frozen=True)
+class ModelSetSpec:
+    """One named model set.
+
+    Attributes:
+        image_size: side of the square support images, pixels.
+        grid: side of the grid on which attribution maps, masks and prototype pooling live (image_size / 8).
+        sd_feature_layers: indices (down-mid-up order) of the UNet cross-attention layers whose queries form
+            the SD features.
+        meaningful: False for ``tiny`` (random weights): its outputs are mechanically real, semantically noise.
+    """
+
+    name: str
+    description: str
+    image_size: int
+    grid: int
+    sd_feature_layers: tuple[int, ...]
+    components: dict[str, Component]
+    meaningful: bool = True
+
+    def with_local(self, role: str, path: str) -> ModelSetSpec:
+        """This set with one component read from a local folder instead of the hub."""
+        if role not in self.components:
+            raise ValueError(f"unknown model component {role!r}; expected one of {', '.join(ROLES)}")
+        comps = dict(self.components)
+        comps[role] = replace(comps[role], local=str(Path(path).expanduser()), hub_id=None, revision=None)
+        return replace(self, components=comps)
+
+
+MODEL_SETS: dict[str, ModelSetSpec] = {}
+
+
+def register_model_set(fn: Callable[[], ModelSetSpec]) -> Callable[[], ModelSetSpec]:
+    """Decorator: register the spec a small builder function returns under its ``name``."""
+    spec = fn()
+    MODEL_SETS[spec.name] = spec
+    return fn
+
+
+def _ensure_registered() -> None:
+    # Importing the set modules runs their @register_model_set decorators.
+    from . import sd15, tiny  # noqa: F401
+
+
+def list_model_sets() -> list[ModelSetSpec]:
+    _ensure_registered()
+    return list(MODEL_SETS.values())
+
+
+def resolve_models(arg: str) -> ModelSetSpec:
+    """Parse ``--models``: ``NAME``, ``PATH`` (a folder with sd/, dino/, clip/), or ``NAME,role=PATH,...``.
+
+    Per-model overrides replace one network with a local folder, e.g. ``sd15,sd=/models/sd15``.
+    Raises ValueError (one line, naming the bad value) for anything else.
+    """
+    _ensure_registered()
+    head, *overrides = [p.strip() for p in arg.split(",")]
+    if head in MODEL_SETS:
+        spec = MODEL_SETS[head]
+    elif head and Path(head).expanduser().is_dir():
+        spec = MODEL_SETS["sd15"]
+        root = Path(head).expanduser()
+        for role in ROLES:
+            if not (root / role).is_dir():
+                raise ValueError(f"--models {head}: expected a folder {root / role} (layout: sd/, dino/, clip/)")
+            spec = spec.with_local(role, str(root / role))
+        spec = replace(spec, name=str(root))
+    else:
+        names = ", ".join(MODEL_SETS)
+        raise ValueError(f"--models {arg!r}: not a model set ({names}) nor an existing folder")
+    for item in overrides:
+        role, sep, path = item.partition("=")
+        if not sep or role not in ROLES:
+            raise ValueError(f"--models override {item!r}: expected ROLE=PATH with ROLE one of {', '.join(ROLES)}")
+        if not Path(path).expanduser().is_dir():
+            raise ValueError(f"--models override {item!r}: {path} is not a folder")
+        spec = spec.with_local(role, path)
+    return spec
+
+
+def _hf_cache_dir() -> Path:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return Path(HF_HUB_CACHE)
+
+
+def local_snapshot(comp: Component) -> Path:
+    """The folder holding this component's weights on this machine, without touching the network.
+
+    Raises ModelUnavailable with a one-line message saying how to provide the weights.
+    """
+    if comp.local:
+        path = Path(comp.local)
+        if not path.is_dir():
+            raise ModelUnavailable(f"{ROLE_TITLES[comp.role]}: local folder {path} does not exist")
+        return path
+    assert comp.hub_id, "tiny components have no snapshot"
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                comp.hub_id,
+                revision=comp.revision,
+                allow_patterns=list(comp.allow_patterns) or None,
+                local_files_only=True,
+            )
+        )
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
+        raise ModelUnavailable(
+            f"{ROLE_TITLES[comp.role]} weights ({comp.hub_id}@{comp.revision or 'main'}) are not in the "
+            f"Hugging Face cache {_hf_cache_dir()}: run `ovdiff models fetch` on a machine with internet and "
+            f"share HF_HOME, pass a local folder with --models NAME,{comp.role}=PATH, or use --models tiny"
+        ) from exc
+
+
+def component_hash(comp: Component) -> str:
+    """A digest that changes whenever the component's weights change (used in every cache key).
+
+    Hub: the snapshot's commit sha. Local folder: a digest of its weight files (name, size and the first and last
+    4 MiB of each, so hashing a 4 GB checkpoint stays instant). Tiny: a digest of its config and init seed.
+    """
+    if comp.library == "tiny":
+        blob = json.dumps({"arch": comp.arch, "config": comp.config, "seed": comp.init_seed}, sort_keys=True)
+        return "tiny-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    path = local_snapshot(comp)
+    if comp.hub_id:
+        return path.name  # huggingface_hub names snapshot folders by commit sha
+    return "local-" + _folder_digest(path)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
+
+
+def _folder_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    chunk = 4 << 20
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root).as_posix()}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(chunk))
+            if size > chunk:
+                fh.seek(max(size - chunk, chunk))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def presence(comp: Component) -> str:
+    """Human-readable availability of one component: 'built-in', 'present' or 'missing'."""
+    if comp.library == "tiny":
+        return "built-in"
+    try:
+        local_snapshot(comp)
+    except ModelUnavailable:
+        return "missing"
+    return "present"
+
+
+def fetch(comp: Component) -> Path:
+    """Download one component's pinned revision into the Hugging Face cache (``ovdiff models fetch``)."""
+    if comp.library == "tiny" or comp.local:
+        raise ValueError(f"{comp.role} is {comp.source}: nothing to fetch")
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(comp.hub_id, revision=comp.revision, allow_patterns=list(comp.allow_patterns) or None)
+    )
+
+
+def hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}

@@ -1,0 +1,59 @@
+"""``sd15``: the paper's models — Stable Diffusion 1.5, DINO ViT-B/8, CLIP ViT-B/16 (OpenAI)."""
+
+from __future__ import annotations
+
+from .registry import Component, ModelSetSpec, register_model_set
+
+# Pinned hub revisions: a cache key names the commit, so results never silently change under a user.
+SD15_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+
+# Only the diffusers-format fp32 safetensors: the repo also holds 4-8 GB of single-file checkpoints we never use.
+SD15_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+)
+
+
+@register_model_set
+def sd15() -> ModelSetSpec:
+    return ModelSetSpec(
+        name="sd15",
+        description="the paper's models: SD 1.5, DINO ViT-B/8, CLIP ViT-B/16 (about 5.6 GB)",
+        image_size=512,
+        grid=64,
+        # Of the UNet's 16 cross-attention layers (down-mid-up): the first down layer, the mid layer, up blocks
+        # 1-2 and the last up layer, as in the authors' code.
+        sd_feature_layers=(0, 6, 7, 8, 9, 10, 11, 12, 15),
+        components={
+            "sd": Component(
+                "sd",
+                "diffusers",
+                "stable-diffusion-v1-5",
+                hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                revision=SD15_REVISION,
+                allow_patterns=SD15_FILES,
+            ),
+            "dino": Component(
+                "dino",
+                "timm",
+                "vit_base_patch8_224.dino",
+                hub_id="timm/vit_base_patch8_224.dino",
+                revision="main",
+                allow_patterns=("config.json", "model.safetensors"),
+            ),
+            "clip": Component(
+                "clip",
+                "open_clip",
+                "ViT-B-16",
+                hub_id="timm/vit_base_patch16_clip_224.openai",
+                revision="main",
+                allow_patterns=("open_clip_config.json", "open_clip_model.safetensors"),
+            ),
+        },
+    )

@@ -1,0 +1,282 @@
+"""``synth`` end to end: support set -> attribution -> masks -> features -> prototype bank, through the cache.
+
+Every stage reads the content-addressed cache first and writes what it computed at once, so a second run
+computes nothing, a new class computes only itself, a larger N generates only the new images, and an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from . import cache as cachelib
+from . import defaults as D
+from . import masks, prototypes, synthesis
+from .classes import ClassSpec
+from .extractors import build_extractor, parse_extractors, to_grid
+from .models.loading import Models
+
+# Bump a stage's version whenever its bytes would change for the same key fields.
+SUPPORT_VERSION = 1
+PROPOSALS_VERSION = 1
+BANK_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """What determines a class's support set and prototype bank. Defaults are the paper's (see defaults.py)."""
+
+    n: int = D.N_SUPPORT
+    steps: int = D.STEPS
+    guidance: float = D.GUIDANCE
+    seed: int = D.SEED
+    batch_size: int = D.BATCH_SIZE
+    masker: str = D.MASKER
+    extractors: tuple[str, ...] = D.EXTRACTORS
+    k: int = D.K_PARTS
+    negative_prompt: str = D.NEGATIVE_PROMPT
+
+    def __post_init__(self) -> None:
+        for name in ("n", "steps", "batch_size", "k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        object.__setattr__(self, "extractors", parse_extractors(self.extractors))
+        object.__setattr__(self, "masker", masks.resolve_masker_name(self.masker))
+        masks.build_masker(self.masker)  # an unusable masker (cutler without its checkpoint) fails here, early
+
+
+@dataclass
+class ClassResult:
+    """What ``synth`` did for one class (the CLI's summary row and JSON entry)."""
+
+    name: str
+    stuff: bool
+    images_generated: int = 0
+    images_cached: int = 0
+    prototypes: dict[str, int] = field(default_factory=dict)
+    digest: str = ""
+    bank_key: str = ""
+    bank_cached: bool = False
+    seconds: float = 0.0
+
+
+class Progress(Protocol):
+    def start(self, label: str, total: int) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+
+
+class _Silent:
+    def start(self, label: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+# --- keys ---------------------------------------------------------------------------------------------------------
+
+
+def support_key(models: Models, class_name: str, index: int, opts: SynthOptions) -> str:
+    """Cache key of support image ``index`` of ``class_name``: everything that determines its bytes.
+
+    N is deliberately absent (image i is the same whatever N is). The batch size is present: it fixes the batch
+    shape the networks ran with, which can change low-order bits on some devices.
+    """
+    return cachelib.make_key(
+        "support",
+        SUPPORT_VERSION,
+        prompt=synthesis.prompt_for(class_name),
+        negative_prompt=opts.negative_prompt,
+        class_name=class_name,
+        image_seed=synthesis.image_seed(opts.seed, class_name, index),
+        batch_slot=[index // opts.batch_size, index % opts.batch_size, opts.batch_size],
+        model=models.hashes["sd"],
+        steps=opts.steps,
+        guidance=opts.guidance,
+        scheduler="ddim",
+        size=models.spec.image_size,
+    )
+
+
+def _masker_fields(models: Models, masker: masks.Masker) -> dict:
+    return {
+        "masker": masker.name,
+        "masker_params": masker.params(),
+        "masker_model": models.hashes["dino"] if masker.needs_features else None,
+    }
+
+
+def bank_key(models: Models, class_name: str, keys: list[str], opts: SynthOptions) -> str:
+    masker = masks.build_masker(opts.masker)
+    extractors = {name: build_extractor(name, models) for name in opts.extractors}
+    return cachelib.make_key(
+        "bank",
+        BANK_VERSION,
+        class_name=class_name,
+        support=keys,
+        **_masker_fields(models, masker),
+        extractors={n: {"model": models.hashes[e.role], "params": e.params()} for n, e in extractors.items()},
+        grid=models.spec.grid,
+        k=opts.k,
+        kmeans_seed=D.KMEANS_SEED,
+        kmeans_iters=D.KMEANS_ITERS,
+    )
+
+
+# --- stages -------------------------------------------------------------------------------------------------------
+
+
+def ensure_support(
+    cache: cachelib.Cache, models: Models, class_name: str, opts: SynthOptions, progress: Progress
+) -> tuple[list[str], int]:
+    """Make sure images 0..N-1 of the class are cached; return their keys and how many were generated."""
+    keys = [support_key(models, class_name, i, opts) for i in range(opts.n)]
+    missing = [i for i, k in enumerate(keys) if cache.get("support", k) is None]
+    progress.start(f"{class_name}: images", opts.n)
+    progress.advance(opts.n - len(missing))
+    b = opts.batch_size
+    for batch in sorted({i // b for i in missing}):
+        # Every slot holds its genuine image (even past N), so the batch is the same whoever asks for it.
+        slots = range(batch * b, (batch + 1) * b)
+        seeds = [synthesis.image_seed(opts.seed, class_name, i) for i in slots]
+        out = synthesis.generate(
+            models.get("sd"),
+            class_name,
+            seeds,
+            steps=opts.steps,
+            guidance=opts.guidance,
+            negative_prompt=opts.negative_prompt,
+            image_size=models.spec.image_size,
+        )
+        for i, img in zip(slots, out, strict=True):
+            if i in missing:
+                payload = cachelib.encode_arrays(
+                    {
+                        "image_png": np.frombuffer(cachelib.encode_png(img.image), dtype=np.uint8),
+                        "attribution": img.attribution.astype(np.float16),
+                    },
+                    {"class": class_name, "index": i},
+                )
+                cache.put("support", keys[i], payload)
+                progress.advance()
+    return keys, len(missing)
+
+
+def load_support(cache: cachelib.Cache, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 image and (G, G) float32 attribution in [0, 1] of one cached support image."""
+    payload = cache.get("support", key)
+    if payload is None:
+        raise KeyError(f"support image {key[:12]} is not in the cache")
+    arrays, _ = cachelib.decode_arrays(payload)
+    return cachelib.decode_png(arrays["image_png"].tobytes()), arrays["attribution"].astype(np.float32)
+
+
+def _batched(images: torch.Tensor, fn, batch_size: int) -> torch.Tensor:
+    """Run ``fn`` over fixed-shape batches (the last zero-padded) so results never depend on N."""
+    outs = []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start : start + batch_size]
+        n = chunk.shape[0]
+        if n < batch_size:
+            chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n, *chunk.shape[1:]))])
+        outs.append(fn(chunk)[:n].cpu())
+    return torch.cat(outs)
+
+
+def support_masks(
+    cache: cachelib.Cache,
+    models: Models,
+    keys: list[str],
+    images: torch.Tensor,
+    attr: torch.Tensor,
+    opts: SynthOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fg, bg (N, G, G) bool masks by eq. 1. Per-image proposals of feature-based maskers are cached."""
+    masker = masks.build_masker(opts.masker)
+    n = len(keys)
+    if not masker.needs_features:
+        proposals = masker.propose(attr, None)
+    else:
+        fields = _masker_fields(models, masker)
+        pkeys = [cachelib.make_key("proposals", PROPOSALS_VERSION, support=k, **fields) for k in keys]
+        proposals: list[torch.Tensor | None] = [None] * n
+        for i, k in enumerate(pkeys):
+            payload = cache.get("proposals", k)
+            if payload is not None:
+                proposals[i] = torch.from_numpy(cachelib.decode_arrays(payload)[0]["masks"].astype(bool))
+        todo = [i for i in range(n) if proposals[i] is None]
+        if todo:
+            dino = build_extractor("dino", models)
+            feats = to_grid(_batched(images[todo], dino, opts.batch_size), tuple(attr.shape[1:]))
+            for i, props in zip(todo, masker.propose(attr[todo], feats), strict=True):
+                proposals[i] = props
+                payload = cachelib.encode_arrays({"masks": props.numpy().astype(np.uint8)})
+                cache.put("proposals", pkeys[i], payload)
+    fg, bg = zip(*(masks.select_masks(proposals[i], attr[i]) for i in range(n)), strict=True)
+    return torch.stack(fg), torch.stack(bg)
+
+
+def build_class_bank(
+    cache: cachelib.Cache, models: Models, class_name: str, keys: list[str], opts: SynthOptions
+) -> prototypes.PrototypeBank:
+    """Masks, features and prototypes of one class from its cached support images."""
+    loaded = [load_support(cache, k) for k in keys]
+    images = torch.from_numpy(np.stack([img for img, _ in loaded])).permute(0, 3, 1, 2).float() / 255
+    attr = torch.from_numpy(np.stack([a for _, a in loaded]))
+    images = images.to(models.device)
+    fg, bg = support_masks(cache, models, keys, images, attr, opts)
+    grid = tuple(attr.shape[1:])
+    features = {
+        name: to_grid(_batched(images, build_extractor(name, models), opts.batch_size), grid).to(models.device)
+        for name in opts.extractors
+    }
+    return prototypes.build_bank(
+        class_name,
+        features,
+        fg.to(models.device),
+        bg.to(models.device),
+        k=opts.k,
+        seed=D.KMEANS_SEED,
+        support_keys=keys,
+        meta={"model_set": models.spec.name, "masker": opts.masker, "n": opts.n, "seed": opts.seed},
+    )
+
+
+def synthesize(
+    classes: Iterable[ClassSpec],
+    opts: SynthOptions,
+    models: Models,
+    cache: cachelib.Cache,
+    progress: Progress | None = None,
+) -> list[ClassResult]:
+    """Support sets and prototype banks for ``classes``, computing only what the cache lacks."""
+    progress = progress or _Silent()
+    results = []
+    for spec in classes:
+        t0 = time.perf_counter()
+        result = ClassResult(spec.name, spec.stuff)
+        keys, result.images_generated = ensure_support(cache, models, spec.name, opts, progress)
+        result.images_cached = opts.n - result.images_generated
+        result.bank_key = bank_key(models, spec.name, keys, opts)
+        payload = cache.get("bank", result.bank_key)
+        if payload is not None:
+            bank = prototypes.PrototypeBank.from_bytes(payload)
+            result.bank_cached = True
+        else:
+            progress.start(f"{spec.name}: prototypes", 1)
+            bank = build_class_bank(cache, models, spec.name, keys, opts)
+            payload = bank.to_bytes()
+            cache.put("bank", result.bank_key, payload)
+            progress.advance()
+        result.prototypes = bank.counts()
+        result.digest = hashlib.sha256(payload).hexdigest()  # equal digests = byte-identical prototypes
+        result.seconds = time.perf_counter() - t0
+        results.append(result)
+    return results

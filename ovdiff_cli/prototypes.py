@@ -1,0 +1,619 @@
+"""Prototype aggregation (paper section 3.3, eq. 2 and 3; design step 4).
+
+For one class, the support images' dense features (several extractors, resampled to one common grid) and the
+per-image foreground/background masks become a :class:`PrototypeBank`: for each region g in (fg, bg)
+
+* one *class* prototype, the mask-size-weighted mean of the instance prototypes (eq. 3),
+* one *instance* prototype per support image whose mask in g is not empty, the masked mean (eq. 2),
+* up to K *part* prototypes, the member means of a K-means clustering of all masked pixels.
+
+K-means runs once per region on the concatenation of every extractor's (L2-normalised) features, so each part
+exists in every extractor's space. Every prototype keeps its provenance (kind, region, image or cluster) and
+the bank keeps the masks and cluster maps on the grid, so :meth:`PrototypeBank.support_pixels` can say exactly
+which support pixels a prototype was pooled from (``ovdiff explain`` needs this).
+
+Banks serialise to safetensors bytes (never pickle), deterministically, so the digest of a bank is stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ovdiff_cli.defaults import K_PARTS, KMEANS_ITERS, KMEANS_SEED
+
+__all__ = [
+    "BG",
+    "FG",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "KIND_CLASS",
+    "KIND_INSTANCE",
+    "KIND_NAMES",
+    "KIND_PART",
+    "REGION_NAMES",
+    "PrototypeBank",
+    "build_bank",
+    "kmeans",
+]
+
+# Prototype kinds, as stored in PrototypeBank.kind (int8).
+KIND_CLASS = 0
+KIND_INSTANCE = 1
+KIND_PART = 2
+KIND_NAMES: tuple[str, ...] = ("class", "instance", "part")
+
+# Regions, as stored in PrototypeBank.region (int8).
+FG = 0
+BG = 1
+REGION_NAMES: tuple[str, ...] = ("fg", "bg")
+
+FORMAT = "ovdiff-prototype-bank"
+FORMAT_VERSION = 1
+
+# Names of the tensors in the safetensors payload (prototypes are stored as _PROTO_PREFIX + extractor name).
+_PROTO_PREFIX = "prototypes/"
+_INT_FIELDS: dict[str, torch.dtype] = {
+    "kind": torch.int8,
+    "region": torch.int8,
+    "image": torch.int16,
+    "part": torch.int16,
+}
+_GRID_FIELDS: dict[str, torch.dtype] = {
+    "fg_masks": torch.bool,
+    "bg_masks": torch.bool,
+    "part_fg": torch.int16,
+    "part_bg": torch.int16,
+}
+# The one safetensors metadata key. A single key on purpose: safetensors writes its metadata from a Rust
+# HashMap, so with several keys their order (and thus the bytes and the digest) would change from run to run.
+_META_KEY = "ovdiff"
+
+
+# ----------------------------------------------------------------------------------------------------
+# K-means
+# ----------------------------------------------------------------------------------------------------
+
+
+def _sq_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (M, k) between rows of x (M, D) and c (k, D), clamped at 0.
+
+    Uses ||x||^2 - 2 x.c + ||c||^2 (one matmul) rather than explicit differences: with M ~ 10^5 pixels and D
+    in the thousands the (M, k, D) difference tensor would not fit in memory.
+    """
+    return (x_sq[:, None] - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]).clamp_min_(0.0)
+
+
+def _cluster_means(x: torch.Tensor, assign: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster means (k, D) (rows of empty clusters are 0) and counts (k,) int64."""
+    counts = torch.bincount(assign, minlength=k)
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, assign, x)
+    return sums / counts.clamp_min(1).to(x.dtype)[:, None], counts
+
+
+def kmeans(
+    x: torch.Tensor, k: int, seed: int = KMEANS_SEED, iters: int = KMEANS_ITERS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic K-means (k-means++ init, then Lloyd iterations) on the rows of ``x``, on x's device.
+
+    Args:
+        x: (M, D) float32 points.
+        k: requested number of clusters (>= 1).
+        seed: seeds a CPU ``torch.Generator`` used for every random draw of the k-means++ init, so the result
+            depends only on (x, k, seed, iters) and not on the global RNG state or on the device's RNG.
+        iters: maximum number of Lloyd iterations; stops earlier once the assignment no longer changes.
+
+    Returns:
+        ``(centroids, assign)``: centroids (k', D) float32, assign (M,) int64 with values in [0, k'). Every
+        returned cluster is non-empty and each centroid is exactly the mean of its members under ``assign``
+        (so callers can pool other features with the same assignment and get consistent prototypes). k' =
+        min(k, M) unless x has fewer than that many distinct rows, in which case only as many clusters as
+        distinct rows can be formed. M == 0 gives (0, D) centroids and an empty assignment.
+
+    Empty clusters: during the iterations a cluster that loses all its members is re-seeded with the point
+    farthest from its current centroid (ties -> lowest index, several empties take distinct points in cluster
+    order). Clusters that are still empty at the end (only possible when there are fewer distinct points than
+    clusters) are dropped and the remaining ones relabelled 0..k'-1 in their original order.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"kmeans expects a 2-d (M, D) tensor, got shape {tuple(x.shape)}")
+    if k < 1:
+        raise ValueError(f"kmeans needs k >= 1, got {k}")
+    x = x.float()
+    m, d = x.shape
+    device = x.device
+    if m == 0:
+        return x.new_zeros((0, d)), torch.zeros(0, dtype=torch.int64, device=device)
+    k = min(k, m)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    x_sq = (x * x).sum(1)
+    # Distances below this are rounding noise of the matmul expansion: such points count as coinciding with a
+    # centroid (a duplicate), so they are never drawn as new seeds.
+    tol = 1e-6 * max(1.0, float(x_sq.max()))
+
+    # k-means++: first centre uniform, then each next one with probability proportional to D(x)^2.
+    first = int(torch.randint(m, (1,), generator=gen).item())
+    centroids = x[first : first + 1].clone()
+    min_d2 = _sq_dists(x, x_sq, centroids)[:, 0]
+    while centroids.shape[0] < k:
+        w = torch.where(min_d2 > tol, min_d2, torch.zeros_like(min_d2)).double().cpu()
+        if float(w.sum()) <= 0.0:
+            break  # every point coincides with a centre: no further distinct centres exist
+        idx = int(torch.multinomial(w, 1, generator=gen).item())
+        centroids = torch.cat([centroids, x[idx : idx + 1]])
+        min_d2 = torch.minimum(min_d2, _sq_dists(x, x_sq, x[idx : idx + 1])[:, 0])
+    k = centroids.shape[0]
+
+    assign = _sq_dists(x, x_sq, centroids).argmin(1)
+    for _ in range(iters):
+        means, counts = _cluster_means(x, assign, k)
+        empty = counts == 0
+        # An empty cluster keeps its old centroid unless it can be re-seeded below.
+        centroids = torch.where(empty[:, None], centroids, means)
+        if bool(empty.any()):
+            far = _sq_dists(x, x_sq, centroids).gather(1, assign[:, None])[:, 0]
+            for j in torch.nonzero(empty).flatten().tolist():
+                p = int(far.argmax())
+                if float(far[p]) <= tol:
+                    break  # all points sit on their centroids: nothing left to split off
+                centroids[j] = x[p]
+                far[p] = -1.0  # each empty cluster takes a different point
+        new_assign = _sq_dists(x, x_sq, centroids).argmin(1)
+        if torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+
+    # Return the member means of the final assignment (not the last centroids), dropping empty clusters.
+    means, counts = _cluster_means(x, assign, k)
+    keep = counts > 0
+    relabel = torch.cumsum(keep.long(), 0) - 1
+    return means[keep], relabel[assign]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bank
+# ----------------------------------------------------------------------------------------------------
+
+
+def _to_index(value: int | str, names: tuple[str, ...], what: str) -> int:
+    if isinstance(value, str):
+        if value not in names:
+            raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(names)}")
+        return names.index(value)
+    if not 0 <= int(value) < len(names):
+        raise ValueError(f"unknown {what} {value!r}; expected 0..{len(names) - 1}")
+    return int(value)
+
+
+def _canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace, so equal objects give equal strings (and equal bytes)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+@dataclass(eq=False)
+class PrototypeBank:
+    """The prototypes of one class, with full provenance.
+
+    P = number of prototypes, N = number of support images, (G_h, G_w) = the common feature grid.
+
+    Attributes:
+        class_name: the class (prompt text) the bank belongs to.
+        extractors: sorted extractor names; the keys of ``prototypes`` in this order.
+        prototypes: extractor -> (P, D_e) float32 CPU tensor. Rows are L2-normalised and rounded to float16
+            precision (see :func:`build_bank`), so their norms are 1 up to ~1e-3 (an all-zero row only if a
+            pooled mean was exactly 0).
+        kind: (P,) int8, KIND_CLASS / KIND_INSTANCE / KIND_PART.
+        region: (P,) int8, FG / BG.
+        image: (P,) int16, support image index in [0, N) for instance prototypes, -1 otherwise.
+        part: (P,) int16, cluster index for part prototypes, -1 otherwise.
+        fg_masks, bg_masks: (N, G_h, G_w) bool support masks on the grid.
+        part_fg, part_bg: (N, G_h, G_w) int16, the part cluster of each pixel of the fg (bg) mask, -1
+            elsewhere.
+        support_keys: the N support images' cache keys (opaque strings).
+        meta: JSON-able dict provided by the caller (e.g. the parameters that produced the bank).
+
+    Order of prototypes: fg class, fg instances (by image), fg parts (by cluster), then the same for bg.
+    """
+
+    class_name: str
+    extractors: tuple[str, ...]
+    prototypes: dict[str, torch.Tensor]
+    kind: torch.Tensor
+    region: torch.Tensor
+    image: torch.Tensor
+    part: torch.Tensor
+    fg_masks: torch.Tensor
+    bg_masks: torch.Tensor
+    part_fg: torch.Tensor
+    part_bg: torch.Tensor
+    support_keys: list[str]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.extractors = tuple(self.extractors)
+        self.support_keys = list(self.support_keys)
+        self._validate()
+
+    # -- validation ------------------------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        """Raise ValueError (one line) unless names, dtypes, shapes and index ranges are consistent."""
+        if not isinstance(self.class_name, str):
+            raise ValueError("class_name must be a string")
+        if not self.extractors:
+            raise ValueError("a prototype bank needs at least one extractor")
+        if list(self.extractors) != sorted(set(self.extractors)):
+            raise ValueError(f"extractors must be sorted and unique, got {list(self.extractors)}")
+        if set(self.prototypes) != set(self.extractors):
+            raise ValueError(f"prototype extractors {sorted(self.prototypes)} != extractors {list(self.extractors)}")
+        for name in ("kind", "region", "image", "part"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != _INT_FIELDS[name] or t.dim() != 1:
+                raise ValueError(f"{name} must be a 1-d {_INT_FIELDS[name]} tensor")
+        p = self.kind.shape[0]
+        for name in ("region", "image", "part"):
+            if getattr(self, name).shape[0] != p:
+                raise ValueError(f"{name} has length {getattr(self, name).shape[0]}, expected P={p}")
+        for e in self.extractors:
+            t = self.prototypes[e]
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] != p:
+                raise ValueError(f"prototypes[{e!r}] must be a (P={p}, D) float32 tensor")
+        for name in ("fg_masks", "bg_masks", "part_fg", "part_bg"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != _GRID_FIELDS[name] or t.dim() != 3:
+                raise ValueError(f"{name} must be a 3-d (N, G_h, G_w) {_GRID_FIELDS[name]} tensor")
+            if t.shape != self.fg_masks.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(self.fg_masks.shape)}")
+        n = self.fg_masks.shape[0]
+        if len(self.support_keys) != n or not all(isinstance(s, str) for s in self.support_keys):
+            raise ValueError(f"support_keys must be {n} strings, got {len(self.support_keys)} entries")
+        if not isinstance(self.meta, dict):
+            raise ValueError("meta must be a dict")
+        try:
+            _canonical_json(self.meta)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"meta is not JSON-serialisable: {exc}") from None
+        if p:
+            if int(self.kind.min()) < 0 or int(self.kind.max()) >= len(KIND_NAMES):
+                raise ValueError("kind values out of range")
+            if int(self.region.min()) < 0 or int(self.region.max()) >= len(REGION_NAMES):
+                raise ValueError("region values out of range")
+        inst = self.kind == KIND_INSTANCE
+        if bool(((self.image >= 0) != inst).any()) or bool((self.image[inst] >= n).any()):
+            raise ValueError("image must be in [0, N) exactly for instance prototypes and -1 otherwise")
+        parts = self.kind == KIND_PART
+        if bool(((self.part >= 0) != parts).any()):
+            raise ValueError("part must be >= 0 exactly for part prototypes and -1 otherwise")
+        if bool((self.fg_masks & self.bg_masks).any()):
+            raise ValueError("fg_masks and bg_masks overlap")
+        for g, mask, pmap in ((FG, self.fg_masks, self.part_fg), (BG, self.bg_masks, self.part_bg)):
+            if bool(((pmap >= 0) != mask).any()):
+                raise ValueError(f"part_{REGION_NAMES[g]} must be >= 0 exactly on the {REGION_NAMES[g]} mask")
+            n_parts = int((parts & (self.region == g)).sum())
+            if bool((pmap >= n_parts).any()):
+                raise ValueError(f"part_{REGION_NAMES[g]} names a cluster without a prototype")
+
+    # -- queries ---------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Number of prototypes P."""
+        return int(self.kind.shape[0])
+
+    @property
+    def num_images(self) -> int:
+        """Number of support images N."""
+        return int(self.fg_masks.shape[0])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The feature grid (G_h, G_w) the masks and part maps live on."""
+        return int(self.fg_masks.shape[1]), int(self.fg_masks.shape[2])
+
+    def counts(self) -> dict[str, int]:
+        """Kind name -> number of prototypes of that kind, fg and bg together (for the CLI summary)."""
+        return {name: int((self.kind == i).sum()) for i, name in enumerate(KIND_NAMES)}
+
+    def select(
+        self,
+        region: int | str | None = None,
+        kinds: int | str | Iterable[int | str] | None = None,
+    ) -> torch.Tensor:
+        """Indices of the prototypes in ``region`` (FG/BG or "fg"/"bg"; None = both) whose kind is in
+        ``kinds`` (KIND_* constants or names, one or several; None = all).
+
+        Returns a sorted (P',) int64 CPU tensor.
+        """
+        keep = torch.ones(len(self), dtype=torch.bool)
+        if region is not None:
+            keep &= self.region == _to_index(region, REGION_NAMES, "region")
+        if kinds is not None:
+            if isinstance(kinds, (int, str)):
+                kinds = [kinds]
+            wanted = torch.zeros(len(self), dtype=torch.bool)
+            for kd in kinds:
+                wanted |= self.kind == _to_index(kd, KIND_NAMES, "kind")
+            keep &= wanted
+        return torch.nonzero(keep).flatten()
+
+    def support_pixels(self, p: int) -> torch.Tensor:
+        """(N, G_h, G_w) bool: exactly the support pixels prototype ``p`` was pooled from.
+
+        Class prototype: every pixel of its region's masks; instance prototype of image n: image n's mask of
+        its region; part prototype j: the pixels of its region whose cluster is j.
+        """
+        if not -len(self) <= p < len(self):
+            raise IndexError(f"prototype index {p} out of range for a bank of {len(self)}")
+        g = int(self.region[p])
+        mask = self.fg_masks if g == FG else self.bg_masks
+        kd = int(self.kind[p])
+        if kd == KIND_CLASS:
+            return mask.clone()
+        if kd == KIND_INSTANCE:
+            out = torch.zeros_like(mask)
+            n = int(self.image[p])
+            out[n] = mask[n]
+            return out
+        pmap = self.part_fg if g == FG else self.part_bg
+        return pmap == int(self.part[p])
+
+    # -- serialisation ---------------------------------------------------------------------------------------
+
+    def _header(self) -> str:
+        return _canonical_json(
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "class_name": self.class_name,
+                "extractors": list(self.extractors),
+                "support_keys": list(self.support_keys),
+                "meta": self.meta,
+            }
+        )
+
+    def to_bytes(self) -> bytes:
+        """Safetensors bytes of the bank: prototypes as float16, provenance arrays in their own dtypes, names
+        and ``meta`` as one canonical JSON string in the metadata.
+
+        Deterministic: the same bank gives the same bytes.
+
+        Raises ValueError if ``meta`` is not JSON-able.
+        """
+        from safetensors.torch import save
+
+        try:
+            header = self._header()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"bank metadata is not JSON-serialisable: {exc}") from None
+        tensors: dict[str, torch.Tensor] = {
+            _PROTO_PREFIX + e: self.prototypes[e].detach().cpu().to(torch.float16).contiguous() for e in self.extractors
+        }
+        for name in (*_INT_FIELDS, *_GRID_FIELDS):
+            tensors[name] = getattr(self, name).detach().cpu().contiguous()
+        return save(tensors, metadata={_META_KEY: header})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PrototypeBank:
+        """Inverse of :meth:`to_bytes`. Raises ValueError with a one-line reason on any malformed payload
+        (not safetensors, wrong format/version, missing or unexpected keys, wrong dtypes, inconsistent
+        shapes).
+        """
+        from safetensors.torch import load
+
+        data = bytes(data)
+        # Read the metadata from the header ourselves (8-byte little-endian length + JSON, the safetensors
+        # layout) since safetensors' Python API only exposes metadata for files.
+        if len(data) < 8:
+            raise ValueError("prototype bank payload is truncated")
+        (hlen,) = struct.unpack("<Q", data[:8])
+        if hlen > len(data) - 8:
+            raise ValueError("prototype bank payload is truncated")
+        try:
+            tensors = load(data)
+            header = json.loads(data[8 : 8 + hlen])
+        except Exception as exc:  # safetensors raises its own error types; all mean "not a valid bank"
+            raise ValueError(f"prototype bank payload is not valid safetensors ({type(exc).__name__})") from None
+        raw = header.get("__metadata__", {}).get(_META_KEY) if isinstance(header, dict) else None
+        if not isinstance(raw, str):
+            raise ValueError("payload is not an ovdiff prototype bank (no bank metadata)")
+        try:
+            info = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError("prototype bank metadata is not valid JSON") from None
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise ValueError("payload is not an ovdiff prototype bank")
+        if info.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported prototype bank version {info.get('version')!r}")
+        for key in ("class_name", "extractors", "support_keys", "meta"):
+            if key not in info:
+                raise ValueError(f"prototype bank metadata lacks {key!r}")
+        extractors = info["extractors"]
+        if not isinstance(extractors, list) or not all(isinstance(e, str) for e in extractors):
+            raise ValueError("prototype bank extractors must be a list of strings")
+        expected = {_PROTO_PREFIX + e: torch.float16 for e in extractors} | _INT_FIELDS | _GRID_FIELDS
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ValueError(f"prototype bank lacks tensor {missing[0]!r}")
+        extra = sorted(set(tensors) - set(expected))
+        if extra:
+            raise ValueError(f"prototype bank has unexpected tensor {extra[0]!r}")
+        for key, dtype in expected.items():
+            if tensors[key].dtype != dtype:
+                raise ValueError(f"prototype bank tensor {key!r} has dtype {tensors[key].dtype}, expected {dtype}")
+        if not isinstance(info["support_keys"], list):
+            raise ValueError("prototype bank support_keys must be a list")
+        return cls(
+            class_name=info["class_name"],
+            extractors=tuple(extractors),
+            prototypes={e: tensors[_PROTO_PREFIX + e].float() for e in extractors},
+            **{name: tensors[name] for name in (*_INT_FIELDS, *_GRID_FIELDS)},
+            support_keys=info["support_keys"],
+            meta=info["meta"],
+        )
+
+    def digest(self) -> str:
+        """sha256 hex digest of :meth:`to_bytes`."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a bank
+# ----------------------------------------------------------------------------------------------------
+
+
+def _normalise(t: torch.Tensor) -> torch.Tensor:
+    """L2-normalise rows, then round to float16 precision (kept as float32).
+
+    The rounding makes a freshly built bank bit-identical to the same bank read back from its (float16) bytes,
+    so segmenting with a cached bank and with a fresh one gives the same result.
+    """
+    return F.normalize(t, dim=-1).to(torch.float16).float().cpu()
+
+
+def _region_prototypes(
+    feats: Mapping[str, torch.Tensor], mask: torch.Tensor, k: int, seed: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class, instance and part prototypes of one region.
+
+    Args:
+        feats: sorted extractor -> (N, G_h, G_w, D_e) float32 features on the computation device.
+        mask: (N, G_h, G_w) bool on the same device.
+
+    Returns:
+        (prototypes extractor -> (P_g, D_e) normalised CPU float32, kind (P_g,) int8, image (P_g,) int16,
+        part map (N, G_h, G_w) int16 CPU with the cluster of each masked pixel and -1 elsewhere); P_g = 0 and
+        an all -1 part map when the mask is empty everywhere.
+    """
+    n = mask.shape[0]
+    sizes = mask.flatten(1).sum(1)  # m_n, (N,)
+    # Only images with a non-empty mask get an instance prototype (an empty mask has no mean).
+    present = torch.nonzero(sizes).flatten()
+    part_map = torch.full(mask.shape, -1, dtype=torch.int16)
+    if present.numel() == 0:
+        empty = {e: torch.zeros(0, f.shape[-1]) for e, f in feats.items()}
+        return empty, torch.zeros(0, dtype=torch.int8), torch.zeros(0, dtype=torch.int16), part_map
+
+    m = sizes[present].to(torch.float32)  # (N',)
+    w = mask.flatten(1).to(torch.float32)  # (N, HW) mask weights
+
+    # K-means once, on the concatenation of all extractors' features of the masked pixels (sorted names, so
+    # the clustering does not depend on dict order): every cluster then has members in every extractor's
+    # space.
+    pix = {e: f[mask] for e, f in feats.items()}  # (M, D_e) each, masked pixels in row-major (n, y, x) order
+    _, assign = kmeans(torch.cat([pix[e] for e in feats], dim=1), k, seed=seed)
+    n_parts = int(assign.max()) + 1
+    part_map[mask.cpu()] = assign.to(torch.int16).cpu()
+
+    protos: dict[str, torch.Tensor] = {}
+    for e, f in feats.items():
+        # eq. 2: P_n = M_n^T Phi(S_n) / m_n (the masked sum over all images first, so no feature copy is made)
+        sums = torch.einsum("nh,nhd->nd", w, f.reshape(n, -1, f.shape[-1]))[present]
+        inst = sums / m[:, None]
+        cls = (m[:, None] * inst).sum(0, keepdim=True) / m.sum()  # eq. 3: sum_n m_n P_n / sum_n m_n
+        parts, _ = _cluster_means(pix[e], assign, n_parts)  # member means in this extractor's space
+        protos[e] = _normalise(torch.cat([cls, inst, parts]))
+
+    kind = torch.tensor([KIND_CLASS] + [KIND_INSTANCE] * len(present) + [KIND_PART] * n_parts, dtype=torch.int8)
+    image = torch.cat([torch.tensor([-1]), present.cpu(), torch.full((n_parts,), -1, dtype=torch.int64)]).to(
+        torch.int16
+    )
+    return protos, kind, image, part_map
+
+
+def build_bank(
+    class_name: str,
+    features: Mapping[str, torch.Tensor],
+    fg: torch.Tensor,
+    bg: torch.Tensor,
+    *,
+    k: int = K_PARTS,
+    seed: int = KMEANS_SEED,
+    support_keys: list[str],
+    meta: dict | None = None,
+) -> PrototypeBank:
+    """Build one class's prototype bank (paper eq. 2 and 3 plus K-means parts), fg and bg separately.
+
+    Args:
+        class_name: the class.
+        features: extractor name -> (N, G_h, G_w, D_e) float32 support features on one common grid, each pixel
+            L2-normalised; all on the same device, where the computation runs.
+        fg, bg: (N, G_h, G_w) bool foreground / background masks on that grid, disjoint.
+        k: number of part clusters per region (fewer if a region has fewer masked pixels).
+        seed: K-means seed (used for both regions).
+        support_keys: the N support images' cache keys.
+        meta: JSON-able dict stored with the bank.
+
+    Returns:
+        A :class:`PrototypeBank` on the CPU, prototypes ordered fg class, fg instances (by image), fg parts
+        (by cluster), then the same for bg. Images with an empty mask in a region get no instance prototype
+        there; a region with no masked pixels at all contributes no prototypes.
+
+    Raises:
+        ValueError: on inconsistent shapes, dtypes or devices, overlapping masks, or a wrong number of
+            support keys.
+    """
+    if not features:
+        raise ValueError("build_bank needs features from at least one extractor")
+    names = sorted(features)
+    first = features[names[0]]
+    if first.dim() != 4:
+        raise ValueError(f"features[{names[0]!r}] must be (N, G_h, G_w, D), got shape {tuple(first.shape)}")
+    n, gh, gw = first.shape[:3]
+    device = first.device
+    feats: dict[str, torch.Tensor] = {}
+    for e in names:
+        f = features[e]
+        if f.dim() != 4 or tuple(f.shape[:3]) != (n, gh, gw):
+            raise ValueError(f"features[{e!r}] has shape {tuple(f.shape)}, expected ({n}, {gh}, {gw}, D)")
+        if f.device != device:
+            raise ValueError(f"features[{e!r}] is on {f.device}, expected {device} like {names[0]!r}")
+        if not f.is_floating_point():
+            raise ValueError(f"features[{e!r}] must be floating point, got {f.dtype}")
+        feats[e] = f.float()
+    for name, mask in (("fg", fg), ("bg", bg)):
+        if mask.dtype != torch.bool or tuple(mask.shape) != (n, gh, gw):
+            raise ValueError(f"{name} mask must be ({n}, {gh}, {gw}) bool, got {tuple(mask.shape)} {mask.dtype}")
+    fg = fg.to(device)
+    bg = bg.to(device)
+    if bool((fg & bg).any()):
+        raise ValueError("fg and bg masks overlap")
+    if len(support_keys) != n:
+        raise ValueError(f"got {len(support_keys)} support keys for {n} support images")
+
+    protos: dict[str, list[torch.Tensor]] = {e: [] for e in names}
+    kinds, regions, images, parts = [], [], [], []
+    part_maps = []
+    for g, mask in ((FG, fg), (BG, bg)):
+        pr, kind, image, part_map = _region_prototypes(feats, mask, k, seed)
+        for e in names:
+            protos[e].append(pr[e])
+        kinds.append(kind)
+        regions.append(torch.full(kind.shape, g, dtype=torch.int8))
+        images.append(image)
+        is_part = kind == KIND_PART
+        part_idx = torch.full(kind.shape, -1, dtype=torch.int16)
+        part_idx[is_part] = torch.arange(int(is_part.sum()), dtype=torch.int16)
+        parts.append(part_idx)
+        part_maps.append(part_map)
+
+    return PrototypeBank(
+        class_name=class_name,
+        extractors=tuple(names),
+        prototypes={e: torch.cat(protos[e]) for e in names},
+        kind=torch.cat(kinds),
+        region=torch.cat(regions),
+        image=torch.cat(images),
+        part=torch.cat(parts),
+        fg_masks=fg.cpu().clone(),
+        bg_masks=bg.cpu().clone(),
+        part_fg=part_maps[0],
+        part_bg=part_maps[1],
+        support_keys=list(support_keys),
+        meta=dict(meta) if meta is not None else {},
+    )

@@ -1,0 +1,83 @@
+"""Attribution capture (paper 3.3) checked against a manual softmax, and token lookup by tokenising."""
+
+from __future__ import annotations
+
+import torch
+
+from ovdiff_cli import attribution
+from ovdiff_cli.synthesis import prompt_for
+
+
+def test_class_tokens_found_by_tokenising(tiny_models):
+    tok = tiny_models.get("sd").tokenizer
+    prompt = prompt_for("potted plant")
+    pos = attribution.class_token_positions(tok, prompt, "potted plant")
+    ids = tok([prompt])[0]
+    # "A good picture of a" is 5 tokens after the start token; the class follows.
+    assert pos == [6, 7]
+    assert ids[pos].tolist() == tok.encode("potted plant")
+    # A class that BPE splits into several tokens gets all of them.
+    long = "donut with chocolate glaze"
+    pos = attribution.class_token_positions(tok, prompt_for(long), long)
+    assert len(pos) == len(tok.encode(long)) == 4
+
+
+def test_sixteen_cross_attention_layers_in_down_mid_up_order(tiny_models):
+    layers = attribution.cross_attention_layers(tiny_models.get("sd").unet)
+    names = [n for n, _ in layers]
+    assert len(layers) == 16
+    assert names[0].startswith("down_blocks.0") and names[6].startswith("mid_block")
+    assert names[-1].startswith("up_blocks.3")
+
+
+def test_captured_maps_equal_manual_softmax(tiny_models):
+    gen = tiny_models.get("sd")
+    unet = gen.unet
+    tap = attribution.install(unet)
+    _, layer = attribution.cross_attention_layers(unet)[0]
+    seen = {}
+    hooks = [
+        layer.to_q.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o)),
+        layer.to_k.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o)),
+    ]
+    b, g = 2, 8
+    torch.manual_seed(0)
+    latents = torch.randn(2 * b, 4, g, g)
+    context = gen.encode_text(["", "", "a cat", "a dog"])
+    tokens = [2, 3]
+    try:
+        with torch.no_grad(), attribution.capturing(tap, tokens, slice(b, 2 * b), (g, g)):
+            unet(latents, 500, encoder_hidden_states=context)
+            maps = dict(tap.maps)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(maps) == set(range(16))
+    heads = layer.heads
+    q = seen["q"][b:].view(b, g * g, heads, -1).transpose(1, 2)
+    k = seen["k"][b:].view(b, 77, heads, -1).transpose(1, 2)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    expected = probs[..., tokens].sum(dim=(1, 3)).view(b, g, g)
+    assert maps[0].shape == (b, g, g)
+    torch.testing.assert_close(maps[0], expected, rtol=1e-5, atol=1e-6)
+    # Summed over pixels, the captured map is the total probability mass of the class tokens.
+    torch.testing.assert_close(maps[0].sum(dim=(1, 2)), probs[..., tokens].sum(dim=(1, 2, 3)))
+    # Aggregation upsamples every layer to the latent grid and sums them.
+    total = attribution.aggregate(maps, (g, g))
+    assert total.shape == (b, g, g)
+    norm = attribution.minmax(total)
+    assert norm.amin(dim=(1, 2)).tolist() == [0.0, 0.0] and norm.amax(dim=(1, 2)).tolist() == [1.0, 1.0]
+
+
+def test_capture_off_leaves_output_unchanged(tiny_models):
+    """The capture path only reads: the UNet's output is identical with and without it."""
+    gen = tiny_models.get("sd")
+    tap = attribution.install(gen.unet)
+    torch.manual_seed(1)
+    latents = torch.randn(2, 4, 8, 8)
+    context = gen.encode_text(["", "a cat"])
+    with torch.no_grad():
+        plain = gen.unet(latents, 300, encoder_hidden_states=context).sample
+        with attribution.capturing(tap, [2], slice(1, 2), (8, 8)):
+            captured = gen.unet(latents, 300, encoder_hidden_states=context).sample
+    assert torch.equal(plain, captured)

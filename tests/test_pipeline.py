@@ -1,0 +1,153 @@
+"""synth through the cache: what is computed, what is reused, and content addressing (CPU, tiny)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ovdiff_cli import pipeline
+from ovdiff_cli.cache import Cache
+from ovdiff_cli.classes import ClassSpec
+from ovdiff_cli.prototypes import PrototypeBank
+
+FAST = {"n": 4, "steps": 2, "batch_size": 4, "k": 4}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    with Cache(tmp_path / "c") as c:
+        yield c
+
+
+def run(cache, models, names, **opts):
+    merged = {**FAST, **opts}
+    return pipeline.synthesize([ClassSpec(n) for n in names], pipeline.SynthOptions(**merged), models, cache)
+
+
+def fresh_stats(cache):
+    cache.stats.clear()
+    return cache.stats
+
+
+def test_rerun_computes_nothing(cache, tiny_models):
+    first = run(cache, tiny_models, ["cat"])
+    assert first[0].images_generated == 4 and not first[0].bank_cached
+    stats = fresh_stats(cache)
+    again = run(cache, tiny_models, ["cat"])
+    assert again[0].images_generated == 0 and again[0].images_cached == 4 and again[0].bank_cached
+    assert again[0].digest == first[0].digest
+    assert stats["support"] == {"hits": 4} or stats["support"].get("misses", 0) == 0
+    assert all(s.get("writes", 0) == 0 for s in stats.values())
+
+
+def test_new_class_computes_only_itself(cache, tiny_models):
+    run(cache, tiny_models, ["cat"])
+    stats = fresh_stats(cache)
+    res = run(cache, tiny_models, ["cat", "potted plant"])
+    assert [r.images_generated for r in res] == [0, 4]
+    assert stats["support"]["writes"] == 4 and stats["bank"]["writes"] == 1
+
+
+def test_growing_n_generates_only_new_images(cache, tiny_models):
+    small = run(cache, tiny_models, ["cat"], n=4)
+    stats = fresh_stats(cache)
+    grown = run(cache, tiny_models, ["cat"], n=8)
+    assert grown[0].images_generated == 4 and grown[0].images_cached == 4
+    assert stats["support"]["writes"] == 4
+    assert grown[0].digest != small[0].digest
+    assert grown[0].prototypes["instance"] >= small[0].prototypes["instance"]
+
+
+def test_image_alone_equals_image_in_its_batch(tmp_path, tiny_models):
+    """Image 3 regenerated on its own is byte-identical to image 3 generated with its batch of 4."""
+    opts = pipeline.SynthOptions(**FAST)
+    with Cache(tmp_path / "a") as full:
+        keys, generated = pipeline.ensure_support(full, tiny_models, "cat", opts, pipeline._Silent())
+        assert generated == 4
+        together = full.get("support", keys[3])
+    with Cache(tmp_path / "b") as alone:
+        for i in range(3):  # images 0-2 already there: only image 3 is generated
+            alone.put("support", keys[i], full_payload(tmp_path / "a", keys[i]))
+        _, generated = pipeline.ensure_support(alone, tiny_models, "cat", opts, pipeline._Silent())
+        assert generated == 1
+        assert alone.get("support", keys[3]) == together
+
+
+def full_payload(directory: Path, key: str) -> bytes:
+    with Cache(directory) as c:
+        return c.get("support", key)
+
+
+def test_resumed_run_gives_same_bank(tmp_path, tiny_models):
+    """A run stopped after its first batch and resumed ends with the same bank as an uninterrupted one."""
+    opts = dict(FAST, n=8)
+    with Cache(tmp_path / "straight") as c:
+        straight = run(c, tiny_models, ["cat"], **opts)[0]
+    with Cache(tmp_path / "resumed") as c:
+        real_generate = pipeline.synthesis.generate
+        calls = []
+
+        def interrupted(*args, **kwargs):
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return real_generate(*args, **kwargs)
+
+        pipeline.synthesis.generate = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run(c, tiny_models, ["cat"], **opts)
+        finally:
+            pipeline.synthesis.generate = real_generate
+        assert c.info()["support"]["entries"] == 4  # the first batch was saved before the interruption
+        resumed = run(c, tiny_models, ["cat"], **opts)[0]
+    assert resumed.images_generated == 4
+    assert resumed.digest == straight.digest
+
+
+def test_corrupt_support_entry_is_recomputed_not_returned(cache, tiny_models):
+    first = run(cache, tiny_models, ["cat"])[0]
+    keys = [pipeline.support_key(tiny_models, "cat", i, pipeline.SynthOptions(**FAST)) for i in range(4)]
+    good = cache.get("support", keys[1])
+    # Store garbage under the right key, as a torn write or bit rot would leave it.
+    cache._cache.set(f"support/{keys[1]}", b"OVDIFF1\0" + b"\0" * 32 + good[:10], tag="support")
+    stats = fresh_stats(cache)
+    cache.clear("bank")
+    again = run(cache, tiny_models, ["cat"])[0]
+    assert stats["support"]["corrupt"] == 1 and again.images_generated == 1
+    assert cache.get("support", keys[1]) == good
+    assert again.digest == first.digest
+
+
+def test_truncated_bank_is_recomputed(cache, tiny_models):
+    first = run(cache, tiny_models, ["cat"])[0]
+    db_key = f"bank/{first.bank_key}"
+    stored = cache._cache.get(db_key)
+    cache._cache.set(db_key, stored[: len(stored) // 2], tag="bank")  # a torn write
+    stats = fresh_stats(cache)
+    again = run(cache, tiny_models, ["cat"])[0]
+    assert stats["bank"]["corrupt"] == 1 and not again.bank_cached
+    assert again.digest == first.digest
+
+
+def test_bank_contents(cache, tiny_models):
+    res = run(cache, tiny_models, ["cat"], extractors=("dino", "clip"))[0]
+    bank = PrototypeBank.from_bytes(cache.get("bank", res.bank_key))
+    assert bank.class_name == "cat" and set(bank.extractors) == {"dino", "clip"}
+    assert bank.prototypes["dino"].shape[1] == 32 and bank.prototypes["clip"].shape[1] == 32
+    n, g = 4, tiny_models.spec.grid
+    assert bank.fg_masks.shape == (n, g, g) and not (bank.fg_masks & bank.bg_masks).any()
+    norms = np.linalg.norm(bank.prototypes["dino"].numpy(), axis=1)
+    assert np.allclose(norms, 1, atol=2e-3)
+    assert res.prototypes["class"] == int((bank.kind == 0).sum())
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="--n 0"):
+        pipeline.SynthOptions(n=0)
+    with pytest.raises(ValueError, match="surf"):
+        pipeline.SynthOptions(extractors=("sd", "surf"))
+    with pytest.raises(ValueError, match="nope"):
+        pipeline.SynthOptions(masker="nope")
