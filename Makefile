@@ -28,4 +28,15 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache build *.egg-info
+
+DEMO_DIR := demo-out
+
+# Runs offline with the tiny random-weight models: every stage is real, the pictures and prototypes are noise.
+demo: install
+	@echo "== ovdiff demo: offline, --models tiny (random weights; output is mechanically real, semantically meaningless)"
+	$(VENV)/bin/ovdiff synth --classes-file examples/classes.txt --models tiny --n 8 --steps 10 --cache-dir $(DEMO_DIR)/cache
+	@echo "== second run: everything comes from the cache"
+	$(VENV)/bin/ovdiff synth --classes-file examples/classes.txt --models tiny --n 8 --steps 10 --cache-dir $(DEMO_DIR)/cache
+	$(VENV)/bin/ovdiff cache info --cache-dir $(DEMO_DIR)/cache
+	@echo "== prototypes cached in $(DEMO_DIR)/cache (segment lands in a later release)"

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from .. import defaults as D
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Human output goes to stdout; progress, notes and errors to stderr so `--json` output stays clean.
@@ -26,7 +28,7 @@ CacheDirOpt = Annotated[
     Path | None,
     typer.Option("--cache-dir", help="Cache folder [default: $OVDIFF_CACHE or the XDG cache dir]."),
 ]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Run seed for support images [default: 42].")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help=f"Run seed for support images [default: {D.SEED}].")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail while working.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from .. import defaults as D
 from .common import (
     DEFAULT_MODELS,
     EXIT_INTERRUPTED,
@@ -33,16 +34,21 @@ def synth(
         Path | None, typer.Option("--classes-file", help="One class per line; optional 'stuff' column.")
     ] = None,
     models: ModelsOpt = None,
-    n: Annotated[int | None, typer.Option("--n", help="Support images per class [default: 32].")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps [default: 30].")] = None,
+    n: Annotated[int | None, typer.Option("--n", help=f"Support images per class [default: {D.N_SUPPORT}].")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help=f"Denoising steps [default: {D.STEPS}].")] = None,
     seed: SeedOpt = None,
-    masker: Annotated[str | None, typer.Option("--masker", help="auto, maskcut or threshold [default: auto].")] = None,
-    extractors: Annotated[
-        str | None, typer.Option("--extractors", help="Comma list of sd, dino, clip [default: all].")
+    masker: Annotated[
+        str | None, typer.Option("--masker", help=f"auto, maskcut or threshold [default: {D.MASKER}].")
     ] = None,
-    k: Annotated[int | None, typer.Option("--k", help="Part prototypes per class and region [default: 32].")] = None,
+    extractors: Annotated[
+        str | None,
+        typer.Option("--extractors", help=f"Comma list of sd, dino, clip [default: {','.join(D.EXTRACTORS)}]."),
+    ] = None,
+    k: Annotated[
+        int | None, typer.Option("--k", help=f"Part prototypes per class and region [default: {D.K_PARTS}].")
+    ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Images per network batch [default: 8].")
+        int | None, typer.Option("--batch-size", help=f"Images per network batch [default: {D.BATCH_SIZE}].")
     ] = None,
     stuff: Annotated[str | None, typer.Option("--stuff", help="Comma list of classes that are 'stuff'.")] = None,
     device: DeviceOpt = "auto",
