@@ -32,8 +32,8 @@ def _check_name(raw: str) -> str:
 
 def split_list(value: str) -> list[str]:
     """``"cat, dog,sky"`` -> ["cat", "dog", "sky"] (empty items are an error, not silently dropped)."""
-    items = value.split(",")
-    if any(not normalise(i) for i in items):
+    items = [normalise(i) for i in value.split(",")]
+    if not all(items):
         raise ValueError(f"class list {value!r}: has an empty item (check for doubled or trailing commas)")
     return items
 
@@ -44,7 +44,7 @@ def read_classes_file(path: Path) -> list[tuple[str, bool]]:
     Columns are separated by a tab or a comma; blank lines and lines starting with ``#`` are ignored.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # tolerate the BOM some editors write
     except FileNotFoundError:
         raise ValueError(f"--classes-file {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:

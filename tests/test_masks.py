@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ovdiff_cli import masks
 from ovdiff_cli.defaults import MASKCUT_N_MASKS, MASKCUT_TAU, THRESHOLD_FALLBACK_BG, THRESHOLD_FALLBACK_FG
 from ovdiff_cli.masks import (
     Masker,
@@ -377,3 +378,22 @@ def test_cutler_unavailable() -> None:
     msg = str(err.value)
     assert "checkpoint" in msg and "--masker maskcut" in msg and "--masker threshold" in msg
     assert "\n" not in msg
+
+
+def test_lobpcg_path_matches_dense_eigh(monkeypatch):
+    """Above EIGH_MAX_NODES the second eigenvector comes from deflated LOBPCG: same vector, same proposals."""
+    torch.manual_seed(0)
+    h = w = 24
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    labels = (((yy - 12) ** 2 + (xx - 9) ** 2) < 40).long() + (((yy - 4) ** 2 + (xx - 19) ** 2) < 9).long() * 2
+    base = F.normalize(torch.randn(3, 16), dim=1)
+    feats = F.normalize(base[labels.flatten()] + 0.3 * torch.randn(h * w, 16) / 4, dim=1)
+    affinity = torch.where(feats @ feats.T > 0.15, 1.0, 1e-5).double()
+    dense = masks._second_eigvec(affinity, eigh_max_nodes=h * w)
+    iterative = masks._second_eigvec(affinity, eigh_max_nodes=0)
+    assert F.cosine_similarity(dense, iterative, dim=0) > 1 - 1e-9
+    assert h * w > masks.EIGH_MAX_NODES
+    iterative_props = masks.maskcut_image(feats.view(h, w, -1))
+    monkeypatch.setattr(masks, "EIGH_MAX_NODES", h * w)
+    dense_props = masks.maskcut_image(feats.view(h, w, -1))
+    assert len(dense_props) >= 2 and torch.equal(iterative_props, dense_props)

@@ -26,9 +26,9 @@ class ModelUnavailable(RuntimeError):
 class Component:
     """Where one network of a model set comes from.
 
-    ``library`` picks the loader ("diffusers", "timm", "open_clip", or "tiny" for in-process random weights);
+    ``library`` picks the loader: "diffusers", "timm", "open_clip", or "random" (weights drawn in-process from a seed);
     ``arch`` is the library's architecture name. Exactly one source applies: a hub repo at a pinned revision,
-    a local folder (``local``), or a tiny config (``config`` + ``init_seed``).
+    a local folder (``local``), or a config built in-process with random weights (``config`` + ``init_seed``).
     """
 
     role: str
@@ -74,6 +74,8 @@ class ModelSetSpec:
         """This set with one component read from a local folder instead of the hub."""
         if role not in self.components:
             raise ValueError(f"unknown model component {role!r}; expected one of {', '.join(ROLES)}")
+        if self.components[role].library == "random":
+            raise ValueError(f"--models {self.name},{role}=...: overrides apply to hub model sets such as sd15")
         comps = dict(self.components)
         comps[role] = replace(comps[role], local=str(Path(path).expanduser()), hub_id=None, revision=None)
         return replace(self, components=comps)
@@ -91,7 +93,7 @@ def register_model_set(fn: Callable[[], ModelSetSpec]) -> Callable[[], ModelSetS
 
 def _ensure_registered() -> None:
     # Importing the set modules runs their @register_model_set decorators.
-    from . import sd15, tiny  # noqa: F401
+    from . import sd15, sd15_random, tiny  # noqa: F401
 
 
 def list_model_sets() -> list[ModelSetSpec]:
@@ -173,9 +175,9 @@ def component_hash(comp: Component) -> str:
     Hub: the snapshot's commit sha. Local folder: a digest of its weight files (name, size and the first and last
     4 MiB of each, so hashing a 4 GB checkpoint stays instant). Tiny: a digest of its config and init seed.
     """
-    if comp.library == "tiny":
+    if comp.library == "random":
         blob = json.dumps({"arch": comp.arch, "config": comp.config, "seed": comp.init_seed}, sort_keys=True)
-        return "tiny-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return "random-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
     path = local_snapshot(comp)
     if comp.hub_id:
         return path.name  # huggingface_hub names snapshot folders by commit sha
@@ -201,7 +203,7 @@ def _folder_digest(root: Path) -> str:
 
 def presence(comp: Component) -> str:
     """Human-readable availability of one component: 'built-in', 'present' or 'missing'."""
-    if comp.library == "tiny":
+    if comp.library == "random":
         return "built-in"
     try:
         local_snapshot(comp)
@@ -212,7 +214,7 @@ def presence(comp: Component) -> str:
 
 def fetch(comp: Component) -> Path:
     """Download one component's pinned revision into the Hugging Face cache (``ovdiff models fetch``)."""
-    if comp.library == "tiny" or comp.local:
+    if comp.library == "random" or comp.local:
         raise ValueError(f"{comp.role} is {comp.source}: nothing to fetch")
     from huggingface_hub import snapshot_download
 

@@ -7,6 +7,7 @@ meaningless. The configs are data: a change here changes the model hash and so e
 from __future__ import annotations
 
 from .registry import Component, ModelSetSpec, register_model_set
+from .sd15_random import SD15_SCHEDULER
 
 # SD 1.5's layout (3 cross-attention down blocks of 2 layers, a mid layer, 3 cross-attention up blocks of 3
 # layers: 16 cross-attention layers) at 1/10 of the width, so the SD feature layer indices mean the same thing.
@@ -47,15 +48,6 @@ TINY_TEXT = {
     "max_position_embeddings": 77,
     "projection_dim": 32,
 }
-TINY_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
 TINY_DINO = {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_CLIP = {
     "embed_dim": 32,
@@ -75,13 +67,13 @@ def tiny() -> ModelSetSpec:
         components={
             "sd": Component(
                 "sd",
-                "tiny",
+                "random",
                 "stable-diffusion",
-                config={"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_TEXT, "scheduler": TINY_SCHEDULER},
+                config={"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_TEXT, "scheduler": SD15_SCHEDULER},
                 init_seed=0,
             ),
-            "dino": Component("dino", "tiny", "vit-dino", config=TINY_DINO, init_seed=1),
-            "clip": Component("clip", "tiny", "open_clip", config=TINY_CLIP, init_seed=2),
+            "dino": Component("dino", "random", "vit-dino", config=TINY_DINO, init_seed=1),
+            "clip": Component("clip", "random", "open_clip", config=TINY_CLIP, init_seed=2),
         },
         meaningful=False,
     )

@@ -1,0 +1,401 @@
+"""Model sets: --models parsing, model hashes (tiny, local folder, hub cache), lazy loading, tokenizer, device."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ovdiff_cli.models import ModelUnavailable, component_hash, loading, resolve_models
+from ovdiff_cli.models.loading import CONTEXT_LENGTH, Models, PromptTokenizer, resolve_device
+from ovdiff_cli.models.registry import local_snapshot, presence
+from ovdiff_cli.models.sd15 import SD15_REVISION
+
+SOT, EOT = 49406, 49407
+WEIGHT_FILES = {
+    "sd": ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "unet/config.json"],
+    "dino": ["model.safetensors", "config.json"],
+    "clip": ["open_clip_model.safetensors", "open_clip_config.json"],
+}
+
+
+def _fake_model_folder(root: Path) -> Path:
+    """sd/, dino/, clip/ with a few bytes in files named like weights (never loaded, only hashed)."""
+    for role, files in WEIGHT_FILES.items():
+        for i, rel in enumerate(files):
+            f = root / role / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(bytes([i, 1, 2, 3, 4, 5, 6, 7]) + role.encode())
+    return root
+
+
+# --- resolve_models ------------------------------------------------------------------------------------------------
+
+
+def test_resolve_named_sets():
+    tiny = resolve_models("tiny")
+    assert tiny.name == "tiny" and not tiny.meaningful
+    assert (tiny.image_size, tiny.grid) == (64, 8)
+    assert set(tiny.components) == {"sd", "dino", "clip"}
+    # Built in-process from configs: no hub repo, no folder.
+    assert all(c.hub_id is None and c.local is None and c.config for c in tiny.components.values())
+    sd15 = resolve_models(" sd15 ")
+    assert sd15.name == "sd15" and sd15.meaningful and (sd15.image_size, sd15.grid) == (512, 64)
+    assert sd15.components["sd"].revision == SD15_REVISION
+    assert sd15.components["dino"].hub_id == "timm/vit_base_patch8_224.dino"
+    assert sd15.sd_feature_layers == (0, 6, 7, 8, 9, 10, 11, 12, 15)
+
+
+def test_resolve_folder_layout(tmp_path):
+    root = _fake_model_folder(tmp_path / "models")
+    spec = resolve_models(str(root))
+    assert spec.name == str(root)
+    # Same architecture as sd15, every component read from its subfolder instead of the hub.
+    assert spec.image_size == 512 and spec.sd_feature_layers == resolve_models("sd15").sd_feature_layers
+    for role in ("sd", "dino", "clip"):
+        comp = spec.components[role]
+        assert comp.local == str(root / role)
+        assert comp.hub_id is None and comp.revision is None
+        assert comp.library == resolve_models("sd15").components[role].library
+        assert local_snapshot(comp) == root / role
+        assert presence(comp) == "present"
+
+
+def test_resolve_folder_missing_subfolder(tmp_path):
+    root = _fake_model_folder(tmp_path / "models")
+    for f in (root / "clip").iterdir():
+        f.unlink()
+    (root / "clip").rmdir()
+    with pytest.raises(ValueError, match=re.escape(str(root / "clip"))):
+        resolve_models(str(root))
+
+
+def test_resolve_override(tmp_path):
+    root = _fake_model_folder(tmp_path / "models")
+    spec = resolve_models(f"sd15, dino={root / 'dino'}")
+    assert spec.name == "sd15"
+    assert spec.components["dino"].local == str(root / "dino")
+    assert spec.components["dino"].hub_id is None
+    # The other networks still come from the hub.
+    assert spec.components["sd"] == resolve_models("sd15").components["sd"]
+    assert spec.components["clip"] == resolve_models("sd15").components["clip"]
+    two = resolve_models(f"sd15,sd={root / 'sd'},clip={root / 'clip'}")
+    assert [c.local for c in two.components.values()] == [str(root / "sd"), None, str(root / "clip")]
+
+
+@pytest.mark.parametrize(
+    ("arg", "named"),
+    [
+        ("sd99", "'sd99'"),
+        ("", "''"),
+        ("sd15,vae=/x", "'vae=/x'"),
+        ("sd15,sd", "'sd'"),
+        ("sd15,sd=/definitely/not/here", "/definitely/not/here"),
+    ],
+)
+def test_resolve_errors_name_the_bad_value(arg, named):
+    with pytest.raises(ValueError) as info:
+        resolve_models(arg)
+    assert named in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_with_local_unknown_role():
+    with pytest.raises(ValueError, match="'vae'"):
+        resolve_models("sd15").with_local("vae", "/tmp")
+
+
+# --- component_hash ------------------------------------------------------------------------------------------------
+
+
+def _config_digest(comp) -> str:
+    blob = json.dumps({"arch": comp.arch, "config": comp.config, "seed": comp.init_seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def test_tiny_hash_is_config_and_seed_digest():
+    comp = resolve_models("tiny").components["dino"]
+    h = component_hash(comp)
+    assert re.fullmatch(r"[a-z]+-[0-9a-f]{16}", h) and not h.startswith("local-")
+    assert h.endswith("-" + _config_digest(comp))
+    assert component_hash(comp) == h
+    # Key order does not matter; any value or the seed does.
+    reordered = replace(comp, config=dict(reversed(list(comp.config.items()))))
+    assert list(reordered.config) != list(comp.config)
+    assert component_hash(reordered) == h
+    assert component_hash(replace(comp, config={**comp.config, "depth": 3})) != h
+    assert component_hash(replace(comp, init_seed=comp.init_seed + 1)) != h
+    # Three distinct networks, three distinct hashes.
+    assert len({component_hash(c) for c in resolve_models("tiny").components.values()}) == 3
+
+
+def test_local_folder_hash_follows_weight_bytes(tmp_path):
+    root = _fake_model_folder(tmp_path / "models")
+    spec = resolve_models(str(root))
+    sd = spec.components["sd"]
+    h0 = component_hash(sd)
+    assert re.fullmatch(r"local-[0-9a-f]{16}", h0)
+    assert component_hash(sd) == h0
+    # The other roles hold different bytes, so different digests.
+    assert len({component_hash(c) for c in spec.components.values()}) == 3
+
+    # Files that are not weights or configs do not count.
+    (root / "sd" / "README.md").write_text("notes")
+    (root / "sd" / "unet" / "notes.txt").write_text("more notes")
+    assert component_hash(sd) == h0
+
+    # Same size, one byte different: a new digest; restoring the bytes restores it.
+    w = root / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
+    original = w.read_bytes()
+    w.write_bytes(original[:-1] + b"X")
+    assert w.stat().st_size == len(original)
+    h1 = component_hash(sd)
+    assert h1 != h0
+    w.write_bytes(original)
+    assert component_hash(sd) == h0
+
+    # A config change or a new weight file counts too.
+    (root / "sd" / "unet" / "config.json").write_text('{"changed": 1}')
+    h2 = component_hash(sd)
+    assert h2 not in {h0, h1}
+    (root / "sd" / "text_encoder").mkdir()
+    (root / "sd" / "text_encoder" / "model.safetensors").write_bytes(b"123")
+    assert component_hash(sd) not in {h0, h1, h2}
+
+
+def test_local_folder_hash_sees_the_tail_of_big_files(tmp_path):
+    root = _fake_model_folder(tmp_path / "models")
+    comp = resolve_models(str(root)).components["dino"]
+    big = root / "dino" / "model.safetensors"
+    data = bytearray(9 << 20)  # 9 MiB: more than the 4 MiB head that is always read
+    big.write_bytes(bytes(data))
+    h0 = component_hash(comp)
+    data[-5] = 1
+    big.write_bytes(bytes(data))
+    assert component_hash(comp) != h0
+
+
+def test_missing_local_folder_is_unavailable(tmp_path):
+    comp = resolve_models("sd15").with_local("dino", str(tmp_path / "gone")).components["dino"]
+    assert presence(comp) == "missing"
+    with pytest.raises(ModelUnavailable, match=re.escape(str(tmp_path / "gone"))):
+        component_hash(comp)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache, also patched into huggingface_hub (which reads HF_HUB_CACHE at import)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def _fake_snapshot(cache: Path, repo: str, sha: str, files: list[str], ref: str | None = "main") -> Path:
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    snap = repo_dir / "snapshots" / sha
+    for name in files:
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).write_bytes(b"not really weights")
+    if ref:
+        (repo_dir / "refs").mkdir(parents=True)
+        (repo_dir / "refs" / ref).write_text(sha)
+    return snap
+
+
+def test_missing_hub_weights_explain_how_to_get_them(hub_cache):
+    comp = resolve_models("sd15").components["dino"]
+    assert presence(comp) == "missing"
+    with pytest.raises(ModelUnavailable) as info:
+        local_snapshot(comp)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "DINO ViT" in msg and "timm/vit_base_patch8_224.dino@main" in msg
+    assert str(hub_cache) in msg
+    assert "ovdiff models fetch" in msg
+    assert "--models NAME,dino=PATH" in msg
+    assert "--models tiny" in msg
+    with pytest.raises(ModelUnavailable):
+        component_hash(comp)
+    with pytest.raises(ModelUnavailable):
+        Models(resolve_models("sd15"), torch.device("cpu")).check_available(["dino"])
+
+
+def test_hub_snapshot_found_offline(hub_cache):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snap = _fake_snapshot(hub_cache, "timm/vit_base_patch8_224.dino", sha, ["model.safetensors", "config.json"])
+    spec = resolve_models("sd15")
+    dino = spec.components["dino"]
+    # revision "main" is resolved through refs/main, without the network.
+    assert Path(local_snapshot(dino)).resolve() == snap.resolve()
+    assert component_hash(dino) == sha
+    assert presence(dino) == "present"
+    # The pinned SD revision is a commit sha: its snapshot folder is found without any ref.
+    sd_snap = _fake_snapshot(
+        hub_cache, "stable-diffusion-v1-5/stable-diffusion-v1-5", SD15_REVISION, ["model_index.json"], ref=None
+    )
+    assert Path(local_snapshot(spec.components["sd"])).resolve() == sd_snap.resolve()
+    assert component_hash(spec.components["sd"]) == SD15_REVISION
+    # CLIP is still missing.
+    assert presence(spec.components["clip"]) == "missing"
+    Models(spec, torch.device("cpu")).check_available(["sd", "dino"])
+
+
+def test_tiny_presence_is_built_in():
+    assert {presence(c) for c in resolve_models("tiny").components.values()} == {"built-in"}
+
+
+# --- Models ------------------------------------------------------------------------------------------------------
+
+
+def test_hashes_load_nothing(tmp_path):
+    m = Models(resolve_models("tiny"), torch.device("cpu"))
+    hashes = m.hashes
+    assert hashes == {role: component_hash(c) for role, c in m.spec.components.items()}
+    assert all(hashes[role].endswith("-" + _config_digest(c)) for role, c in m.spec.components.items())
+    assert m._loaded == {}
+    assert m.hashes is hashes  # computed once
+    m.check_available(["sd", "dino", "clip"])
+    assert m._loaded == {}
+    # A local folder of fake weights: loading it would fail, hashing it must not try.
+    local = Models(resolve_models(str(_fake_model_folder(tmp_path / "models"))), torch.device("cpu"))
+    assert all(h.startswith("local-") for h in local.hashes.values())
+    assert local._loaded == {}
+    assert local.dtype == torch.float32
+
+
+def test_get_loads_lazily_and_once(monkeypatch, capsys):
+    calls = []
+
+    def fake_loader(comp, device, dtype):
+        calls.append((comp.role, device, dtype))
+        return object()
+
+    monkeypatch.setitem(loading._LOADERS, "dino", fake_loader)
+    monkeypatch.setitem(loading._LOADERS, "clip", fake_loader)
+    monkeypatch.setattr(loading, "_NOTICE_SHOWN", False)
+    m = Models(resolve_models("tiny"), torch.device("cpu"))
+    assert calls == []
+    first = m.get("dino")
+    assert m.get("dino") is first
+    assert calls == [("dino", torch.device("cpu"), torch.float32)]
+    assert set(m._loaded) == {"dino"}
+    assert m.get("clip") is not first
+    assert [c[0] for c in calls] == ["dino", "clip"]
+    # Random weights are announced once per process, on stderr.
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.count("not meaningful") == 1 and "'tiny'" in out.err
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_tiny_models_are_seeded_and_leave_the_global_rng_alone():
+    spec = resolve_models("tiny")
+    cpu, f32 = torch.device("cpu"), torch.float32
+    with torch.random.fork_rng(devices=[]):  # leave the session's RNG as it was for other tests
+        _check_seeded_builds(spec, cpu, f32)
+
+
+def _check_seeded_builds(spec, cpu, f32):
+    torch.manual_seed(1234)
+    rng_before = torch.get_rng_state()
+    gen_a = loading.load_generator(spec.components["sd"], cpu, f32)
+    dino_a = loading.load_dino(spec.components["dino"], cpu, f32)
+    clip_a = loading.load_clip(spec.components["clip"], cpu, f32)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    torch.rand(10)  # move the global RNG: the second build must not care
+    gen_b = loading.load_generator(spec.components["sd"], cpu, f32)
+    dino_b = loading.load_dino(spec.components["dino"], cpu, f32)
+    clip_b = loading.load_clip(spec.components["clip"], cpu, f32)
+    for a, b in [
+        (gen_a.unet, gen_b.unet),
+        (gen_a.vae, gen_b.vae),
+        (gen_a.text_encoder, gen_b.text_encoder),
+        (dino_a, dino_b),
+        (clip_a, clip_b),
+    ]:
+        _assert_same_weights(a, b)
+        assert not a.training and not any(p.requires_grad for p in a.parameters())
+    # A different seed gives different weights (the seed is really used).
+    dino_c = loading.load_dino(replace(spec.components["dino"], init_seed=99), cpu, f32)
+    assert not torch.equal(dino_a.patch_embed.proj.weight, dino_c.patch_embed.proj.weight)
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return PromptTokenizer()
+
+
+def test_tokenizer_layout(tokenizer):
+    assert (tokenizer.sot, tokenizer.eot) == (SOT, EOT)
+    enc = tokenizer._tok.encoder
+    assert tokenizer.encode("a cat") == [enc["a</w>"], enc["cat</w>"]]
+    ids = tokenizer(["a cat", "", "A  CAT"])
+    assert ids.shape == (3, CONTEXT_LENGTH) == (3, 77) and ids.dtype == torch.int64
+    assert ids[0, :4].tolist() == [SOT, enc["a</w>"], enc["cat</w>"], EOT]
+    assert (ids[0, 3:] == EOT).all()  # end token then end-padding
+    assert ids[1, 0] == SOT and (ids[1, 1:] == EOT).all()
+    assert torch.equal(ids[2], ids[0])  # lower-cased, whitespace collapsed
+
+
+def test_tokenizer_truncates_keeping_the_end_token(tokenizer):
+    text = " ".join(["cat", "dog"] * 60)
+    tokens = tokenizer.encode(text)
+    assert len(tokens) == 120
+    ids = tokenizer([text, "cat"])[0]
+    assert ids.shape == (77,)
+    assert ids[0] == SOT and ids[76] == EOT
+    assert ids[1:76].tolist() == tokens[:75]
+    assert EOT not in ids[:76].tolist()
+
+
+# --- devices -----------------------------------------------------------------------------------------------------
+
+
+def test_resolve_device_auto_is_cpu_here():
+    accelerated = torch.cuda.is_available() or torch.backends.mps.is_available()
+    assert (
+        resolve_device("auto").type
+        == resolve_device().type
+        == ("cpu" if not accelerated else "cuda" if torch.cuda.is_available() else "mps")
+    )
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_resolve_device_prefers_cuda_then_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:1", "mps", "tpu", "gpu"])
+def test_resolve_device_unavailable_or_unknown(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError) as info:
+        resolve_device(name)
+    assert name in str(info.value)
+
+
+def test_local_override_on_a_random_weight_set_is_refused(tmp_path):
+    (tmp_path / "sd").mkdir()
+    with pytest.raises(ValueError, match="overrides apply to hub model sets"):
+        resolve_models(f"tiny,sd={tmp_path / 'sd'}")
