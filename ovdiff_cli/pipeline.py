@@ -138,7 +138,7 @@ def ensure_support(
 ) -> tuple[list[str], int]:
     """Make sure images 0..N-1 of the class are cached; return their keys and how many were generated."""
     keys = [support_key(models, class_name, i, opts) for i in range(opts.n)]
-    missing = [i for i, k in enumerate(keys) if cache.get("support", k) is None]
+    missing = {i for i, k in enumerate(keys) if cache.get("support", k) is None}
     progress.start(f"{class_name}: images", opts.n)
     progress.advance(opts.n - len(missing))
     b = opts.batch_size

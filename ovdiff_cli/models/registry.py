@@ -83,6 +83,39 @@ class ModelSetSpec:
 
 MODEL_SETS: dict[str, ModelSetSpec] = {}
 
+# The SD feature layers, as indices into the UNet's 16 cross-attention layers (down-mid-up): the first down layer,
+# the mid layer, up blocks 1-2 and the last up layer, as in the authors' code.
+SD_FEATURE_LAYERS = (0, 6, 7, 8, 9, 10, 11, 12, 15)
+
+
+def random_weight_set(
+    name: str,
+    description: str,
+    image_size: int,
+    *,
+    unet: dict,
+    vae: dict,
+    text: dict,
+    scheduler: dict,
+    dino: dict,
+    clip: dict,
+) -> ModelSetSpec:
+    """A model set whose networks are built in-process from these configs with seeded random weights."""
+    sd_config = {"unet": unet, "vae": vae, "text": text, "scheduler": scheduler}
+    return ModelSetSpec(
+        name=name,
+        description=description,
+        image_size=image_size,
+        grid=image_size // 8,
+        sd_feature_layers=SD_FEATURE_LAYERS,
+        components={
+            "sd": Component("sd", "random", "stable-diffusion", config=sd_config, init_seed=0),
+            "dino": Component("dino", "random", "vit-dino", config=dino, init_seed=1),
+            "clip": Component("clip", "random", "open_clip", config=clip, init_seed=2),
+        },
+        meaningful=False,
+    )
+
 
 def register_model_set(fn: Callable[[], ModelSetSpec]) -> Callable[[], ModelSetSpec]:
     """Decorator: register the spec a small builder function returns under its ``name``."""
@@ -165,7 +198,8 @@ def local_snapshot(comp: Component) -> Path:
         raise ModelUnavailable(
             f"{ROLE_TITLES[comp.role]} weights ({comp.hub_id}@{comp.revision or 'main'}) are not in the "
             f"Hugging Face cache {_hf_cache_dir()}: run `ovdiff models fetch` on a machine with internet and "
-            f"share HF_HOME, pass a local folder with --models NAME,{comp.role}=PATH, or use --models tiny"
+            f"share HF_HOME, pass local folders with --models PATH (sd/ dino/ clip/) or "
+            f"--models NAME,{comp.role}=PATH, or use --models tiny"
         ) from exc
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .registry import Component, ModelSetSpec, register_model_set
+from .registry import SD_FEATURE_LAYERS, Component, ModelSetSpec, register_model_set
 
 # Pinned hub revisions: a cache key names the commit, so results never silently change under a user.
 SD15_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
@@ -27,9 +27,7 @@ def sd15() -> ModelSetSpec:
         description="the paper's models: SD 1.5, DINO ViT-B/8, CLIP ViT-B/16 (about 5.6 GB)",
         image_size=512,
         grid=64,
-        # Of the UNet's 16 cross-attention layers (down-mid-up): the first down layer, the mid layer, up blocks
-        # 1-2 and the last up layer, as in the authors' code.
-        sd_feature_layers=(0, 6, 7, 8, 9, 10, 11, 12, 15),
+        sd_feature_layers=SD_FEATURE_LAYERS,
         components={
             "sd": Component(
                 "sd",

@@ -5,7 +5,7 @@ For timing on machines without the weights (benchmarks, GPU smoke tests). Output
 
 from __future__ import annotations
 
-from .registry import Component, ModelSetSpec, register_model_set
+from .registry import ModelSetSpec, random_weight_set, register_model_set
 
 SD15_UNET = {
     "sample_size": 64,
@@ -60,22 +60,14 @@ CLIP_VITB16 = {
 
 @register_model_set
 def sd15_random() -> ModelSetSpec:
-    return ModelSetSpec(
-        name="sd15-random",
-        description="the sd15 architectures at full size with random weights; for timing without weights",
-        image_size=512,
-        grid=64,
-        sd_feature_layers=(0, 6, 7, 8, 9, 10, 11, 12, 15),
-        components={
-            "sd": Component(
-                "sd",
-                "random",
-                "stable-diffusion",
-                config={"unet": SD15_UNET, "vae": SD15_VAE, "text": SD15_TEXT, "scheduler": SD15_SCHEDULER},
-                init_seed=0,
-            ),
-            "dino": Component("dino", "random", "vit-dino", config=DINO_VITB8, init_seed=1),
-            "clip": Component("clip", "random", "open_clip", config=CLIP_VITB16, init_seed=2),
-        },
-        meaningful=False,
+    return random_weight_set(
+        "sd15-random",
+        "the sd15 architectures at full size with random weights; for timing without weights",
+        512,
+        unet=SD15_UNET,
+        vae=SD15_VAE,
+        text=SD15_TEXT,
+        scheduler=SD15_SCHEDULER,
+        dino=DINO_VITB8,
+        clip=CLIP_VITB16,
     )

@@ -6,7 +6,7 @@ meaningless. The configs are data: a change here changes the model hash and so e
 
 from __future__ import annotations
 
-from .registry import Component, ModelSetSpec, register_model_set
+from .registry import ModelSetSpec, random_weight_set, register_model_set
 from .sd15_random import SD15_SCHEDULER
 
 # SD 1.5's layout (3 cross-attention down blocks of 2 layers, a mid layer, 3 cross-attention up blocks of 3
@@ -58,22 +58,14 @@ TINY_CLIP = {
 
 @register_model_set
 def tiny() -> ModelSetSpec:
-    return ModelSetSpec(
-        name="tiny",
-        description="toy-size random-weight models built in-process; for tests and offline runs (meaningless)",
-        image_size=64,
-        grid=8,
-        sd_feature_layers=(0, 6, 7, 8, 9, 10, 11, 12, 15),
-        components={
-            "sd": Component(
-                "sd",
-                "random",
-                "stable-diffusion",
-                config={"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_TEXT, "scheduler": SD15_SCHEDULER},
-                init_seed=0,
-            ),
-            "dino": Component("dino", "random", "vit-dino", config=TINY_DINO, init_seed=1),
-            "clip": Component("clip", "random", "open_clip", config=TINY_CLIP, init_seed=2),
-        },
-        meaningful=False,
+    return random_weight_set(
+        "tiny",
+        "toy-size random-weight models built in-process; for tests and offline runs (meaningless)",
+        64,
+        unet=TINY_UNET,
+        vae=TINY_VAE,
+        text=TINY_TEXT,
+        scheduler=SD15_SCHEDULER,
+        dino=TINY_DINO,
+        clip=TINY_CLIP,
     )
