@@ -132,7 +132,7 @@ def _prepare(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
 
 
 def load_generator(comp: Component, device: torch.device, dtype: torch.dtype) -> Generator:
-    if comp.library == "random":
+    if comp.builtin:
         unet, vae, text, sched = _build_random_generator(comp)
     else:
         unet, vae, text, sched = _load_hub_generator(local_snapshot(comp))
@@ -146,7 +146,7 @@ def load_dino(comp: Component, device: torch.device, dtype: torch.dtype) -> torc
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    if comp.library == "random":
+    if comp.builtin:
         with _seeded(comp.init_seed):
             model = VisionTransformer(num_classes=0, dynamic_img_size=True, **comp.config)
     else:
@@ -165,7 +165,7 @@ def load_clip(comp: Component, device: torch.device, dtype: torch.dtype) -> torc
     """An open_clip CLIP model (image and text towers)."""
     import open_clip
 
-    if comp.library == "random":
+    if comp.builtin:
         from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
         cfg = comp.config
@@ -218,5 +218,5 @@ class Models:
         """Fail at once (ModelUnavailable) if any needed network's weights are missing locally."""
         for role in roles:
             comp = self.spec.components[role]
-            if comp.library != "random":
+            if not comp.builtin:
                 local_snapshot(comp)

@@ -18,6 +18,9 @@ ROLES = ("sd", "dino", "clip")
 ROLE_TITLES = {"sd": "Stable Diffusion", "dino": "DINO ViT", "clip": "CLIP ViT"}
 
 
+RANDOM = "random"  # the pseudo-library of networks built in-process with seeded random weights
+
+
 class ModelUnavailable(RuntimeError):
     """A model's weights are not on this machine (and must not be downloaded implicitly)."""
 
@@ -40,6 +43,11 @@ class Component:
     local: str | None = None
     config: dict = field(default_factory=dict)
     init_seed: int = 0
+
+    @property
+    def builtin(self) -> bool:
+        """Built in-process from ``config`` with seeded random weights: nothing to find, load or fetch."""
+        return self.library == RANDOM
 
     @property
     def source(self) -> str:
@@ -74,7 +82,7 @@ class ModelSetSpec:
         """This set with one component read from a local folder instead of the hub."""
         if role not in self.components:
             raise ValueError(f"unknown model component {role!r}; expected one of {', '.join(ROLES)}")
-        if self.components[role].library == "random":
+        if self.components[role].builtin:
             raise ValueError(f"--models {self.name},{role}=...: overrides apply to hub model sets such as sd15")
         comps = dict(self.components)
         comps[role] = replace(comps[role], local=str(Path(path).expanduser()), hub_id=None, revision=None)
@@ -109,9 +117,9 @@ def random_weight_set(
         grid=image_size // 8,
         sd_feature_layers=SD_FEATURE_LAYERS,
         components={
-            "sd": Component("sd", "random", "stable-diffusion", config=sd_config, init_seed=0),
-            "dino": Component("dino", "random", "vit-dino", config=dino, init_seed=1),
-            "clip": Component("clip", "random", "open_clip", config=clip, init_seed=2),
+            "sd": Component("sd", RANDOM, "stable-diffusion", config=sd_config, init_seed=0),
+            "dino": Component("dino", RANDOM, "vit-dino", config=dino, init_seed=1),
+            "clip": Component("clip", RANDOM, "open_clip", config=clip, init_seed=2),
         },
         meaningful=False,
     )
@@ -207,9 +215,9 @@ def component_hash(comp: Component) -> str:
     """A digest that changes whenever the component's weights change (used in every cache key).
 
     Hub: the snapshot's commit sha. Local folder: a digest of its weight files (name, size and the first and last
-    4 MiB of each, so hashing a 4 GB checkpoint stays instant). Tiny: a digest of its config and init seed.
+    4 MiB of each, so hashing a 4 GB checkpoint stays instant). Built-in: a digest of its config and init seed.
     """
-    if comp.library == "random":
+    if comp.builtin:
         blob = json.dumps({"arch": comp.arch, "config": comp.config, "seed": comp.init_seed}, sort_keys=True)
         return "random-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
     path = local_snapshot(comp)
@@ -237,7 +245,7 @@ def _folder_digest(root: Path) -> str:
 
 def presence(comp: Component) -> str:
     """Human-readable availability of one component: 'built-in', 'present' or 'missing'."""
-    if comp.library == "random":
+    if comp.builtin:
         return "built-in"
     try:
         local_snapshot(comp)
@@ -248,7 +256,7 @@ def presence(comp: Component) -> str:
 
 def fetch(comp: Component) -> Path:
     """Download one component's pinned revision into the Hugging Face cache (``ovdiff models fetch``)."""
-    if comp.library == "random" or comp.local:
+    if comp.builtin or comp.local:
         raise ValueError(f"{comp.role} is {comp.source}: nothing to fetch")
     from huggingface_hub import snapshot_download
 
