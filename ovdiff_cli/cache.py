@@ -250,6 +250,10 @@ class Cache:
             return None
         return payload
 
+    def contains(self, stage: str, key: str) -> bool:
+        """Whether an entry exists, without reading or verifying it (``get`` still may find it corrupt)."""
+        return self._db_key(stage, key) in self._cache
+
     def put(self, stage: str, key: str, payload: bytes) -> None:
         """Store ``payload`` under ``(stage, key)`` (tagged with ``stage``); the last writer wins."""
         db_key = self._db_key(stage, key)

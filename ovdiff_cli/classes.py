@@ -6,6 +6,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from .vocabularies import is_stuff
+
 
 @dataclass(frozen=True)
 class ClassSpec:
@@ -38,8 +40,10 @@ def split_list(value: str) -> list[str]:
     return items
 
 
-def read_classes_file(path: Path) -> list[tuple[str, bool]]:
+def read_classes_file(path: Path) -> list[tuple[str, bool | None]]:
     """Parse a classes file: one class per line, optional second column ``stuff`` or ``thing``.
+
+    Returns (raw name, True for stuff / False for thing / None when the column is absent) per class.
 
     Columns are separated by a tab or a comma; blank lines and lines starting with ``#`` are ignored.
     """
@@ -58,7 +62,7 @@ def read_classes_file(path: Path) -> list[tuple[str, bool]]:
         marker = marker.strip().lower()
         if marker not in {"", "stuff", "thing"}:
             raise ValueError(f"--classes-file {path}:{lineno}: second column {marker!r}, expected 'stuff' or 'thing'")
-        out.append((name, marker == "stuff"))
+        out.append((name, {"stuff": True, "thing": False}.get(marker)))
     return out
 
 
@@ -67,10 +71,13 @@ def build_class_list(
 ) -> list[ClassSpec]:
     """Validated classes in the user's order.
 
+    A class is stuff if ``stuff`` names it or its file line says ``stuff``; a file line saying ``thing`` makes
+    it a thing; otherwise the built-in table for benchmark vocabularies decides (vocabularies.is_stuff).
+
     Raises ValueError (one line naming the bad value) for: no classes, empty names, control characters,
     duplicates after normalising case and spaces, and ``stuff`` names that are not in the list.
     """
-    entries = [(n, False) for n in names or []]
+    entries: list[tuple[str, bool | None]] = [(n, None) for n in names or []]
     if classes_file is not None:
         entries += read_classes_file(classes_file)
     if not entries:
@@ -78,13 +85,15 @@ def build_class_list(
     stuff_set = {normalise(s).casefold() for s in stuff or []}
     seen: dict[str, str] = {}
     out = []
-    for raw, is_stuff in entries:
+    for raw, marker in entries:
         name = _check_name(raw)
         fold = name.casefold()
         if fold in seen:
             raise ValueError(f"class {name!r} is listed twice (as {seen[fold]!r} too)")
         seen[fold] = name
-        out.append(ClassSpec(name, is_stuff or fold in stuff_set))
+        if fold in stuff_set:
+            marker = True
+        out.append(ClassSpec(name, is_stuff(name) if marker is None else marker))
     unknown = stuff_set - set(seen)
     if unknown:
         raise ValueError(f"--stuff {sorted(unknown)[0]!r}: not one of the classes")

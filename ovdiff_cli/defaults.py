@@ -36,3 +36,21 @@ KMEANS_SEED = 0
 # --- 4.1 extractors ---------------------------------------------------------------------------------------------
 SD_FEATURE_TIMESTEP = 200
 SD_FEATURE_NOISE_SEED = 0
+
+# --- 3.4 segmentation -------------------------------------------------------------------------------------------
+SCALES = (448, 336)  # square sliding-window sizes (pixels of the resized image)
+STRIDE = 224
+SHORT_SIDE = 448  # images are resized so their short side is this before windowing
+BACKGROUND = True  # False = the no-background protocol of paper 4.4 (no bg prototypes)
+SEGMENT_BATCH_SIZE = 8  # windows per network forward (fixed shape, last batch padded)
+OVERLAY_ALPHA = 0.5  # weight of the label colours in overlays
+
+# --- 3.4 filters ------------------------------------------------------------------------------------------------
+PREFILTER = True
+ETA = 10  # the CLIP pre-filter keeps at most this many classes, then scores all their subsets
+PREFILTER_TEMPLATE = "a {}"  # one class in a pre-filter prompt; subsets join these with PREFILTER_JOIN
+PREFILTER_JOIN = " and "
+STUFF_THRESHOLD = 0.85  # thing-class bg prototypes this similar to a stuff prototype are dropped
+PAMR = False
+PAMR_ITERS = 10
+PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)

@@ -1,16 +1,21 @@
-"""``synth`` end to end: support set -> attribution -> masks -> features -> prototype bank, through the cache.
+"""The commands end to end.
 
-Every stage reads the content-addressed cache first and writes what it computed at once, so a second run
-computes nothing, a new class computes only itself, a larger N generates only the new images, and an
-interrupted run resumes where it stopped.
+``synth``: support set -> attribution -> masks -> features -> prototype bank, through the cache. Every stage
+reads the content-addressed cache first and writes what it computed at once, so a second run computes nothing,
+a new class computes only itself, a larger N generates only the new images, and an interrupted run resumes
+where it stopped.
+
+``segment``: prototype banks (from the cache, synthesised first where missing) -> eq. 4 over a list of files
+-> label maps, overlays and scores, written atomically, skipping what exists.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -18,10 +23,12 @@ import torch
 
 from . import cache as cachelib
 from . import defaults as D
-from . import masks, prototypes, synthesis
+from . import masks, outputs, prototypes, synthesis
 from .classes import ClassSpec
 from .extractors import build_extractor, parse_extractors, to_grid
+from .inputs import ImageError, InputImage, load_image
 from .models.loading import Models
+from .segmentation import Segmenter, SegmentOptions, build_prototype_set
 
 # Bump a stage's version whenever its bytes would change for the same key fields.
 SUPPORT_VERSION = 1
@@ -65,6 +72,7 @@ class ClassResult:
     bank_key: str = ""
     bank_cached: bool = False
     seconds: float = 0.0
+    bank: prototypes.PrototypeBank | None = field(default=None, repr=False)
 
 
 class Progress(Protocol):
@@ -275,8 +283,159 @@ def synthesize(
             payload = bank.to_bytes()
             cache.put("bank", result.bank_key, payload)
             progress.advance()
+        result.bank = bank
         result.prototypes = bank.counts()
         result.digest = hashlib.sha256(payload).hexdigest()  # equal digests = byte-identical prototypes
         result.seconds = time.perf_counter() - t0
         results.append(result)
     return results
+
+
+# --- segment ------------------------------------------------------------------------------------------------------
+
+
+def missing_banks(classes: Iterable[ClassSpec], opts: SynthOptions, models: Models, cache: cachelib.Cache) -> list[str]:
+    """Names of the classes whose prototype bank is not cached yet (no model is loaded to find out)."""
+    missing = []
+    for spec in classes:
+        keys = [support_key(models, spec.name, i, opts) for i in range(opts.n)]
+        if not cache.contains("bank", bank_key(models, spec.name, keys, opts)):
+            missing.append(spec.name)
+    return missing
+
+
+def segment_roles(
+    classes: list[ClassSpec], synth_opts: SynthOptions, seg_opts: SegmentOptions, models: Models, cache: cachelib.Cache
+) -> list[str]:
+    """The networks a segment run needs: its extractors, CLIP for the pre-filter, and everything synth needs
+    when some class's prototypes are not cached yet."""
+    roles = {build_extractor(name, models).role for name in synth_opts.extractors}
+    if seg_opts.prefilter and len(classes) > 1:
+        roles.add("clip")
+    if missing_banks(classes, synth_opts, models, cache):
+        roles |= {"sd", "dino", "clip"}
+    return sorted(roles)
+
+
+def build_segmenter(
+    classes: list[ClassSpec],
+    synth_opts: SynthOptions,
+    seg_opts: SegmentOptions,
+    models: Models,
+    cache: cachelib.Cache,
+    progress: Progress | None = None,
+) -> Segmenter:
+    """The classes' prototype banks (synthesised where missing, exactly as ``synth`` does) made into a
+    :class:`Segmenter` on the models' device."""
+    import torch
+
+    from .filters import ClipPrefilter
+    from .timing import Timings
+
+    banks = [r.bank for r in synthesize(classes, synth_opts, models, cache, progress)]
+    protoset = build_prototype_set(banks, classes, seg_opts.background, seg_opts.stuff_threshold)
+    extractors = {name: build_extractor(name, models) for name in synth_opts.extractors}
+    prefilter = None
+    if seg_opts.prefilter and len(classes) > 1:
+        prefilter = ClipPrefilter(models.get("clip"), [c.name for c in classes], seg_opts.eta)
+    sync = torch.cuda.synchronize if models.device.type == "cuda" else None
+    return Segmenter(protoset, extractors, seg_opts, prefilter, models.device, Timings(sync))
+
+
+@dataclass
+class SegmentRun:
+    """What ``segment_files`` did."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+def segment_files(
+    items: list[InputImage],
+    out_dir: Path,
+    segmenter: Segmenter,
+    legend: dict[str, dict],
+    *,
+    overlay: bool = True,
+    scores: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    on_failure: Callable[[Path, str], None] | None = None,
+) -> SegmentRun:
+    """Segment ``items`` into ``out_dir``: label PNG, overlay and scores per image (see outputs.py).
+
+    Images whose requested outputs all exist are skipped unless ``overwrite``. A file that cannot be read or
+    written is reported through ``on_failure(path, reason)`` and the others go on. Images are decoded one by
+    one and segmented in groups large enough to fill a window batch.
+    """
+    import torch
+
+    progress = progress or _Silent()
+    timings = segmenter.timings
+    run = SegmentRun(total=len(items))
+    t0 = time.perf_counter()
+    todo = []
+    for item in items:
+        paths = outputs.output_paths(out_dir, item.rel, overlay, scores)
+        for path in paths.values():
+            outputs.remove_stale_temps(path)
+        if not overwrite and all(p.exists() for p in paths.values()):
+            run.skipped += 1
+        else:
+            todo.append((item, paths))
+
+    def failed(path: Path, reason: str) -> None:
+        run.failed.append((path, reason))
+        if on_failure is not None:
+            on_failure(path, reason)
+
+    def flush(group: list[tuple[InputImage, dict[str, Path], np.ndarray]]) -> None:
+        results = segmenter([torch.from_numpy(img).permute(2, 0, 1) for _, _, img in group])
+        ids = list(map(int, legend))
+        names = [legend[str(i)]["name"] for i in ids]
+        for (item, paths, img), seg in zip(group, results, strict=True):
+            with timings("upsample"):
+                labels = seg.labels()
+                maps = seg.input_scores() if scores else None
+            try:
+                with timings("write"):
+                    paths["labels"].parent.mkdir(parents=True, exist_ok=True)
+                    if maps is not None:
+                        kept = [i == 0 or i in seg.kept for i in ids]
+                        outputs.write_scores(paths["scores"], maps, ids, names, np.array(kept))
+                    if overlay:
+                        outputs.write_overlay(paths["overlay"], img, labels, legend)
+                    # The label map last: its presence means the image's outputs are complete.
+                    outputs.write_labels(paths["labels"], labels, segmenter.protoset.num_channels)
+                run.done += 1
+            except OSError as exc:
+                failed(item.path, f"cannot write outputs ({exc.strerror or exc})")
+            progress.advance()
+
+    progress.start("segment", len(todo))
+    group: list[tuple[InputImage, dict[str, Path], np.ndarray]] = []
+    windows = 0
+    for item, paths in todo:
+        try:
+            with timings("decode"):
+                img = load_image(item.path)
+        except ImageError as exc:
+            failed(item.path, str(exc))
+            progress.advance()
+            continue
+        group.append((item, paths, img))
+        windows += len(segmenter.windows(*img.shape[:2]))
+        if windows >= segmenter.options.batch_size:
+            flush(group)
+            group, windows = [], 0
+    if group:
+        flush(group)
+    run.seconds = time.perf_counter() - t0
+    return run

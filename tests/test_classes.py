@@ -19,9 +19,22 @@ def test_normalise():
 
 
 def test_names_in_user_order_normalised():
-    specs = build_class_list(["  Potted   plant", "cat", "sky "])
-    assert specs == [ClassSpec("Potted plant"), ClassSpec("cat"), ClassSpec("sky")]
+    specs = build_class_list(["  Potted   plant", "cat", "dog "])
+    assert specs == [ClassSpec("Potted plant"), ClassSpec("cat"), ClassSpec("dog")]
     assert all(not c.stuff for c in specs)
+
+
+def test_builtin_stuff_table_and_thing_override(tmp_path):
+    # The benchmark table decides when the user says nothing; a file's "thing" column overrides it.
+    assert _names(build_class_list(["cat", "Sky", "sky-other", "wall_brick"])) == [
+        ("cat", False),
+        ("Sky", True),
+        ("sky-other", True),
+        ("wall_brick", True),
+    ]
+    path = tmp_path / "c.txt"
+    path.write_text("tree\tthing\nsky\n")
+    assert _names(build_class_list(classes_file=path)) == [("tree", False), ("sky", True)]
 
 
 def test_split_list():
@@ -114,12 +127,12 @@ def test_classes_file(tmp_path):
         encoding="utf-8",
     )
     assert read_classes_file(path) == [
-        ("cat", False),
+        ("cat", None),
         ("sky", True),
         ("dog", False),
         ("sea  water ", True),
         ("potted, plant", False),  # a tab on the line: commas belong to the name
-        ("road", False),
+        ("road", None),
     ]
     specs = build_class_list(["bird"], classes_file=path, stuff=["road"])
     assert _names(specs) == [

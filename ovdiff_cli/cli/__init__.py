@@ -12,6 +12,7 @@ import typer
 from .. import __version__
 from . import cache, models
 from .pending import PENDING_SETTINGS, pending
+from .segment import segment
 from .synth import synth
 
 app = typer.Typer(
@@ -40,7 +41,8 @@ def root(
 
 
 app.command("synth")(synth)
-for _name in ("segment", "explain", "eval"):
+app.command("segment")(segment)
+for _name in ("explain", "eval"):
     app.command(_name, context_settings=PENDING_SETTINGS)(pending(_name))
 app.add_typer(models.app, name="models")
 app.add_typer(cache.app, name="cache")

@@ -33,6 +33,23 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail while working.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
 
+# What determines a class's prototypes: synth, segment, explain and eval all accept these.
+ClassesFileOpt = Annotated[
+    Path | None, typer.Option("--classes-file", help="One class per line; optional 'stuff' or 'thing' column.")
+]
+StuffOpt = Annotated[
+    str | None,
+    typer.Option("--stuff", help="Comma list of classes that are 'stuff' (sky, water...); see the README."),
+]
+NOpt = Annotated[int | None, typer.Option("--n", help=f"Support images per class [default: {D.N_SUPPORT}].")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help=f"Denoising steps [default: {D.STEPS}].")]
+MaskerOpt = Annotated[str | None, typer.Option("--masker", help=f"auto, maskcut or threshold [default: {D.MASKER}].")]
+ExtractorsOpt = Annotated[
+    str | None,
+    typer.Option("--extractors", help=f"Comma list of sd, dino, clip [default: {','.join(D.EXTRACTORS)}]."),
+]
+KOpt = Annotated[int | None, typer.Option("--k", help=f"Part prototypes per class and region [default: {D.K_PARTS}].")]
+
 DEFAULT_MODELS = "sd15"
 
 
@@ -60,6 +77,13 @@ def user_errors() -> Iterator[None]:
 def given(**options: Any) -> dict[str, Any]:
     """Only the options the user set: library defaults stay canonical (None = not given)."""
     return {k: v for k, v in options.items() if v is not None}
+
+
+def synth_options(**given_options: Any):
+    """SynthOptions from the options the user set (None = not given: the library default applies)."""
+    from ..pipeline import SynthOptions
+
+    return SynthOptions(**given(**given_options))
 
 
 def open_cache(cache_dir: Path | None):

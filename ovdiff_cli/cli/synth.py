@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,44 +12,42 @@ from .common import (
     DEFAULT_MODELS,
     EXIT_INTERRUPTED,
     CacheDirOpt,
+    ClassesFileOpt,
     DeviceOpt,
+    ExtractorsOpt,
     JsonOpt,
+    KOpt,
+    MaskerOpt,
     ModelsOpt,
+    NOpt,
     QuietOpt,
     RichProgress,
     SeedOpt,
+    StepsOpt,
+    StuffOpt,
     VerboseOpt,
     err,
-    given,
     open_cache,
     out,
+    synth_options,
     user_errors,
 )
 
 
 def synth(
     classes: Annotated[list[str] | None, typer.Argument(help='Class names, e.g. cat "potted plant".')] = None,
-    classes_file: Annotated[
-        Path | None, typer.Option("--classes-file", help="One class per line; optional 'stuff' column.")
-    ] = None,
+    classes_file: ClassesFileOpt = None,
     models: ModelsOpt = None,
-    n: Annotated[int | None, typer.Option("--n", help=f"Support images per class [default: {D.N_SUPPORT}].")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help=f"Denoising steps [default: {D.STEPS}].")] = None,
+    n: NOpt = None,
+    steps: StepsOpt = None,
     seed: SeedOpt = None,
-    masker: Annotated[
-        str | None, typer.Option("--masker", help=f"auto, maskcut or threshold [default: {D.MASKER}].")
-    ] = None,
-    extractors: Annotated[
-        str | None,
-        typer.Option("--extractors", help=f"Comma list of sd, dino, clip [default: {','.join(D.EXTRACTORS)}]."),
-    ] = None,
-    k: Annotated[
-        int | None, typer.Option("--k", help=f"Part prototypes per class and region [default: {D.K_PARTS}].")
-    ] = None,
+    masker: MaskerOpt = None,
+    extractors: ExtractorsOpt = None,
+    k: KOpt = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help=f"Images per network batch [default: {D.BATCH_SIZE}].")
     ] = None,
-    stuff: Annotated[str | None, typer.Option("--stuff", help="Comma list of classes that are 'stuff'.")] = None,
+    stuff: StuffOpt = None,
     device: DeviceOpt = "auto",
     cache_dir: CacheDirOpt = None,
     as_json: JsonOpt = False,
@@ -64,11 +61,11 @@ def synth(
         class_list = build_class_list(classes, classes_file, split_list(stuff) if stuff else None)
         from ..models import resolve_models
         from ..models.loading import Models, resolve_device
-        from ..pipeline import SynthOptions, synthesize
+        from ..pipeline import synthesize
 
         spec = resolve_models(models or DEFAULT_MODELS)
-        opts = SynthOptions(
-            **given(n=n, steps=steps, seed=seed, masker=masker, extractors=extractors, k=k, batch_size=batch_size)
+        opts = synth_options(
+            n=n, steps=steps, seed=seed, masker=masker, extractors=extractors, k=k, batch_size=batch_size
         )
         mdl = Models(spec, resolve_device(device))
         mdl.check_available(["sd", "dino", "clip"])

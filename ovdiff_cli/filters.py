@@ -1,0 +1,234 @@
+"""Paper 3.4's filters around eq. 4: the CLIP category pre-filter, the "stuff" filter, and PAMR refinement.
+
+* Pre-filter: CLIP classifies the whole image against the vocabulary, keeps the classes scoring above 1/|C|
+  (at most eta of them), then picks the best-scoring subset prompt "a x and a y ..." among all subsets.
+* Stuff filter: thing classes' background prototypes that look like a stuff class's prototypes are dropped
+  (stuff classes themselves contribute no background prototypes; see segmentation.build_prototype_set).
+* PAMR (Araslanov & Roth, CVPR 2020): score maps are repeatedly replaced by an affinity-weighted average of their
+  neighbours, the affinities coming from local colour differences, so label edges snap to image edges.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import defaults as D
+from .extractors.base import l2n, normalise_pixels
+from .extractors.clip import CLIP_MEAN, CLIP_STD
+
+# --- category pre-filter ------------------------------------------------------------------------------------------
+
+
+def subset_prompt(names: Sequence[str]) -> str:
+    """``["cat", "sky"]`` -> ``"a cat and a sky"`` (one class gives ``"a cat"``)."""
+    return D.PREFILTER_JOIN.join(D.PREFILTER_TEMPLATE.format(n) for n in names)
+
+
+def candidate_classes(probs: torch.Tensor, eta: int = D.ETA) -> list[int]:
+    """Classes CLIP thinks are present: probability above 1/C, at most the ``eta`` best.
+
+    Args:
+        probs: (C,) float, CLIP's softmax over the vocabulary for one image (sums to 1).
+        eta: the most classes kept.
+
+    Returns:
+        Class indices in [0, C), ascending. Never empty: if no class beats 1/C (all exactly equal), the best
+        one is kept, because eq. 4 needs at least one class.
+    """
+    c = probs.shape[0]
+    above = torch.nonzero(probs > 1.0 / c).flatten()
+    if above.numel() == 0:
+        above = probs.argmax().view(1)
+    if above.numel() > eta:
+        above = above[probs[above].topk(eta).indices]
+    return sorted(int(i) for i in above)
+
+
+def all_subsets(candidates: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every non-empty subset of ``candidates`` (2^k - 1 of them), each in ascending order."""
+    items = sorted(candidates)
+    return [s for r in range(1, len(items) + 1) for s in itertools.combinations(items, r)]
+
+
+def prefilter(
+    image_emb: torch.Tensor,
+    class_emb: torch.Tensor,
+    encode_subsets: Callable[[list[tuple[int, ...]]], torch.Tensor],
+    eta: int = D.ETA,
+    logit_scale: float = 100.0,
+) -> tuple[int, ...]:
+    """The classes eq. 4 should use for one image (paper 3.4, category pre-filtering).
+
+    Args:
+        image_emb: (D,) float, the image's CLIP embedding, unit norm.
+        class_emb: (C, D) float, each class prompt's CLIP text embedding, unit rows.
+        encode_subsets: subsets of class indices -> (S, D) unit text embeddings of their prompts.
+        eta: the most classes considered for subsets.
+        logit_scale: CLIP's softmax temperature (its learned ``logit_scale.exp()``).
+
+    Returns:
+        The best subset: ascending class indices in [0, C), at least one.
+    """
+    probs = (logit_scale * class_emb.float() @ image_emb.float()).softmax(0)
+    subsets = all_subsets(candidate_classes(probs, eta))
+    if len(subsets) == 1:
+        return subsets[0]
+    scores = encode_subsets(subsets).float() @ image_emb.float()
+    return subsets[int(scores.argmax())]
+
+
+class ClipPrefilter:
+    """The pre-filter bound to a CLIP model and a vocabulary; subset prompts are encoded once per process.
+
+    Args:
+        clip: an open_clip CLIP model (``encode_image``, ``encode_text``, ``logit_scale``, ``visual.image_size``).
+        names: the vocabulary, in the user's order.
+        eta: the most classes considered for subsets.
+    """
+
+    def __init__(self, clip: torch.nn.Module, names: Sequence[str], eta: int = D.ETA) -> None:
+        from open_clip.tokenizer import tokenize
+
+        self.clip = clip
+        self.names = list(names)
+        self.eta = eta
+        self._tokenize = tokenize
+        self._param = next(clip.parameters())
+        self._subsets: dict[tuple[int, ...], torch.Tensor] = {}
+        self.class_emb = self._encode_text([subset_prompt([n]) for n in self.names])
+        size = clip.visual.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+    @torch.no_grad()
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids = self._tokenize(prompts).to(self._param.device)
+        return l2n(self.clip.encode_text(ids))
+
+    def encode_subsets(self, subsets: list[tuple[int, ...]]) -> torch.Tensor:
+        """(S, D) unit text embeddings of the subsets' prompts, from the in-process memo where possible."""
+        todo = [s for s in subsets if s not in self._subsets]
+        for start in range(0, len(todo), 256):
+            chunk = todo[start : start + 256]
+            emb = self._encode_text([subset_prompt([self.names[i] for i in s]) for s in chunk])
+            self._subsets.update(zip(chunk, emb, strict=True))
+        return torch.stack([self._subsets[s] for s in subsets])
+
+    @torch.no_grad()
+    def image_embeddings(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """images: each (3, H, W) float32 RGB in [0, 1] -> (B, D) unit embeddings of the whole images.
+
+        Each image is resized (not cropped) to CLIP's input size, so classes at the borders still count.
+        """
+        x = torch.stack(
+            [F.interpolate(im[None], size=self.image_size, mode="bicubic", antialias=True)[0] for im in images]
+        ).clamp(0, 1)
+        x = normalise_pixels(x, CLIP_MEAN, CLIP_STD).to(self._param.dtype)
+        return l2n(self.clip.encode_image(x))
+
+    def __call__(self, image_emb: torch.Tensor) -> tuple[int, ...]:
+        """The kept classes of one image: ascending indices into ``names``."""
+        scale = float(self.clip.logit_scale.exp())
+        return prefilter(image_emb, self.class_emb, self.encode_subsets, self.eta, scale)
+
+
+# --- stuff filter -------------------------------------------------------------------------------------------------
+
+
+def stuff_filter(
+    prototypes: Mapping[str, torch.Tensor],
+    thing_bg: torch.Tensor,
+    stuff: torch.Tensor,
+    threshold: float = D.STUFF_THRESHOLD,
+) -> torch.Tensor:
+    """Which thing-class background prototypes survive the stuff filter (paper 3.4).
+
+    Similarity is the ensemble's: the mean over extractors of the cosine similarities, as in eq. 4.
+
+    Args:
+        prototypes: extractor -> (P, D_e) float unit rows.
+        thing_bg: (P,) bool, the background prototypes of thing classes (the candidates for removal).
+        stuff: (P,) bool, the prototypes of stuff classes (what they must not resemble).
+        threshold: a candidate whose similarity to any stuff prototype is above this is dropped.
+
+    Returns:
+        (P,) bool keep mask: False exactly for the dropped thing-bg prototypes.
+    """
+    keep = torch.ones_like(thing_bg)
+    if not bool(thing_bg.any()) or not bool(stuff.any()):
+        return keep
+    sim = sum(p[thing_bg].float() @ p[stuff].float().T for p in prototypes.values()) / len(prototypes)
+    keep[torch.nonzero(thing_bg).flatten()[sim.max(1).values > threshold]] = False
+    return keep
+
+
+# --- PAMR ---------------------------------------------------------------------------------------------------------
+
+# The 8 neighbours of a pixel, as (dy, dx) steps; each dilation d looks at (d*dy, d*dx).
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def _shifted(x: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]:
+    """x (B, C, H, W) -> one (B, C, H, W) view per (dilation, neighbour): the neighbour's value at each pixel,
+    with the border replicated outward."""
+    h, w = x.shape[-2:]
+    out = []
+    for d in dilations:
+        padded = F.pad(x, (d, d, d, d), mode="replicate")
+        out += [padded[..., d + dy * d : d + dy * d + h, d + dx * d : d + dx * d + w] for dy, dx in _NEIGHBOURS]
+    return out
+
+
+def pamr_affinity(image: torch.Tensor, dilations: Sequence[int] = D.PAMR_DILATIONS) -> torch.Tensor:
+    """Neighbour weights of PAMR from colour differences.
+
+    For each dilation d, a neighbour's logit is minus its absolute colour difference to the pixel divided by
+    (1e-8 + 0.1 x the standard deviation of the pixel's 3x3 neighbourhood at d), averaged over channels; the
+    weights are the softmax over all 8 x len(dilations) neighbours.
+
+    Args:
+        image: (B, 3, H, W) float RGB (any range; only differences matter).
+
+    Returns:
+        (B, 8 * len(dilations), H, W) float32 weights summing to 1 over dim 1.
+    """
+    image = image.float()
+    logits = []
+    for d in dilations:
+        nbrs = torch.stack(_shifted(image, [d]), dim=2)  # (B, 3, 8, H, W)
+        sigma = torch.cat([image[:, :, None], nbrs], dim=2).std(dim=2, keepdim=True)
+        logits.append((-(nbrs - image[:, :, None]).abs() / (1e-8 + 0.1 * sigma)).mean(1))
+    return torch.cat(logits, dim=1).softmax(dim=1)
+
+
+def pamr(
+    image: torch.Tensor,
+    scores: torch.Tensor,
+    iters: int = D.PAMR_ITERS,
+    dilations: Sequence[int] = D.PAMR_DILATIONS,
+) -> torch.Tensor:
+    """Pixel-adaptive mask refinement of score maps.
+
+    Args:
+        image: (B, 3, H, W) float RGB the maps belong to.
+        scores: (B, K, H, W) float class scores at the image's resolution.
+        iters: number of propagation steps.
+        dilations: neighbourhood dilations in pixels.
+
+    Returns:
+        (B, K, H, W) float32 refined scores. Each step is a convex combination of neighbours, so a constant map
+        stays constant and values never leave their original range.
+    """
+    if image.shape[-2:] != scores.shape[-2:] or image.shape[0] != scores.shape[0]:
+        raise ValueError(f"image {tuple(image.shape)} and scores {tuple(scores.shape)} must share B, H and W")
+    weights = pamr_affinity(image, dilations)
+    out = scores.float()
+    for _ in range(iters):
+        nxt = torch.zeros_like(out)
+        for j, nbr in enumerate(_shifted(out, dilations)):
+            nxt += weights[:, j : j + 1] * nbr
+        out = nxt
+    return out

@@ -1,0 +1,185 @@
+"""What ``segment`` writes: label PNGs, overlays, score archives and the legend, each file atomically.
+
+Every file is written to a hidden temp file next to its destination and renamed into place, so an output that
+exists is complete; a killed run leaves at most a temp file, which the next run removes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from . import defaults as D
+
+LEGEND_FILE = "legend.json"
+TEMP_MARK = ".tmp-"
+# A palette PNG holds ids 0..255; larger vocabularies get 16-bit greyscale label maps instead.
+PALETTE_IDS = 256
+
+
+def voc_palette(n: int = PALETTE_IDS) -> np.ndarray:
+    """(n, 3) uint8: the PASCAL VOC colour map (id 0 black, 1 dark red, 2 dark green, ...)."""
+    ids = np.arange(n)
+    out = np.zeros((n, 3), dtype=np.int64)
+    for shift in range(8):
+        for c in range(3):
+            out[:, c] |= ((ids >> (3 * shift + c)) & 1) << (7 - shift)
+    return out.astype(np.uint8)
+
+
+def colour(label: int) -> tuple[int, int, int]:
+    """The display colour of a label id (VOC colours, repeating past 255)."""
+    r, g, b = voc_palette()[label % PALETTE_IDS]
+    return int(r), int(g), int(b)
+
+
+def build_legend(names: Sequence[str], stuff: Sequence[bool], background: bool = True) -> dict[str, dict]:
+    """``legend.json``'s content: label id (as a string) -> name, colour and type (thing, stuff, background)."""
+    legend = {}
+    if background:
+        legend["0"] = {"name": "background", "color": list(colour(0)), "type": "background"}
+    for i, (name, is_stuff) in enumerate(zip(names, stuff, strict=True), start=1):
+        legend[str(i)] = {"name": name, "color": list(colour(i)), "type": "stuff" if is_stuff else "thing"}
+    return legend
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success rename it onto ``path``, on failure delete it."""
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temp files a killed run left for ``path``."""
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}{TEMP_MARK}*"):
+            tmp.unlink(missing_ok=True)
+
+
+def write_legend(out_dir: Path, legend: dict[str, dict], overwrite: bool = False) -> Path:
+    """Write ``legend.json`` (left untouched when it already says the same); refuse (ValueError) if the
+    folder holds results for another vocabulary, unless ``overwrite``."""
+    path = out_dir / LEGEND_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old == legend:
+            return path
+        if not overwrite:
+            names = [v.get("name") for v in old.values()] if isinstance(old, dict) else "unreadable"
+            raise ValueError(
+                f"--out {out_dir}: holds results for other classes ({names}); use --overwrite or another --out"
+            )
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(legend, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def output_paths(out_dir: Path, rel: os.PathLike | str, overlay: bool, scores: bool) -> dict[str, Path]:
+    """The files ``segment`` writes for one input: kind -> path (labels always, overlay and scores on request)."""
+    base = out_dir / Path(rel)
+    paths = {"labels": base.with_name(base.name + ".png")}
+    if overlay:
+        paths["overlay"] = base.with_name(base.name + "_overlay.jpg")
+    if scores:
+        paths["scores"] = base.with_name(base.name + "_scores.npz")
+    return paths
+
+
+def write_labels(path: Path, labels: np.ndarray, num_ids: int) -> None:
+    """Label map as a palette PNG (VOC colours) when ids fit in 0..255, else as a 16-bit greyscale PNG.
+
+    Args:
+        labels: (H, W) integer ids in [0, num_ids).
+        num_ids: how many ids the vocabulary has (decides the format, the same for every image of a run).
+    """
+    from PIL import Image
+
+    if num_ids <= PALETTE_IDS:
+        img = Image.fromarray(labels.astype(np.uint8), mode="P")
+        img.putpalette(voc_palette().flatten().tolist())
+    else:
+        img = Image.fromarray(labels.astype(np.uint16))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def render_overlay(image: np.ndarray, labels: np.ndarray, legend: dict[str, dict], alpha: float = D.OVERLAY_ALPHA):
+    """The image with each labelled region tinted by its colour (background untinted), above a legend strip
+    naming the classes present.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        labels: (H, W) int ids.
+        legend: as built by :func:`build_legend`.
+
+    Returns:
+        A PIL RGB image of width W and height H plus the legend strip.
+    """
+    from PIL import Image, ImageDraw
+
+    palette = np.array([colour(i) for i in range(int(labels.max()) + 1)], dtype=np.float32)
+    tint = (labels != 0) if "0" in legend else np.ones(labels.shape, dtype=bool)
+    blended = image.astype(np.float32)
+    blended[tint] = (1 - alpha) * blended[tint] + alpha * palette[labels[tint]]
+    h, w = labels.shape
+    font = _font(max(10, min(24, w // 40)))
+    line = font.getbbox("Ag")[3] + 8
+    entries = [(legend[str(i)]["name"], colour(int(i))) for i in np.unique(labels) if str(i) in legend]
+    # Lay the entries out left to right, wrapping to new lines, before knowing the strip's height.
+    placed, x, y = [], 4, 4
+    for name, col in entries:
+        width = line + int(font.getlength(name)) + 12
+        if x > 4 and x + width > w:
+            x, y = 4, y + line
+        placed.append((x, y, name, col))
+        x += width
+    canvas = Image.new("RGB", (w, h + y + line + 4), (255, 255, 255))
+    canvas.paste(Image.fromarray(np.round(blended).astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for x, y, name, col in placed:
+        top = h + y
+        draw.rectangle([x, top + 2, x + line - 6, top + line - 4], fill=col, outline=(0, 0, 0))
+        draw.text((x + line, top), name, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray, legend: dict[str, dict]) -> None:
+    with atomic_path(path) as tmp:
+        render_overlay(image, labels, legend).save(tmp, format="JPEG", quality=90)
+
+
+def write_scores(path: Path, scores: np.ndarray, ids: Sequence[int], names: Sequence[str], kept: np.ndarray) -> None:
+    """``_scores.npz``: ``scores`` (K, H, W) float16, ``ids`` (K,) label ids, ``names`` (K,) str, ``kept`` (K,)
+    bool (False = removed by the pre-filter for this image). Readable with ``np.load`` (no pickle)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(
+            f,
+            scores=scores.astype(np.float16),
+            ids=np.asarray(ids, dtype=np.int64),
+            names=np.asarray(list(names), dtype=str),
+            kept=np.asarray(kept, dtype=bool),
+        )

@@ -1,0 +1,261 @@
+"""Eq. 4, the ensemble, sliding windows and prototype assembly on planted inputs with hand-computed answers."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovdiff_cli import segmentation as S
+from ovdiff_cli.classes import ClassSpec
+from ovdiff_cli.extractors.base import Extractor, l2n
+from ovdiff_cli.prototypes import BG, FG, KIND_CLASS, KIND_INSTANCE, PrototypeBank
+
+
+class PixelExtractor(Extractor):
+    """A stride-1 extractor: each pixel's feature is a fixed linear map of its colour (translation-equivariant)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(None)
+        self.weight = weight
+        self.bias = bias if bias is not None else torch.zeros(weight.shape[1])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return l2n(images.permute(0, 2, 3, 1) @ self.weight + self.bias)
+
+
+def protoset(rows: dict[str, list[list[float]]], channel: list[int], source: list[int], names=("a", "b")):
+    return S.PrototypeSet(
+        [ClassSpec(n) for n in names],
+        {e: l2n(torch.tensor(v)) for e, v in rows.items()},
+        torch.tensor(channel),
+        torch.tensor(source),
+        torch.arange(len(channel)),
+    )
+
+
+def image(pixels: list[list[tuple[float, float, float]]]) -> torch.Tensor:
+    return torch.tensor(pixels).permute(2, 0, 1).float()
+
+
+def no_windows_opts(size: int) -> S.SegmentOptions:
+    return S.SegmentOptions(scales=(size,), stride=size, short_side=size, prefilter=False)
+
+
+# --- eq. 4 --------------------------------------------------------------------------------------------------------
+
+
+def test_eq4_on_planted_colours_with_background():
+    # features = colour; class a (1) is red, class b (2) is green, the background class (0) is a's blue bg proto.
+    ext = PixelExtractor(torch.eye(3))
+    ps = protoset({"x": [[0, 0, 1], [1, 0, 0], [0, 1, 0]]}, channel=[0, 1, 2], source=[1, 1, 2])
+    red, green, blue = (1, 0, 0), (0, 1, 0), (0, 0, 1)
+    # (0.6, 0.5, 0): cos to red 0.768 > green 0.640 -> a.  (0.2, 0.3, 0.9): blue wins -> background.
+    # (0.5, 0.5, 0.1): red = green = 0.700 -> the first channel among equals, a.
+    pixels = [[red, green, blue, (0.6, 0.5, 0.0)], [(0.2, 0.3, 0.9), (0.5, 0.5, 0.1), green, red]]
+    pixels = [row * 4 for row in pixels] * 8  # 16 x 16, each column pattern repeated
+    seg = S.Segmenter(ps, {"x": ext}, no_windows_opts(16))([image(pixels)])[0]
+    expected_row = [[1, 2, 0, 1] * 4, [0, 1, 2, 1] * 4]
+    assert seg.labels().tolist() == expected_row * 8
+    # the scores are the cosine similarities themselves: pixel (0, 3) scores 0.6/0.781 for a
+    assert seg.scores[1, 0, 3].item() == pytest.approx(0.6 / math.hypot(0.6, 0.5), abs=1e-6)
+
+
+def test_ensemble_averages_similarities_over_extractors():
+    # Extractor p alone says a (0.9 vs 0.5), extractor q alone says b (0.2 vs 0.8); the mean says b (0.55 < 0.65).
+    def unit(c):
+        return [c, math.sqrt(1 - c * c)]
+
+    ps = protoset({"p": [[1.0, 0.0], unit(0.5)], "q": [[1.0, 0.0], unit(0.8)]}, channel=[1, 2], source=[1, 2])
+    p = PixelExtractor(torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), torch.tensor(unit(0.9)))
+    q = PixelExtractor(torch.zeros(3, 2), torch.tensor(unit(0.2)))
+    px = image([[(0.5, 0.5, 0.5)] * 16] * 16)
+    both = S.Segmenter(ps, {"p": p, "q": q}, no_windows_opts(16))([px])[0]
+    assert set(both.labels().flatten().tolist()) == {2}
+    # sims: p: a 0.9, b 0.9*0.5+0.436*0.866 = 0.828; q: a 0.2, b 0.2*0.8+0.980*0.6 = 0.748
+    a = (0.9 + 0.2) / 2
+    b = (0.9 * 0.5 + math.sqrt(1 - 0.81) * math.sqrt(0.75) + 0.2 * 0.8 + math.sqrt(0.96) * 0.6) / 2
+    assert both.scores[1:, 0, 0].tolist() == pytest.approx([a, b], abs=1e-5)
+    only_p = S.Segmenter(
+        S.PrototypeSet(ps.classes, {"p": ps.prototypes["p"]}, ps.channel, ps.source, ps.index),
+        {"p": p},
+        no_windows_opts(16),
+    )([px])[0]
+    assert set(only_p.labels().flatten().tolist()) == {1}
+
+
+def test_class_scores_max_per_channel_and_excluded():
+    sims = torch.tensor([[0.1, 0.7, 0.3, -0.5, 0.2]])
+    bounds = [0, 0, 3, 5]  # channel 0 empty, channel 1 = rows 0-2, channel 2 = rows 3-4
+    assert S.class_scores(sims, bounds).tolist() == [[S.EXCLUDED_SCORE, pytest.approx(0.7), pytest.approx(0.2)]]
+    allowed = torch.tensor([[True, False, True, False, False]])
+    assert S.class_scores(sims, bounds, allowed).tolist() == [[S.EXCLUDED_SCORE, pytest.approx(0.3), S.EXCLUDED_SCORE]]
+
+
+def test_removed_class_and_its_background_prototypes_do_not_vote():
+    # a's bg prototype is blue; with a removed, background can only use b's bg prototype (cyan).
+    ext = PixelExtractor(torch.eye(3))
+    ps = protoset({"x": [[0, 0, 1], [0, 1, 1], [1, 0, 0], [0, 1, 0]]}, channel=[0, 0, 1, 2], source=[1, 2, 1, 2])
+    seg = S.Segmenter(ps, {"x": ext}, no_windows_opts(16))
+    px = image([[(0, 0, 1)] * 16] * 16)  # pure blue: bg via a's prototype (1.0) or via b's cyan (0.707)
+    allowed = torch.stack([ps.allowed([2])] * 1)
+    scores = seg.window_scores(px[None], allowed)[0]
+    assert scores[0, 0, 0].item() == pytest.approx(1 / math.sqrt(2), abs=1e-6)
+    assert scores[1, 0, 0].item() == S.EXCLUDED_SCORE
+    assert ps.allowed([1]).tolist() == [True, False, True, False]
+
+
+# --- sliding windows ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("length", "window", "stride"), [(448, 448, 224), (600, 448, 224), (700, 336, 224), (50, 16, 7)]
+)
+def test_window_offsets_cover_everything_and_stay_inside(length, window, stride):
+    offs = S.window_offsets(length, window, stride)
+    assert offs[0] == 0 and offs[-1] == length - window
+    assert all(0 <= b - a <= stride for a, b in itertools.pairwise(offs))
+    assert bool((S.coverage(length, window, offs) >= 1).all())
+
+
+def test_resized_size():
+    assert S.resized_size(375, 500, 448) == (448, 597)
+    assert S.resized_size(1000, 800, 448) == (560, 448)
+    assert S.resized_size(448, 448, 448) == (448, 448)
+
+
+def test_sliding_windows_equal_a_whole_image_pass_for_an_equivariant_extractor():
+    torch.manual_seed(0)
+    ext = PixelExtractor(torch.randn(3, 6), torch.randn(6))
+    ps = protoset({"x": torch.randn(5, 6).tolist()}, channel=[0, 1, 1, 2, 2], source=[1, 1, 1, 2, 2], names=("a", "b"))
+    img = torch.rand(3, 32, 56)
+    opts = S.SegmentOptions(scales=(32, 16), stride=8, short_side=32, prefilter=False, batch_size=3)
+    windowed = S.Segmenter(ps, {"x": ext}, opts)([img])[0]
+    whole = S.class_scores(ext(img[None])[0] @ ps.prototypes["x"].T, ps.bounds).permute(2, 0, 1)
+    torch.testing.assert_close(windowed.scores, whole, atol=1e-6, rtol=0)
+    # and the batch size does not change anything
+    opts1 = S.SegmentOptions(scales=(32, 16), stride=8, short_side=32, prefilter=False, batch_size=1)
+    torch.testing.assert_close(S.Segmenter(ps, {"x": ext}, opts1)([img])[0].scores, windowed.scores)
+
+
+def test_windows_of_a_batch_of_images_equal_one_by_one():
+    torch.manual_seed(1)
+    ext = PixelExtractor(torch.randn(3, 4))
+    ps = protoset({"x": torch.randn(3, 4).tolist()}, channel=[0, 1, 2], source=[1, 1, 2])
+    opts = S.SegmentOptions(scales=(32, 16), stride=16, short_side=32, prefilter=False, batch_size=4)
+    seg = S.Segmenter(ps, {"x": ext}, opts)
+    imgs = [torch.rand(3, 40, 64), (torch.rand(3, 70, 50) * 255).to(torch.uint8)]
+    together = seg(imgs)
+    for img, res in zip(imgs, together, strict=True):
+        torch.testing.assert_close(seg([img])[0].scores, res.scores)
+    assert together[0].size == (40, 64) and together[1].size == (70, 50)
+    # 70 x 50 is resized to short side 32: 45 x 32 (scores live at that working resolution)
+    assert together[1].scores.shape == (3, 45, 32)
+
+
+# --- upsampling to the input size ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("out_len", "in_len"), [(10, 4), (448, 56), (375, 448), (7, 7), (3, 9)])
+def test_interpolation_matrix_matches_f_interpolate(out_len, in_len):
+    x = torch.rand(in_len, 5)
+    ref = F.interpolate(x.T[None], size=out_len, mode="linear", align_corners=False)[0].T
+    torch.testing.assert_close(S.interpolation_matrix(out_len, in_len) @ x, ref, atol=1e-5, rtol=0)
+
+
+def test_banded_upsampling_equals_one_pass():
+    scores = torch.rand(4, 9, 13)
+    bands = list(S._bands(scores, (50, 31), max_elements=4 * 31 * 7))
+    assert len(bands) == 8  # 7 rows per band
+    stitched = torch.cat([b for _, _, b in bands], dim=1)
+    ref = F.interpolate(scores[None], size=(50, 31), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(stitched, ref, atol=1e-5, rtol=0)
+    seg = S.Segmentation(scores, (50, 31), (1, 2, 3))
+    assert np.array_equal(seg.labels(), ref.argmax(0).numpy())
+    assert seg.input_scores().shape == (4, 50, 31) and seg.input_scores().dtype == np.float16
+    assert S.Segmentation(scores, (50, 31), (1,), background=False).input_scores().shape == (3, 50, 31)
+
+
+# --- assembling eq. 4's prototypes from banks (with the stuff filter) ---------------------------------------------
+
+
+def planted_bank(name: str, fg: list[list[float]], bg: list[list[float]]) -> PrototypeBank:
+    """A bank with one class prototype + instances per region, vectors as given (first row = class proto)."""
+    rows = fg + bg
+    kind, image = [], []
+    for region in (fg, bg):
+        if region:
+            kind += [KIND_CLASS] + [KIND_INSTANCE] * (len(region) - 1)
+            image += [-1, *range(len(region) - 1)]
+    n = max(len(fg), len(bg), 2) - 1
+    masks = torch.zeros(n, 2, 2, dtype=torch.bool)  # provenance is not what these tests are about
+    return PrototypeBank(
+        class_name=name,
+        extractors=("x",),
+        prototypes={"x": l2n(torch.tensor(rows, dtype=torch.float32))},
+        kind=torch.tensor(kind, dtype=torch.int8),
+        region=torch.tensor([FG] * len(fg) + [BG] * len(bg), dtype=torch.int8),
+        image=torch.tensor(image, dtype=torch.int16),
+        part=torch.full((len(rows),), -1, dtype=torch.int16),
+        fg_masks=masks,
+        bg_masks=masks,
+        part_fg=torch.full((n, 2, 2), -1, dtype=torch.int16),
+        part_bg=torch.full((n, 2, 2), -1, dtype=torch.int16),
+        support_keys=[f"k{i}" for i in range(n)],
+    )
+
+
+def test_stuff_filter_drops_exactly_the_planted_thing_bg_prototypes():
+    boat = planted_bank("boat", fg=[[1, 0, 0], [1, 0.1, 0]], bg=[[0, 1, 0], [0, 0.3, 1], [0.1, 1, 0.05]])
+    sky = planted_bank("sky", fg=[[0, 1, 0.01], [0, 1, 0.1]], bg=[[0, 0, 1], [0.2, 0, 1]])
+    ps = S.build_prototype_set([boat, sky], [ClassSpec("boat"), ClassSpec("sky", stuff=True)])
+    # boat's bg rows 2 ([0,1,0]) and 4 ([0.1,1,0.05]) look like sky (cos > 0.85) and go; row 3 stays.
+    # sky is stuff: its bg prototypes never enter.
+    assert ps.dropped == 2
+    bg = ps.channel == 0
+    assert ps.source[bg].tolist() == [1] and ps.index[bg].tolist() == [3]
+    assert ps.index[ps.channel == 1].tolist() == [0, 1] and ps.index[ps.channel == 2].tolist() == [0, 1]
+    assert ps.bounds == [0, 1, 3, 5]
+    # with the threshold above every similarity nothing is dropped
+    assert (
+        S.build_prototype_set([boat, sky], [ClassSpec("boat"), ClassSpec("sky", True)], stuff_threshold=1.0).dropped
+        == 0
+    )
+
+
+def test_no_background_protocol_has_no_background_prototypes():
+    boat = planted_bank("boat", fg=[[1, 0, 0]], bg=[[0, 1, 0]])
+    ps = S.build_prototype_set([boat], [ClassSpec("boat")], background=False)
+    assert ps.channel.tolist() == [1] and not ps.background
+
+
+def test_build_prototype_set_rejects_mismatched_banks():
+    boat = planted_bank("boat", fg=[[1, 0, 0]], bg=[])
+    with pytest.raises(ValueError, match="one prototype bank per class"):
+        S.build_prototype_set([boat], [ClassSpec("boat"), ClassSpec("cat")])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"scales": "448,abc"}, "--scales '448,abc'"),
+        ({"scales": (450,)}, "multiples of 16"),
+        ({"scales": (448,), "short_side": 336}, "larger than --short-side 336"),
+        ({"scales": (448, 448)}, "listed twice"),
+        ({"stride": 0}, "--stride 0"),
+        ({"eta": 0}, "--eta 0"),
+        ({"stuff_threshold": 2.0}, "--stuff-threshold"),
+    ],
+)
+def test_segment_options_validation(kwargs, needle):
+    with pytest.raises(ValueError) as info:
+        S.SegmentOptions(**kwargs)
+    assert needle in str(info.value)
+
+
+def test_segment_options_parse_strings():
+    assert S.SegmentOptions(scales="448, 336").scales == (448, 336)
