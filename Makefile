@@ -33,10 +33,15 @@ clean:
 DEMO_DIR := demo-out
 
 # Runs offline with the tiny random-weight models: every stage is real, the pictures and prototypes are noise.
+DEMO_TINY := --models tiny --n 8 --steps 10 --cache-dir $(DEMO_DIR)/cache
 demo: install
 	@echo "== ovdiff demo: offline, --models tiny (random weights; output is mechanically real, semantically meaningless)"
-	$(VENV)/bin/ovdiff synth --classes-file examples/classes.txt --models tiny --n 8 --steps 10 --cache-dir $(DEMO_DIR)/cache
-	@echo "== second run: everything comes from the cache"
-	$(VENV)/bin/ovdiff synth --classes-file examples/classes.txt --models tiny --n 8 --steps 10 --cache-dir $(DEMO_DIR)/cache
+	$(PY) examples/draw_scenes.py $(DEMO_DIR)/images --count 4
+	$(VENV)/bin/ovdiff synth --classes-file examples/scene_classes.txt $(DEMO_TINY)
+	@echo "== segment: prototypes come from the cache the synth run filled"
+	$(VENV)/bin/ovdiff segment $(DEMO_DIR)/images --classes-file examples/scene_classes.txt --out $(DEMO_DIR)/segment $(DEMO_TINY)
 	$(VENV)/bin/ovdiff cache info --cache-dir $(DEMO_DIR)/cache
-	@echo "== prototypes cached in $(DEMO_DIR)/cache (segment lands in a later release)"
+	@echo "== inputs:   $(DEMO_DIR)/images/*.jpg"
+	@echo "== masks:    $(DEMO_DIR)/segment/*.png (palette PNG: 0 background, i = i-th class of the list)"
+	@echo "== overlays: $(DEMO_DIR)/segment/*_overlay.jpg"
+	@echo "== legend:   $(DEMO_DIR)/segment/legend.json"

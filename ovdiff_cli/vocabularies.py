@@ -2,8 +2,9 @@
 
 The paper asked ChatGPT to sort each benchmark's classes into things (countable objects) and stuff (amorphous
 regions such as sky or water). This table does the same once, for the names of PASCAL Context, COCO-Stuff,
-ADE20K and Cityscapes (raw benchmark spellings and their readable forms). Users override it per class with
-``--stuff`` or a ``stuff``/``thing`` column in a classes file.
+ADE20K and Cityscapes (raw benchmark spellings and their readable forms). Where a benchmark calls an everyday
+object stuff (COCO-Stuff's "house", "light", "food"), the table keeps the everyday reading: a thing. Users
+override it per class with ``--stuff`` or a ``stuff``/``thing`` column in a classes file.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ grass, moss, straw, hay, leaves, bush, shrub, vegetation, plant other, tree, tre
 road, sidewalk, pavement, path, runway, railroad, track, railway, platform
 water, water other, sea, ocean, river, lake, waterfall, waterdrops, snow, ice
 mountain, hill, rock, stone, cliff
-building, building other, skyscraper, house, roof, fence, railing, bridge, tower, structural other
+building, building other, skyscraper, roof, fence, railing, bridge, structural other
 wood, metal, plastic, paper, cardboard, cloth, textile other, solid other
 carpet, rug, mat, curtain, blanket, bedclothes, towel, napkin, banner, net
-food, food other, salad, light
+food other
 """
 
 

@@ -6,6 +6,7 @@ Heavy imports live here and are only paid by commands that run models.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,9 +23,15 @@ CONTEXT_LENGTH = 77
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda, then mps, then cpu. An unavailable explicit choice raises ValueError."""
+    """``auto`` -> cuda, then mps, then cpu. An unavailable explicit choice raises ValueError.
+
+    Under torchrun (LOCAL_RANK set), ``auto`` picks this process's own GPU, so ranks do not share one.
+    """
     if name == "auto":
         if torch.cuda.is_available():
+            local = os.environ.get("LOCAL_RANK", "")
+            if local.isdigit():
+                return torch.device(f"cuda:{int(local) % torch.cuda.device_count()}")
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
