@@ -29,6 +29,7 @@ from .extractors import build_extractor, parse_extractors, to_grid
 from .inputs import ImageError, InputImage, load_image
 from .models.loading import Models
 from .segmentation import Segmenter, SegmentOptions, build_prototype_set
+from .timing import Timings
 
 # Bump a stage's version whenever its bytes would change for the same key fields.
 SUPPORT_VERSION = 1
@@ -330,7 +331,6 @@ def build_segmenter(
     import torch
 
     from .filters import ClipPrefilter
-    from .timing import Timings
 
     banks = [r.bank for r in synthesize(classes, synth_opts, models, cache, progress)]
     protoset = build_prototype_set(banks, classes, seg_opts.background, seg_opts.stuff_threshold)
@@ -343,14 +343,42 @@ def build_segmenter(
 
 
 @dataclass
+class OutputPlan:
+    """Which images still need outputs: ``todo`` pairs each with its files (kind -> path, see
+    outputs.output_paths); ``skipped`` counts the images whose outputs are all there already."""
+
+    todo: list[tuple[InputImage, dict[str, Path]]]
+    skipped: int
+
+
+def plan_outputs(
+    items: list[InputImage], out_dir: Path, *, overlay: bool = True, scores: bool = False, overwrite: bool = False
+) -> OutputPlan:
+    """Decide what to segment: images with a missing output (all of them with ``overwrite``). Temp files a
+    killed run left for these outputs are deleted on the way."""
+    todo, skipped = [], 0
+    for item in items:
+        paths = outputs.output_paths(out_dir, item.rel, overlay, scores)
+        for path in paths.values():
+            outputs.remove_stale_temps(path)
+        if not overwrite and all(p.exists() for p in paths.values()):
+            skipped += 1
+        else:
+            todo.append((item, paths))
+    return OutputPlan(todo, skipped)
+
+
+@dataclass
 class SegmentRun:
-    """What ``segment_files`` did."""
+    """What ``segment_files`` did. ``interrupted``: Ctrl-C stopped it; what was written is complete."""
 
     total: int = 0
     done: int = 0
     skipped: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
     seconds: float = 0.0
+    interrupted: bool = False
+    timings: Timings = field(default_factory=Timings)
 
     @property
     def images_per_second(self) -> float:
@@ -358,38 +386,32 @@ class SegmentRun:
 
 
 def segment_files(
-    items: list[InputImage],
-    out_dir: Path,
-    segmenter: Segmenter,
+    plan: OutputPlan,
+    segmenter: Segmenter | None,
     legend: dict[str, dict],
     *,
-    overlay: bool = True,
-    scores: bool = False,
-    overwrite: bool = False,
     progress: Progress | None = None,
     on_failure: Callable[[Path, str], None] | None = None,
 ) -> SegmentRun:
-    """Segment ``items`` into ``out_dir``: label PNG, overlay and scores per image (see outputs.py).
+    """Segment the planned images and write their outputs (label PNG, then overlay and scores if planned).
 
-    Images whose requested outputs all exist are skipped unless ``overwrite``. A file that cannot be read or
-    written is reported through ``on_failure(path, reason)`` and the others go on. Images are decoded one by
-    one and segmented in groups large enough to fill a window batch.
+    A file that cannot be read or written is reported through ``on_failure(path, reason)`` and the others go
+    on. Images are decoded one by one and segmented in groups just large enough to fill a window batch.
+    Ctrl-C stops at the next image and returns with ``interrupted`` set. ``segmenter`` may be None only when
+    there is nothing to do.
     """
     import torch
 
     progress = progress or _Silent()
-    timings = segmenter.timings
-    run = SegmentRun(total=len(items))
+    run = SegmentRun(total=len(plan.todo) + plan.skipped, skipped=plan.skipped)
+    if segmenter is None:
+        if plan.todo:
+            raise ValueError("segment_files needs a segmenter when there are images to segment")
+        return run
+    run.timings = timings = segmenter.timings
     t0 = time.perf_counter()
-    todo = []
-    for item in items:
-        paths = outputs.output_paths(out_dir, item.rel, overlay, scores)
-        for path in paths.values():
-            outputs.remove_stale_temps(path)
-        if not overwrite and all(p.exists() for p in paths.values()):
-            run.skipped += 1
-        else:
-            todo.append((item, paths))
+    ids = list(map(int, legend))
+    names = [legend[str(i)]["name"] for i in ids]
 
     def failed(path: Path, reason: str) -> None:
         run.failed.append((path, reason))
@@ -398,19 +420,17 @@ def segment_files(
 
     def flush(group: list[tuple[InputImage, dict[str, Path], np.ndarray]]) -> None:
         results = segmenter([torch.from_numpy(img).permute(2, 0, 1) for _, _, img in group])
-        ids = list(map(int, legend))
-        names = [legend[str(i)]["name"] for i in ids]
         for (item, paths, img), seg in zip(group, results, strict=True):
             with timings("upsample"):
                 labels = seg.labels()
-                maps = seg.input_scores() if scores else None
+                maps = seg.input_scores() if "scores" in paths else None
             try:
                 with timings("write"):
                     paths["labels"].parent.mkdir(parents=True, exist_ok=True)
                     if maps is not None:
                         kept = [i == 0 or i in seg.kept for i in ids]
                         outputs.write_scores(paths["scores"], maps, ids, names, np.array(kept))
-                    if overlay:
+                    if "overlay" in paths:
                         outputs.write_overlay(paths["overlay"], img, labels, legend)
                     # The label map last: its presence means the image's outputs are complete.
                     outputs.write_labels(paths["labels"], labels, segmenter.protoset.num_channels)
@@ -419,23 +439,26 @@ def segment_files(
                 failed(item.path, f"cannot write outputs ({exc.strerror or exc})")
             progress.advance()
 
-    progress.start("segment", len(todo))
+    progress.start("segment", len(plan.todo))
     group: list[tuple[InputImage, dict[str, Path], np.ndarray]] = []
     windows = 0
-    for item, paths in todo:
-        try:
-            with timings("decode"):
-                img = load_image(item.path)
-        except ImageError as exc:
-            failed(item.path, str(exc))
-            progress.advance()
-            continue
-        group.append((item, paths, img))
-        windows += len(segmenter.windows(*img.shape[:2]))
-        if windows >= segmenter.options.batch_size:
+    try:
+        for item, paths in plan.todo:
+            try:
+                with timings("decode"):
+                    img = load_image(item.path)
+            except ImageError as exc:
+                failed(item.path, str(exc))
+                progress.advance()
+                continue
+            group.append((item, paths, img))
+            windows += len(segmenter.windows(*img.shape[:2]))
+            if windows >= segmenter.options.batch_size:
+                flush(group)
+                group, windows = [], 0
+        if group:
             flush(group)
-            group, windows = [], 0
-    if group:
-        flush(group)
+    except KeyboardInterrupt:
+        run.interrupted = True
     run.seconds = time.perf_counter() - t0
     return run

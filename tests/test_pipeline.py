@@ -151,3 +151,18 @@ def test_options_are_validated():
         pipeline.SynthOptions(extractors=("sd", "surf"))
     with pytest.raises(ValueError, match="nope"):
         pipeline.SynthOptions(masker="nope")
+
+
+def test_segment_roles_only_what_the_run_needs(cache, tiny_models):
+    from ovdiff_cli.segmentation import SegmentOptions
+
+    classes = [ClassSpec("cat"), ClassSpec("sky", stuff=True)]
+    opts = pipeline.SynthOptions(**{**FAST, "extractors": "dino"})
+    seg = SegmentOptions(prefilter=False)
+    assert pipeline.missing_banks(classes, opts, tiny_models, cache) == ["cat", "sky"]
+    assert pipeline.segment_roles(classes, opts, seg, tiny_models, cache) == ["clip", "dino", "sd"]
+    pipeline.synthesize(classes, opts, tiny_models, cache)
+    assert pipeline.missing_banks(classes, opts, tiny_models, cache) == []
+    # everything cached: a dino-only run without the pre-filter needs neither Stable Diffusion nor CLIP
+    assert pipeline.segment_roles(classes, opts, seg, tiny_models, cache) == ["dino"]
+    assert pipeline.segment_roles(classes, opts, SegmentOptions(), tiny_models, cache) == ["clip", "dino"]

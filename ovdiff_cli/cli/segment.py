@@ -108,7 +108,7 @@ def segment(
         part = resolve_shard(shard)
         from ..models import resolve_models
         from ..models.loading import Models, resolve_device
-        from ..pipeline import build_segmenter, segment_files, segment_roles
+        from ..pipeline import build_segmenter, plan_outputs, segment_files, segment_roles
         from ..segmentation import SegmentOptions
 
         spec = resolve_models(models or DEFAULT_MODELS)
@@ -144,26 +144,21 @@ def segment(
     def report(path: Path, reason: str) -> None:
         err.print(f"[bold red]error:[/] {path}: {reason}", markup=True, highlight=False)
 
+    plan = plan_outputs(mine, out_dir, overlay=overlay, scores=scores, overwrite=overwrite)
     try:
         with RichProgress(not quiet) as progress, user_errors():
-            segmenter = build_segmenter(class_list, synth_opts, seg_opts, mdl, cache, progress)
-            run = segment_files(
-                mine,
-                out_dir,
-                segmenter,
-                legend,
-                overlay=overlay,
-                scores=scores,
-                overwrite=overwrite,
-                progress=progress,
-                on_failure=report,
-            )
+            # Nothing to do (a finished job run again) loads no model at all.
+            segmenter = build_segmenter(class_list, synth_opts, seg_opts, mdl, cache, progress) if plan.todo else None
+            run = segment_files(plan, segmenter, legend, progress=progress, on_failure=report)
     except KeyboardInterrupt:
-        err.print(f"interrupted: run the same command again to finish; images already in {out_dir} are skipped")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        run = None
     finally:
         cache.close()
-    fractions = segmenter.timings.fractions(run.seconds)
+    if run is None or run.interrupted:
+        done = f"{run.done} images written to {out_dir}; " if run else ""
+        err.print(f"interrupted: {done}run the same command again to finish (finished images are skipped)")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    fractions = run.timings.fractions(run.seconds)
     if as_json:
         doc = {
             "out": str(out_dir),
