@@ -409,7 +409,8 @@ class Segmenter:
             for i, im in enumerate(work):
                 h, w = im.shape[-2:]
                 ys, xs = window_offsets(h, s, opts.stride), window_offsets(w, s, opts.stride)
-                weights.append(1.0 / (len(opts.scales) * coverage(h, s, ys)[:, None] * coverage(w, s, xs)[None]))
+                cover = coverage(h, s, ys)[:, None] * coverage(w, s, xs)[None]
+                weights.append((1.0 / (len(opts.scales) * cover)).to(self.device))
                 jobs += [(i, y, x) for y in ys for x in xs]
             for start in range(0, len(jobs), opts.batch_size):
                 chunk = jobs[start : start + opts.batch_size]
@@ -423,7 +424,7 @@ class Segmenter:
                     if scores.shape[-1] != s:
                         scores = F.interpolate(scores, size=(s, s), mode="bilinear", align_corners=False)
                     for (i, y, x), sc in zip(chunk, scores, strict=True):
-                        canvases[i][:, y : y + s, x : x + s] += sc * weights[i][y : y + s, x : x + s].to(self.device)
+                        canvases[i][:, y : y + s, x : x + s] += sc * weights[i][y : y + s, x : x + s]
         if opts.pamr:
             with self.timings("pamr"):
                 canvases = [

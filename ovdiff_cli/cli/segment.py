@@ -39,7 +39,9 @@ from .common import (
 
 
 def segment(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.")],
+    inputs: Annotated[
+        list[str], typer.Argument(metavar="INPUT", help="Image files, folders (searched recursively) or globs.")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder; mirrors the inputs' relative paths.")],
     classes: Annotated[str | None, typer.Option("--classes", help='Comma list, e.g. "cat,dog,sky".')] = None,
     classes_file: ClassesFileOpt = None,
@@ -93,7 +95,10 @@ def segment(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Segment images into CLASSES; prototypes come from the cache (synthesised first where missing)."""
+    """Segment INPUT images into the classes of --classes or --classes-file.
+
+    Prototypes come from the cache; classes without them are synthesised first, as `ovdiff synth` does.
+    """
     from ..classes import build_class_list, split_list
     from ..inputs import find_images, resolve_shard
     from ..outputs import build_legend, write_legend
