@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -362,29 +362,114 @@ class Segmenter:
         grid = max((tuple(f.shape[1:3]) for f in feats.values()), key=lambda hw: hw[0] * hw[1])
         return {name: to_grid(f, grid) for name, f in feats.items()}
 
-    def window_scores(self, windows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Eq. 4's scores for a batch of windows.
+    def similarities(self, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The ensemble: features (B, g, g, D_e) per extractor -> (B, g, g, P) cosine similarity to every
+        prototype, averaged over extractors."""
+        with self.timings("similarity"):
+            protos = self.protoset.prototypes
+            return sum(f @ protos[name].T for name, f in feats.items()) / len(feats)
+
+    def eq4(self, feats: Mapping[str, torch.Tensor], allowed: torch.Tensor) -> torch.Tensor:
+        """Eq. 4's class scores of a batch of windows.
 
         Args:
-            windows: (B, 3, s, s) float32 RGB in [0, 1].
+            feats: extractor -> (B, g, g, D_e) unit features on the common grid (see :meth:`features`).
             allowed: (B, P) bool, the prototypes each window may use.
 
         Returns:
-            (B, K, g, g) float32 ensemble scores on the common feature grid.
+            (B, K, g, g) float32 scores: per class, its best allowed prototype's ensemble similarity.
         """
-        feats = self.features(windows)
+        sims = self.similarities(feats)
         with self.timings("similarity"):
-            protos = self.protoset.prototypes
-            sims = sum(f @ protos[name].T for name, f in feats.items()) / len(feats)  # (B, g, g, P)
             return class_scores(sims, self.bounds, allowed[:, None, None]).permute(0, 3, 1, 2)
 
-    def _resized(self, image: torch.Tensor) -> torch.Tensor:
+    def window_scores(self, windows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """(B, 3, s, s) windows in [0, 1] and (B, P) allowed prototypes -> (B, K, g, g) eq. 4 scores."""
+        return self.eq4(self.features(windows), allowed)
+
+    def working_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 or [0, 1] float image -> (3, h, w) float32 on the device, short side ``short_side``."""
         x = image.to(self.device)
         x = x.float() / 255 if not x.is_floating_point() else x.float()
         size = resized_size(*x.shape[-2:], self.options.short_side)
         if tuple(x.shape[-2:]) == size:
             return x
         return F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+
+    def _padded(self, crops: torch.Tensor) -> torch.Tensor:
+        # A fixed batch shape: results never depend on which windows share a batch.
+        pad = self.options.batch_size - crops.shape[0]
+        return torch.cat([crops, crops.new_zeros(pad, *crops.shape[1:])]) if pad > 0 else crops
+
+    def accumulate(
+        self,
+        work: Sequence[torch.Tensor],
+        allowed: torch.Tensor,
+        reduce: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+        channels: int,
+    ) -> list[torch.Tensor]:
+        """Slide the windows over working images and average what ``reduce`` makes of each window.
+
+        Args:
+            work: working images, each (3, h, w) float32 in [0, 1] on the device.
+            allowed: (len(work), P) bool, the prototypes each image may use.
+            reduce: (window features as from :meth:`features`, (B, P) allowed) -> (B, channels, g, g) maps.
+            channels: how many maps ``reduce`` makes per window.
+
+        Returns:
+            Per image, (channels, h, w) float32: the maps bilinearly upsampled to the window's pixels, averaged
+            over the windows covering each pixel, then over scales.
+        """
+        opts = self.options
+        canvases = [torch.zeros(channels, *im.shape[-2:], device=self.device) for im in work]
+        for s in opts.scales:
+            # Each window's weight makes the sum over windows the mean over covering windows, then over scales.
+            jobs, weights = [], []
+            for i, im in enumerate(work):
+                h, w = im.shape[-2:]
+                ys, xs = window_offsets(h, s, opts.stride), window_offsets(w, s, opts.stride)
+                cover = coverage(h, s, ys)[:, None] * coverage(w, s, xs)[None]
+                weights.append((1.0 / (len(opts.scales) * cover)).to(self.device))
+                jobs += [(i, y, x) for y in ys for x in xs]
+            for start in range(0, len(jobs), opts.batch_size):
+                chunk = jobs[start : start + opts.batch_size]
+                crops = self._padded(torch.stack([work[i][:, y : y + s, x : x + s] for i, y, x in chunk]))
+                allow = allowed[[i for i, _, _ in chunk] + [0] * (crops.shape[0] - len(chunk))]
+                maps = reduce(self.features(crops), allow)[: len(chunk)]
+                with self.timings("accumulate"):
+                    if maps.shape[-1] != s:
+                        maps = F.interpolate(maps, size=(s, s), mode="bilinear", align_corners=False)
+                    for (i, y, x), m in zip(chunk, maps, strict=True):
+                        canvases[i][:, y : y + s, x : x + s] += m * weights[i][y : y + s, x : x + s]
+        return canvases
+
+    def pixel_similarities(self, work: torch.Tensor, y: int, x: int) -> dict[str, torch.Tensor]:
+        """Every prototype's similarity to one pixel of a working image, per extractor, averaged over the
+        windows and scales that cover the pixel exactly as :meth:`accumulate` averages.
+
+        Features are interpolated to the pixel as the window maps are upsampled (bilinear, the same weights);
+        similarity is linear in the features, so this equals the upsampled per-prototype similarity maps.
+
+        Returns:
+            extractor -> (P,) float32 CPU similarities.
+        """
+        opts = self.options
+        h, w = work.shape[-2:]
+        total = {e: torch.zeros(len(self.protoset.channel), device=self.device) for e in self.extractors}
+        for s in opts.scales:
+            ys = [o for o in window_offsets(h, s, opts.stride) if o <= y < o + s]
+            xs = [o for o in window_offsets(w, s, opts.stride) if o <= x < o + s]
+            windows = [(wy, wx) for wy in ys for wx in xs]
+            for start in range(0, len(windows), opts.batch_size):
+                chunk = windows[start : start + opts.batch_size]
+                feats = self.features(self._padded(torch.stack([work[:, a : a + s, b : b + s] for a, b in chunk])))
+                g = next(iter(feats.values())).shape[1]
+                rows = interpolation_matrix(s, g).to(self.device)
+                for j, (wy, wx) in enumerate(chunk):
+                    for e, f in feats.items():
+                        cell = torch.einsum("h,w,hwd->d", rows[y - wy], rows[x - wx], f[j])
+                        total[e] += cell @ self.protoset.prototypes[e].T / (len(opts.scales) * len(windows))
+        return {e: t.cpu() for e, t in total.items()}
 
     @torch.no_grad()
     def __call__(self, images: Sequence[torch.Tensor]) -> list[Segmentation]:
@@ -398,33 +483,10 @@ class Segmenter:
         """
         opts = self.options
         with self.timings("resize"):
-            work = [self._resized(im) for im in images]
+            work = [self.working_image(im) for im in images]
         kept = self.kept_classes(work)
         allowed = torch.stack([self.protoset.allowed(k) for k in kept])
-        k = self.protoset.num_channels
-        canvases = [torch.zeros(k, *im.shape[-2:], device=self.device) for im in work]
-        for s in opts.scales:
-            # Each window's weight makes the sum over windows the mean over covering windows, then over scales.
-            jobs, weights = [], []
-            for i, im in enumerate(work):
-                h, w = im.shape[-2:]
-                ys, xs = window_offsets(h, s, opts.stride), window_offsets(w, s, opts.stride)
-                cover = coverage(h, s, ys)[:, None] * coverage(w, s, xs)[None]
-                weights.append((1.0 / (len(opts.scales) * cover)).to(self.device))
-                jobs += [(i, y, x) for y in ys for x in xs]
-            for start in range(0, len(jobs), opts.batch_size):
-                chunk = jobs[start : start + opts.batch_size]
-                crops = torch.stack([work[i][:, y : y + s, x : x + s] for i, y, x in chunk])
-                pad = opts.batch_size - len(chunk)  # fixed batch shape: results never depend on batch composition
-                if pad:
-                    crops = torch.cat([crops, crops.new_zeros(pad, *crops.shape[1:])])
-                allow = allowed[[i for i, _, _ in chunk] + [0] * pad]
-                scores = self.window_scores(crops, allow)[: len(chunk)]
-                with self.timings("accumulate"):
-                    if scores.shape[-1] != s:
-                        scores = F.interpolate(scores, size=(s, s), mode="bilinear", align_corners=False)
-                    for (i, y, x), sc in zip(chunk, scores, strict=True):
-                        canvases[i][:, y : y + s, x : x + s] += sc * weights[i][y : y + s, x : x + s]
+        canvases = self.accumulate(work, allowed, self.eq4, self.protoset.num_channels)
         if opts.pamr:
             with self.timings("pamr"):
                 canvases = [

@@ -238,3 +238,14 @@ def test_segment_options_validation(kwargs, needle):
 
 def test_segment_options_parse_strings():
     assert S.SegmentOptions(scales="448, 336").scales == (448, 336)
+
+
+def test_pixel_similarities_equal_the_per_pixel_features():
+    torch.manual_seed(2)
+    ext = PixelExtractor(torch.randn(3, 5), torch.randn(5))
+    ps = protoset({"x": torch.randn(4, 5).tolist()}, channel=[0, 1, 1, 2], source=[1, 1, 1, 2])
+    seg = S.Segmenter(ps, {"x": ext}, S.SegmentOptions(scales=(32, 16), stride=8, short_side=32, prefilter=False))
+    img = torch.rand(3, 32, 40)
+    sims = seg.pixel_similarities(img, 13, 29)["x"]
+    expected = ext(img[None])[0, 13, 29] @ ps.prototypes["x"].T  # every covering window sees the same feature
+    torch.testing.assert_close(sims, expected, atol=1e-6, rtol=0)

@@ -1,0 +1,186 @@
+"""The option block that segment, explain and eval share: the vocabulary, the models, synth's options (missing
+prototypes are synthesised) and segmentation's options.
+
+``@segmentation_options`` adds these options to a command's signature and hands them to it as one
+:class:`SegmentArgs`; :func:`prepare` turns that into the library objects. Each option is declared once here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from .. import defaults as D
+from .common import (
+    DEFAULT_MODELS,
+    CacheDirOpt,
+    ClassesFileOpt,
+    DeviceOpt,
+    ExtractorsOpt,
+    KOpt,
+    MaskerOpt,
+    ModelsOpt,
+    NOpt,
+    SeedOpt,
+    StepsOpt,
+    StuffOpt,
+    given,
+    open_cache,
+    synth_options,
+)
+
+if TYPE_CHECKING:
+    from ..cache import Cache
+    from ..classes import ClassSpec
+    from ..models.loading import Models
+    from ..pipeline import SynthOptions
+    from ..segmentation import SegmentOptions
+
+
+@dataclass(frozen=True)
+class SegmentArgs:
+    """What the user typed for the shared options (None = not given, so the library default applies)."""
+
+    classes: str | None = None
+    classes_file: Path | None = None
+    stuff: str | None = None
+    models: str | None = None
+    prefilter: bool | None = None
+    eta: int | None = None
+    pamr: bool | None = None
+    scales: str | None = None
+    stride: int | None = None
+    short_side: int | None = None
+    background: bool | None = None
+    stuff_threshold: float | None = None
+    batch_size: int | None = None
+    n: int | None = None
+    steps: int | None = None
+    seed: int | None = None
+    masker: str | None = None
+    extractors: str | None = None
+    k: int | None = None
+    device: str = "auto"
+    cache_dir: Path | None = None
+
+
+_OPTIONS: dict[str, Any] = {
+    "classes": Annotated[str | None, typer.Option("--classes", help='Comma list, e.g. "cat,dog,sky".')],
+    "classes_file": ClassesFileOpt,
+    "stuff": StuffOpt,
+    "models": ModelsOpt,
+    "prefilter": Annotated[
+        bool | None, typer.Option("--filter/--no-filter", help="CLIP category pre-filter [default: on].")
+    ],
+    "eta": Annotated[int | None, typer.Option("--eta", help=f"Most classes the pre-filter keeps [default: {D.ETA}].")],
+    "pamr": Annotated[
+        bool | None, typer.Option("--pamr/--no-pamr", help="PAMR refinement of the scores [default: off].")
+    ],
+    "scales": Annotated[
+        str | None, typer.Option("--scales", help=f"Window sizes [default: {','.join(map(str, D.SCALES))}].")
+    ],
+    "stride": Annotated[int | None, typer.Option("--stride", help=f"Window stride [default: {D.STRIDE}].")],
+    "short_side": Annotated[
+        int | None, typer.Option("--short-side", help=f"Resize short side to this first [default: {D.SHORT_SIDE}].")
+    ],
+    "background": Annotated[
+        bool | None,
+        typer.Option("--background/--no-background", help="Background class from bg prototypes [default: on]."),
+    ],
+    "stuff_threshold": Annotated[
+        float | None,
+        typer.Option("--stuff-threshold", help=f"Stuff filter similarity [default: {D.STUFF_THRESHOLD}]."),
+    ],
+    "batch_size": Annotated[
+        int | None,
+        typer.Option("--batch-size", help=f"Windows per network forward [default: {D.SEGMENT_BATCH_SIZE}]."),
+    ],
+    "n": NOpt,
+    "steps": StepsOpt,
+    "seed": SeedOpt,
+    "masker": MaskerOpt,
+    "extractors": ExtractorsOpt,
+    "k": KOpt,
+    "device": DeviceOpt,
+    "cache_dir": CacheDirOpt,
+}
+assert list(_OPTIONS) == [f.name for f in fields(SegmentArgs)], "declare each shared option in both places"
+
+
+def segmentation_options(command):
+    """Decorator: append the shared options to ``command``'s own and call it with ``args=SegmentArgs(...)``."""
+    own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != "args"]
+    shared = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=_OPTIONS[f.name])
+        for f in fields(SegmentArgs)
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        args = SegmentArgs(**{f.name: kwargs.pop(f.name) for f in fields(SegmentArgs)})
+        return command(args=args, **kwargs)
+
+    params = own + shared
+    wrapper.__signature__ = inspect.Signature(params)  # what Typer reads
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+@dataclass
+class Prepared:
+    """The library objects behind the shared options."""
+
+    classes: list[ClassSpec]
+    models: Models
+    cache: Cache
+    synth: SynthOptions
+    seg: SegmentOptions
+
+
+def prepare(args: SegmentArgs) -> Prepared:
+    """Validate the shared options and build what they name (no network is loaded; the cache is opened).
+
+    Raises the library's ValueError / ModelUnavailable / CacheError for the caller's ``user_errors()``. Fails
+    at once if a network the run needs has no weights here.
+    """
+    from ..classes import build_class_list, split_list
+    from ..models import resolve_models
+    from ..models.loading import Models, resolve_device
+    from ..pipeline import segment_roles
+    from ..segmentation import SegmentOptions
+
+    classes = build_class_list(
+        split_list(args.classes) if args.classes else None,
+        args.classes_file,
+        split_list(args.stuff) if args.stuff else None,
+    )
+    spec = resolve_models(args.models or DEFAULT_MODELS)
+    synth = synth_options(
+        n=args.n, steps=args.steps, seed=args.seed, masker=args.masker, extractors=args.extractors, k=args.k
+    )
+    seg = SegmentOptions(
+        **given(
+            scales=args.scales,
+            stride=args.stride,
+            short_side=args.short_side,
+            background=args.background,
+            prefilter=args.prefilter,
+            eta=args.eta,
+            stuff_threshold=args.stuff_threshold,
+            pamr=args.pamr,
+            batch_size=args.batch_size,
+        )
+    )
+    models = Models(spec, resolve_device(args.device))
+    cache = open_cache(args.cache_dir)
+    try:
+        models.check_available(segment_roles(classes, synth, seg, models, cache))
+    except BaseException:
+        cache.close()
+        raise
+    return Prepared(classes, models, cache, synth, seg)
