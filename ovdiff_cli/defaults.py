@@ -54,3 +54,7 @@ STUFF_THRESHOLD = 0.85  # thing-class bg prototypes this similar to a stuff prot
 PAMR = False
 PAMR_ITERS = 10
 PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
+
+# --- 4.5 explanations -------------------------------------------------------------------------------------------
+EXPLAIN_TOP = 4  # prototypes of the winning class reported for a pixel
+EXPLAIN_CROPS = 6  # support crops drawn per prototype

@@ -118,7 +118,8 @@ def write_labels(path: Path, labels: np.ndarray, num_ids: int) -> None:
         img.save(tmp, format="PNG")
 
 
-def _font(size: int):
+def load_font(size: int):
+    """Pillow's default font at ``size`` pixels (the fixed bitmap font where FreeType is missing)."""
     from PIL import ImageFont
 
     try:
@@ -146,7 +147,7 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, legend: dict[str, dict
     blended = image.astype(np.float32)
     blended[tint] = (1 - alpha) * blended[tint] + alpha * palette[labels[tint]]
     h, w = labels.shape
-    font = _font(max(10, min(24, w // 40)))
+    font = load_font(max(10, min(24, w // 40)))
     line = font.getbbox("Ag")[3] + 8
     entries = [(legend[str(i)]["name"], colour(int(i))) for i in np.unique(labels) if str(i) in legend]
     # Lay the entries out left to right, wrapping to new lines, before knowing the strip's height.

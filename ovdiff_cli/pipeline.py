@@ -166,16 +166,20 @@ def ensure_support(
         )
         for i, img in zip(slots, out, strict=True):
             if i in missing:
-                payload = cachelib.encode_arrays(
-                    {
-                        "image_png": np.frombuffer(cachelib.encode_png(img.image), dtype=np.uint8),
-                        "attribution": img.attribution.astype(np.float16),
-                    },
-                    {"class": class_name, "index": i},
-                )
-                cache.put("support", keys[i], payload)
+                cache.put("support", keys[i], encode_support(img.image, img.attribution, class_name, i))
                 progress.advance()
     return keys, len(missing)
+
+
+def encode_support(image: np.ndarray, attribution: np.ndarray, class_name: str, index: int) -> bytes:
+    """A support cache entry: (H, W, 3) uint8 image as PNG and (G, G) attribution as float16, in safetensors."""
+    return cachelib.encode_arrays(
+        {
+            "image_png": np.frombuffer(cachelib.encode_png(image), dtype=np.uint8),
+            "attribution": attribution.astype(np.float16),
+        },
+        {"class": class_name, "index": index},
+    )
 
 
 def load_support(cache: cachelib.Cache, key: str) -> tuple[np.ndarray, np.ndarray]:

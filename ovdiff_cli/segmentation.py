@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -107,6 +107,7 @@ class PrototypeSet:
         index: (P,) int64, the prototype's row in that class's bank (its provenance: see PrototypeBank).
         background: whether the background class has prototypes by design (False = no-background protocol).
         dropped: how many thing-class background prototypes the stuff filter removed.
+        banks: the classes' banks, in class order, when built from banks (explain follows provenance there).
     """
 
     classes: list[ClassSpec]
@@ -116,6 +117,7 @@ class PrototypeSet:
     index: torch.Tensor
     background: bool = True
     dropped: int = 0
+    banks: list[PrototypeBank] = field(default_factory=list, repr=False)
 
     @property
     def num_channels(self) -> int:
@@ -140,6 +142,7 @@ class PrototypeSet:
             self.index.to(device),
             self.background,
             self.dropped,
+            self.banks,
         )
 
 
@@ -197,6 +200,7 @@ def build_prototype_set(
         index[keep],
         background,
         int((~keep).sum()),
+        list(banks),
     )
 
 
@@ -294,6 +298,13 @@ class Segmentation:
         for r0, r1, band in _bands(self.scores, self.size):
             out[r0:r1] = band.argmax(0).numpy()
         return out
+
+    def pixel_scores(self, x: int, y: int) -> torch.Tensor:
+        """(K,) float32 class scores at input pixel (x, y), interpolated exactly as :meth:`labels` does."""
+        h, w = self.scores.shape[-2:]
+        rh = interpolation_matrix(self.size[0], h)[y]
+        rw = interpolation_matrix(self.size[1], w)[x]
+        return torch.einsum("h,khw,w->k", rh, self.scores.float(), rw)
 
     def input_scores(self) -> np.ndarray:
         """(K', H, W) float16 scores at the input size; K' = K, or K - 1 without the background channel."""
@@ -443,6 +454,7 @@ class Segmenter:
                         canvases[i][:, y : y + s, x : x + s] += m * weights[i][y : y + s, x : x + s]
         return canvases
 
+    @torch.no_grad()
     def pixel_similarities(self, work: torch.Tensor, y: int, x: int) -> dict[str, torch.Tensor]:
         """Every prototype's similarity to one pixel of a working image, per extractor, averaged over the
         windows and scales that cover the pixel exactly as :meth:`accumulate` averages.

@@ -11,6 +11,7 @@ import typer
 
 from .. import __version__
 from . import cache, models
+from .explain import explain
 from .pending import PENDING_SETTINGS, pending
 from .segment import segment
 from .synth import synth
@@ -42,7 +43,8 @@ def root(
 
 app.command("synth")(synth)
 app.command("segment")(segment)
-for _name in ("explain", "eval"):
+app.command("explain")(explain)
+for _name in ("eval",):
     app.command(_name, context_settings=PENDING_SETTINGS)(pending(_name))
 app.add_typer(models.app, name="models")
 app.add_typer(cache.app, name="cache")

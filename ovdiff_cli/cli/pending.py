@@ -6,7 +6,7 @@ import typer
 
 from .common import EXIT_USAGE, err
 
-_ISSUES = {"explain": 4, "eval": 5}
+_ISSUES = {"eval": 5}
 PENDING_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 

@@ -1,0 +1,101 @@
+"""``ovdiff explain``: which prototypes and support regions decided one pixel's label (paper 4.5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import defaults as D
+from .common import JsonOpt, QuietOpt, RichProgress, VerboseOpt, err, given, out, user_errors
+from .shared import SegmentArgs, prepare, segmentation_options
+
+
+def parse_xy(value: str) -> tuple[int, int]:
+    """``"120,88"`` -> (120, 88); ValueError naming the value otherwise."""
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"--xy {value!r}: expected two whole numbers X,Y (pixels from the top-left), e.g. 120,88")
+    return int(parts[0]), int(parts[1])
+
+
+@segmentation_options
+def explain(
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The image file.")],
+    xy: Annotated[str, typer.Option("--xy", help="The pixel: X,Y from the top-left corner, e.g. 120,88.")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write the explanation picture (PNG) here.")] = None,
+    top: Annotated[
+        int | None, typer.Option("--top", help=f"Prototypes of the winning class to show [default: {D.EXPLAIN_TOP}].")
+    ] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    *,
+    args: SegmentArgs,
+) -> None:
+    """Explain why pixel --xy of IMAGE got its label: the prototypes and support-image regions behind it.
+
+    Segmentation options are those of `ovdiff segment`, and the label is the one segment writes.
+    """
+    from ..explain import count_noun, render
+    from ..explain import explain as explain_pixel
+    from ..inputs import ImageError, load_image
+    from ..outputs import atomic_path
+    from ..pipeline import build_segmenter, load_support
+
+    with user_errors():
+        if out_file is None and not as_json:
+            raise ValueError("nothing to write: give --out FILE.png, --json, or both")
+        x, y = parse_xy(xy)
+        if top is not None and top < 1:
+            raise ValueError(f"--top {top}: must be at least 1")
+        if not image.is_file():
+            raise ValueError(f"IMAGE {image}: no such file")
+        try:
+            img = load_image(image)
+        except ImageError as exc:
+            raise ValueError(f"IMAGE {image}: {exc}") from None
+        h, w = img.shape[:2]
+        if not (x < w and y < h):
+            raise ValueError(f"--xy {x},{y}: outside the image, which is {w} x {h} (X in 0..{w - 1}, Y in 0..{h - 1})")
+        run_on = prepare(args)
+    cache, mdl = run_on.cache, run_on.models
+    try:
+        with RichProgress(not quiet) as progress, user_errors():
+            segmenter = build_segmenter(run_on.classes, run_on.synth, run_on.seg, mdl, cache, progress)
+            expl = explain_pixel(segmenter, img, x, y, mdl.spec.image_size, **given(top=top))
+            if out_file is not None:
+                title = f"{image.name}; models {mdl.spec.name}" + ("" if mdl.spec.meaningful else " (random weights)")
+                picture = render(expl, img, lambda key: load_support(cache, key)[0], title)
+                try:
+                    out_file.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(out_file) as tmp:
+                        picture.save(tmp, format="PNG")
+                except OSError as exc:
+                    raise ValueError(f"--out {out_file}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        cache.close()
+    if as_json:
+        doc = {
+            "image": str(image),
+            "out": str(out_file) if out_file is not None else None,
+            "models": {"name": mdl.spec.name, "hashes": mdl.hashes, "meaningful": mdl.spec.meaningful},
+            **expl.to_json(),
+        }
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    runner = f", runner-up {expl.runner_up[1]} ({expl.runner_up[2]:.3f})" if expl.runner_up else ""
+    out.print(f"pixel ({x}, {y}) of {image}: {expl.label} ({expl.score:.3f}){runner}")
+    for rank, ev in enumerate(expl.prototypes, start=1):
+        where = f"image {ev.image}" if ev.image is not None else f"part {ev.part}" if ev.part is not None else "all"
+        out.print(
+            f"  #{rank} {ev.kind} {ev.region} prototype of '{ev.class_name}' ({where}):"
+            f" similarity {ev.similarity['ensemble']:.3f}, from {count_noun(len(ev.support), 'support image')},"
+            f" wins {count_noun(int(ev.wins.sum()), 'pixel')}"
+        )
+    if out_file is not None:
+        out.print(f"wrote {out_file}")
+    if verbose:
+        err.print(f"models {mdl.spec.name} on {mdl.device}; cache {cache.directory}; {run_on.seg}")

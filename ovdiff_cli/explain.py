@@ -1,0 +1,378 @@
+"""Paper 4.5: why did a pixel get its label? The prototypes behind the decision and the support regions they
+were pooled from.
+
+The image is segmented exactly as ``segment`` does it. At the pixel, every prototype's similarity is measured the
+way eq. 4 measures it (per extractor, averaged over the covering windows and scales, then over extractors); the
+winning class's best prototypes are followed through their provenance in the class's bank (PrototypeBank
+.support_pixels) to the support images and pixels they were pooled from. For each of them a region map says
+which pixels of the query image that prototype wins: pixels of its class where it beats every other prototype
+of the class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import defaults as D
+from .outputs import colour, load_font
+from .prototypes import KIND_NAMES, REGION_NAMES
+from .segmentation import BACKGROUND_NAME, EXCLUDED_SCORE, Segmentation, Segmenter
+
+# Layout of the explanation PNG: a header with the query image, then one row per prototype.
+HEADER_H = 336  # query image (at most 320 high) + padding
+ROW_H = 200  # region map / crops (THUMB high) + two caption lines + padding
+THUMB = 160
+TEXT_W = 280
+CROP_MARGIN = 0.25  # crop = the region's bounding box grown by this fraction of its size on every side
+
+
+@dataclass
+class SupportRegion:
+    """Where in one support image a prototype was pooled from.
+
+    Attributes:
+        index: the support image's index n in its class's support set.
+        key: the support image's cache key.
+        box: (x0, y0, x1, y1) bounding box of the pixels in support-image pixels, end exclusive.
+        cells: number of feature-grid cells pooled.
+        mask: (G, G) bool, the pooled cells.
+    """
+
+    index: int
+    key: str
+    box: tuple[int, int, int, int]
+    cells: int
+    mask: np.ndarray
+
+
+@dataclass
+class Evidence:
+    """One prototype behind a pixel's label.
+
+    Attributes:
+        row: the prototype's row in the segmenter's PrototypeSet.
+        class_name: the class whose support set it was pooled from (for a background prototype: whose
+            support images' backgrounds).
+        kind: "class", "instance" or "part"; region: "fg" or "bg".
+        bank_index: its row in that class's PrototypeBank; image / part: the instance's image or the part's
+            cluster (None for other kinds).
+        similarity: per extractor and "ensemble" (their mean), at the pixel.
+        support: the support regions it was pooled from, most cells first.
+        wins: (H, W) bool, the query pixels this prototype wins.
+    """
+
+    row: int
+    class_name: str
+    kind: str
+    region: str
+    bank_index: int
+    image: int | None
+    part: int | None
+    similarity: dict[str, float]
+    support: list[SupportRegion]
+    wins: np.ndarray
+
+
+@dataclass
+class Explanation:
+    """Why pixel (x, y) of an image got its label. Label ids and names are those of segment's legend.json."""
+
+    pixel: tuple[int, int]
+    size: tuple[int, int]
+    label_id: int
+    label: str
+    score: float
+    runner_up: tuple[int, str, float] | None
+    kept: list[str]
+    labels: np.ndarray
+    prototypes: list[Evidence]
+
+    def to_json(self) -> dict:
+        """The facts as JSON-able data (no arrays)."""
+        runner = None
+        if self.runner_up is not None:
+            rid, name, score = self.runner_up
+            runner = {"label": name, "label_id": rid, "score": round(score, 6)}
+        return {
+            "pixel": list(self.pixel),
+            "size": [self.size[1], self.size[0]],
+            "label": self.label,
+            "label_id": self.label_id,
+            "score": round(self.score, 6),
+            "runner_up": runner,
+            "kept": self.kept,
+            "prototypes": [
+                {
+                    "rank": rank,
+                    "class": ev.class_name,
+                    "kind": ev.kind,
+                    "region": ev.region,
+                    "bank_index": ev.bank_index,
+                    "image": ev.image,
+                    "part": ev.part,
+                    "similarity": {k: round(v, 6) for k, v in ev.similarity.items()},
+                    "wins_pixels": int(ev.wins.sum()),
+                    "support": [
+                        {"index": r.index, "key": r.key, "box": list(r.box), "cells": r.cells} for r in ev.support
+                    ],
+                }
+                for rank, ev in enumerate(self.prototypes, start=1)
+            ],
+        }
+
+
+def label_names(segmenter: Segmenter) -> list[str]:
+    """Name of every label id: "background" for 0, then the classes (as in segment's legend.json)."""
+    return [BACKGROUND_NAME] + [c.name for c in segmenter.protoset.classes]
+
+
+def _support_regions(pixels: torch.Tensor, keys: list[str], support_size: int) -> list[SupportRegion]:
+    """(N, G, G) bool pooled cells -> one region per support image that has any, most cells first."""
+    scale = support_size / pixels.shape[-1]
+    out = []
+    for n in torch.nonzero(pixels.flatten(1).any(1)).flatten().tolist():
+        mask = pixels[n].numpy()
+        ys, xs = np.nonzero(mask)
+        box = (int(xs.min() * scale), int(ys.min() * scale), int((xs.max() + 1) * scale), int((ys.max() + 1) * scale))
+        out.append(SupportRegion(n, keys[n], box, int(mask.sum()), mask))
+    return sorted(out, key=lambda r: (-r.cells, r.index))
+
+
+def _region_maps(
+    segmenter: Segmenter,
+    work: torch.Tensor,
+    allowed: torch.Tensor,
+    rows: torch.Tensor,
+    label: int,
+    labels: np.ndarray,
+) -> list[np.ndarray]:
+    """For each prototype in ``rows`` (all of class ``label``): the query pixels of that class where its
+    window-averaged similarity beats every other allowed prototype of the class."""
+    ps = segmenter.protoset
+    rows = rows.to(segmenter.device)
+    others = (ps.channel == label) & allowed.to(segmenter.device)
+    others[rows] = False
+
+    def reduce(feats: dict[str, torch.Tensor], _allow: torch.Tensor) -> torch.Tensor:
+        sims = segmenter.similarities(feats)  # (B, g, g, P)
+        if bool(others.any()):
+            rest = sims[..., others].amax(-1, keepdim=True)
+        else:
+            rest = torch.full_like(sims[..., :1], EXCLUDED_SCORE)
+        return torch.cat([sims[..., rows], rest], dim=-1).permute(0, 3, 1, 2)
+
+    canvas = segmenter.accumulate([work], allowed[None].to(segmenter.device), reduce, len(rows) + 1)[0]
+    best = Segmentation(canvas.cpu(), labels.shape, ()).labels()
+    return [(labels == label) & (best == i) for i in range(len(rows))]
+
+
+@torch.no_grad()
+def explain(
+    segmenter: Segmenter, image: np.ndarray, x: int, y: int, support_size: int, top: int = D.EXPLAIN_TOP
+) -> Explanation:
+    """Explain the label of pixel (x, y) of ``image``.
+
+    Args:
+        segmenter: built with banks (its PrototypeSet.banks holds the provenance).
+        image: (H, W, 3) uint8 RGB, as segment reads it.
+        x, y: the pixel, 0 <= x < W, 0 <= y < H.
+        support_size: the support images' side in pixels (the model set's image size), for boxes.
+        top: how many of the winning class's prototypes to report (fewer if it has fewer).
+
+    Returns:
+        An :class:`Explanation`; its label is the one ``segment`` writes for that pixel.
+    """
+    h_in, w_in = image.shape[:2]
+    if not (0 <= x < w_in and 0 <= y < h_in):
+        raise ValueError(f"pixel ({x}, {y}) is outside the {w_in} x {h_in} image")
+    ps = segmenter.protoset
+    names = label_names(segmenter)
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    seg = segmenter([tensor])[0]
+    labels = seg.labels()
+    label = int(labels[y, x])
+    scores = seg.pixel_scores(x, y)
+    rivals = [int(c) for c in scores.argsort(descending=True) if int(c) != label and scores[c] > EXCLUDED_SCORE]
+    runner = (rivals[0], names[rivals[0]], float(scores[rivals[0]])) if rivals else None
+
+    work = segmenter.working_image(tensor)
+    h, w = work.shape[-2:]
+    per = segmenter.pixel_similarities(
+        work, min(h - 1, int((y + 0.5) * h / h_in)), min(w - 1, int((x + 0.5) * w / w_in))
+    )
+    ensemble = sum(per.values()) / len(per)
+    allowed = ps.allowed(seg.kept).cpu()
+    candidates = torch.nonzero((ps.channel.cpu() == label) & allowed).flatten()
+    rows = candidates[ensemble[candidates].argsort(descending=True, stable=True)][:top]
+    wins = _region_maps(segmenter, work, allowed, rows, label, labels)
+
+    evidence = []
+    for row, won in zip(rows.tolist(), wins, strict=True):
+        bank = ps.banks[int(ps.source[row]) - 1]
+        b = int(ps.index[row])
+        kind = int(bank.kind[b])
+        evidence.append(
+            Evidence(
+                row=row,
+                class_name=bank.class_name,
+                kind=KIND_NAMES[kind],
+                region=REGION_NAMES[int(bank.region[b])],
+                bank_index=b,
+                image=int(bank.image[b]) if int(bank.image[b]) >= 0 else None,
+                part=int(bank.part[b]) if int(bank.part[b]) >= 0 else None,
+                similarity={**{e: float(v[row]) for e, v in sorted(per.items())}, "ensemble": float(ensemble[row])},
+                support=_support_regions(bank.support_pixels(b), bank.support_keys, support_size),
+                wins=won,
+            )
+        )
+    return Explanation(
+        pixel=(x, y),
+        size=(h_in, w_in),
+        label_id=label,
+        label=names[label],
+        score=float(scores[label]),
+        runner_up=runner,
+        kept=[names[i] for i in seg.kept],
+        labels=labels,
+        prototypes=evidence,
+    )
+
+
+# --- the picture --------------------------------------------------------------------------------------------------
+
+
+def count_noun(n: int, noun: str) -> str:
+    """``count_noun(1, 'pixel')`` -> '1 pixel', ``count_noun(3, 'pixel')`` -> '3 pixels'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _fit(img, box: tuple[int, int]):
+    """Resize a PIL image to fit inside box (w, h), keeping its aspect ratio."""
+    from PIL import Image
+
+    scale = min(box[0] / img.width, box[1] / img.height)
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.NEAREST)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it (or on the border of the array)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def _highlight(image: np.ndarray, mask: np.ndarray, col: tuple[int, int, int]) -> np.ndarray:
+    """Dim everything outside ``mask`` and outline it in ``col``; image (H, W, 3) uint8, mask (H, W) bool."""
+    out = image.astype(np.float32)
+    out[~mask] *= 0.35
+    out[_outline(mask)] = col
+    return out.astype(np.uint8)
+
+
+def _crop(support: np.ndarray, region: SupportRegion, col: tuple[int, int, int]):
+    """The support image around the region (box plus margin), region highlighted, as a PIL image."""
+    from PIL import Image
+
+    size = support.shape[0]
+    mask = np.array(Image.fromarray(region.mask).resize((size, size), Image.NEAREST))
+    x0, y0, x1, y1 = region.box
+    mx, my = max(4, int((x1 - x0) * CROP_MARGIN)), max(4, int((y1 - y0) * CROP_MARGIN))
+    x0, y0, x1, y1 = max(0, x0 - mx), max(0, y0 - my), min(size, x1 + mx), min(size, y1 + my)
+    return Image.fromarray(_highlight(support, mask, col)[y0:y1, x0:x1])
+
+
+def render(
+    expl: Explanation,
+    image: np.ndarray,
+    load_support: Callable[[str], np.ndarray],
+    title: str = "",
+    max_crops: int = D.EXPLAIN_CROPS,
+):
+    """The explanation as one picture.
+
+    Header: the query image with the segmentation's outlines and the pixel marked, and the label, score and
+    runner-up. Then one row per prototype: its region map on the query image, a caption (class, kind, fg/bg,
+    similarities), and crops of up to ``max_crops`` support images around the region it was pooled from,
+    highlighted. The picture is HEADER_H + ROW_H x (number of prototypes) pixels high.
+
+    Args:
+        expl: from :func:`explain`.
+        image: (H, W, 3) uint8, the query image.
+        load_support: support cache key -> (S, S, 3) uint8 support image.
+        title: an extra header line (e.g. the file and model set).
+
+    Returns:
+        A PIL RGB image.
+    """
+    from PIL import Image, ImageDraw
+
+    big, small = load_font(15), load_font(12)
+    col = colour(expl.label_id)
+    query = Image.fromarray(image)
+    head = _fit(query, (2 * 320, 320))
+    lab = np.array(Image.fromarray(expl.labels.astype(np.int32)).resize(head.size, Image.NEAREST))
+    edges = np.zeros_like(lab, dtype=bool)
+    edges[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edges[1:] |= lab[1:] != lab[:-1]
+    head_px = np.array(head.convert("RGB"))
+    head_px[edges] = (255, 255, 255)
+    head = Image.fromarray(head_px)
+
+    rows = []
+    for rank, ev in enumerate(expl.prototypes, start=1):
+        wins = np.array(Image.fromarray(ev.wins).resize(head.size, Image.NEAREST))
+        region_map = _fit(Image.fromarray(_highlight(np.array(query.resize(head.size)), wins, col)), (2 * THUMB, THUMB))
+        crops = [(r, _crop(load_support(r.key), r, col)) for r in ev.support[:max_crops]]
+        rows.append((rank, ev, region_map, crops))
+
+    width = max(
+        [head.width + 16 + 2 * TEXT_W] + [2 * THUMB + TEXT_W + 24 + len(c) * (THUMB + 8) for _, _, _, c in rows]
+    )
+    canvas = Image.new("RGB", (width, HEADER_H + ROW_H * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    canvas.paste(head, (8, 8))
+    sx, sy = head.width / image.shape[1], head.height / image.shape[0]
+    px, py = 8 + (expl.pixel[0] + 0.5) * sx, 8 + (expl.pixel[1] + 0.5) * sy
+    for r, c in ((7, (0, 0, 0)), (5, (255, 230, 0))):
+        draw.ellipse([px - r, py - r, px + r, py + r], outline=c, width=2)
+    draw.line([px - 12, py, px - 6, py], fill=(255, 230, 0), width=2)
+    draw.line([px + 6, py, px + 12, py], fill=(255, 230, 0), width=2)
+    lines = [f"pixel ({expl.pixel[0]}, {expl.pixel[1]})", f"label: {expl.label} (score {expl.score:.3f})"]
+    if expl.runner_up is not None:
+        lines.append(f"runner-up: {expl.runner_up[1]} (score {expl.runner_up[2]:.3f})")
+    lines += [f"classes considered: {', '.join(expl.kept)}", title]
+    for i, text in enumerate(t for t in lines if t):
+        draw.text((head.width + 24, 16 + 22 * i), text, fill=(0, 0, 0), font=big)
+
+    for rank, ev, region_map, crops in rows:
+        top = HEADER_H + ROW_H * (rank - 1)
+        draw.line([0, top - 4, width, top - 4], fill=(210, 210, 210))
+        canvas.paste(region_map, (8, top))
+        sims = ", ".join(f"{k} {v:.3f}" for k, v in ev.similarity.items() if k != "ensemble")
+        source = {"instance": f"support image {ev.image}", "part": f"part cluster {ev.part}"}.get(ev.kind, "all masks")
+        caption = [
+            f"#{rank} {ev.kind} prototype ({ev.region}) of '{ev.class_name}'",
+            f"{source}, pooled from {count_noun(len(ev.support), 'support image')}",
+            f"similarity {ev.similarity['ensemble']:.3f}",
+            f"({sims})",
+            f"wins {count_noun(int(ev.wins.sum()), 'pixel')} of the query (left)",
+        ]
+        x0 = 16 + 2 * THUMB
+        for i, text in enumerate(caption):
+            draw.text((x0, top + 18 * i), text, fill=(0, 0, 0), font=small)
+        x = x0 + TEXT_W
+        for region, crop in crops:
+            fitted = _fit(crop, (THUMB, THUMB))
+            canvas.paste(fitted, (x, top))
+            draw.text(
+                (x, top + THUMB + 4),
+                f"image {region.index}: {count_noun(region.cells, 'cell')}",
+                fill=(0, 0, 0),
+                font=small,
+            )
+            x += THUMB + 8
+    return canvas
