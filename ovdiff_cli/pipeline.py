@@ -13,23 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from . import cache as cachelib
 from . import defaults as D
-from . import masks, outputs, prototypes, synthesis
+from . import evaluation, masks, outputs, prototypes, synthesis
 from .classes import ClassSpec
+from .datasets import DatasetSpec, Sample
 from .extractors import build_extractor, parse_extractors, to_grid
 from .inputs import ImageError, InputImage, load_image
 from .models.loading import Models
-from .segmentation import Segmenter, SegmentOptions, build_prototype_set
+from .segmentation import Segmentation, Segmenter, SegmentOptions, build_prototype_set
 from .timing import Timings
+
+T = TypeVar("T")
 
 # Bump a stage's version whenever its bytes would change for the same key fields.
 SUPPORT_VERSION = 1
@@ -389,6 +392,43 @@ class SegmentRun:
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
 
+def iter_segmentations(
+    todo: Iterable[tuple[InputImage, T]],
+    segmenter: Segmenter,
+    on_failure: Callable[[InputImage, T, str], None],
+) -> Iterator[tuple[InputImage, T, np.ndarray, Segmentation]]:
+    """Decode and segment ``todo`` in order: yield (item, its payload, (H, W, 3) uint8 image, segmentation).
+
+    Images are decoded one by one and segmented in groups just large enough to fill a window batch (their
+    windows go through each network together). A file that cannot be read goes to ``on_failure(item,
+    payload, reason)`` instead, and the others go on.
+    """
+    import torch
+
+    group: list[tuple[InputImage, T, np.ndarray]] = []
+    windows = 0
+
+    def flush() -> Iterator[tuple[InputImage, T, np.ndarray, Segmentation]]:
+        results = segmenter([torch.from_numpy(img).permute(2, 0, 1) for _, _, img in group])
+        for (item, payload, img), seg in zip(group, results, strict=True):
+            yield item, payload, img, seg
+
+    for item, payload in todo:
+        try:
+            with segmenter.timings("decode"):
+                img = load_image(item.path)
+        except ImageError as exc:
+            on_failure(item, payload, str(exc))
+            continue
+        group.append((item, payload, img))
+        windows += len(segmenter.windows(*img.shape[:2]))
+        if windows >= segmenter.options.batch_size:
+            yield from flush()
+            group, windows = [], 0
+    if group:
+        yield from flush()
+
+
 def segment_files(
     plan: OutputPlan,
     segmenter: Segmenter | None,
@@ -400,12 +440,9 @@ def segment_files(
     """Segment the planned images and write their outputs (label PNG, then overlay and scores if planned).
 
     A file that cannot be read or written is reported through ``on_failure(path, reason)`` and the others go
-    on. Images are decoded one by one and segmented in groups just large enough to fill a window batch.
-    Ctrl-C stops at the next image and returns with ``interrupted`` set. ``segmenter`` may be None only when
-    there is nothing to do.
+    on. Ctrl-C stops at the next image and returns with ``interrupted`` set; what was written is complete.
+    ``segmenter`` may be None only when there is nothing to do.
     """
-    import torch
-
     progress = progress or _Silent()
     run = SegmentRun(total=len(plan.todo) + plan.skipped, skipped=plan.skipped)
     if segmenter is None:
@@ -417,14 +454,15 @@ def segment_files(
     ids = list(map(int, legend))
     names = [legend[str(i)]["name"] for i in ids]
 
-    def failed(path: Path, reason: str) -> None:
-        run.failed.append((path, reason))
+    def failed(item: InputImage, _paths: dict[str, Path], reason: str) -> None:
+        run.failed.append((item.path, reason))
         if on_failure is not None:
-            on_failure(path, reason)
+            on_failure(item.path, reason)
+        progress.advance()
 
-    def flush(group: list[tuple[InputImage, dict[str, Path], np.ndarray]]) -> None:
-        results = segmenter([torch.from_numpy(img).permute(2, 0, 1) for _, _, img in group])
-        for (item, paths, img), seg in zip(group, results, strict=True):
+    progress.start("segment", len(plan.todo))
+    try:
+        for item, paths, img, seg in iter_segmentations(plan.todo, segmenter, failed):
             with timings("upsample"):
                 labels = seg.labels()
                 maps = seg.input_scores() if "scores" in paths else None
@@ -438,31 +476,181 @@ def segment_files(
                         outputs.write_overlay(paths["overlay"], img, labels, legend)
                     # The label map last: its presence means the image's outputs are complete.
                     outputs.write_labels(paths["labels"], labels, segmenter.protoset.num_channels)
-                run.done += 1
             except OSError as exc:
-                failed(item.path, f"cannot write outputs ({exc.strerror or exc})")
-            progress.advance()
-
-    progress.start("segment", len(plan.todo))
-    group: list[tuple[InputImage, dict[str, Path], np.ndarray]] = []
-    windows = 0
-    try:
-        for item, paths in plan.todo:
-            try:
-                with timings("decode"):
-                    img = load_image(item.path)
-            except ImageError as exc:
-                failed(item.path, str(exc))
-                progress.advance()
+                failed(item, paths, f"cannot write outputs ({exc.strerror or exc})")
                 continue
-            group.append((item, paths, img))
-            windows += len(segmenter.windows(*img.shape[:2]))
-            if windows >= segmenter.options.batch_size:
-                flush(group)
-                group, windows = [], 0
-        if group:
-            flush(group)
+            run.done += 1
+            progress.advance()
     except KeyboardInterrupt:
         run.interrupted = True
     run.seconds = time.perf_counter() - t0
     return run
+
+
+# --- eval ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalRun:
+    """What an evaluation pass did: the (C, C) confusion matrix of the scored images, and what failed."""
+
+    confusion: np.ndarray
+    done: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image id, reason)
+    interrupted: bool = False
+    seconds: float = 0.0
+    timings: Timings = field(default_factory=Timings)
+
+
+class _Scorer:
+    """Accumulates confusion matrices sample by sample; a sample that cannot be scored is recorded instead."""
+
+    def __init__(self, spec: DatasetSpec, progress: Progress, on_failure: Callable[[str, str], None] | None):
+        self.spec, self.progress, self.on_failure = spec, progress, on_failure
+        self.run = EvalRun(np.zeros((spec.num_classes, spec.num_classes), dtype=np.int64))
+
+    def fail(self, sample: Sample, reason: str) -> None:
+        self.run.failed.append((sample.id, reason))
+        if self.on_failure is not None:
+            self.on_failure(sample.id, reason)
+        self.progress.advance()
+
+    def score(self, sample: Sample, pred: np.ndarray) -> bool:
+        try:
+            gt = self.spec.read_labels(sample.label)
+            self.run.confusion += evaluation.confusion(pred, gt, self.spec.num_classes)
+        except (OSError, ValueError) as exc:
+            self.fail(sample, str(exc))
+            return False
+        self.run.done += 1
+        self.progress.advance()
+        return True
+
+
+def evaluate(
+    samples: list[Sample],
+    spec: DatasetSpec,
+    segmenter: Segmenter,
+    *,
+    save_pred: Path | None = None,
+    progress: Progress | None = None,
+    on_failure: Callable[[str, str], None] | None = None,
+) -> EvalRun:
+    """Segment every sample as ``segment`` does and score it against its ground truth.
+
+    Predictions are mapped to the dataset's ids (see DatasetSpec.to_dataset_ids); with ``save_pred`` they are
+    also written as palette PNGs ``<save_pred>/<id>.png``. Ctrl-C stops at the next image with
+    ``interrupted`` set.
+    """
+    scorer = _Scorer(spec, progress or _Silent(), on_failure)
+    scorer.progress.start(f"{spec.name}: images", len(samples))
+    scorer.run.timings = segmenter.timings
+    t0 = time.perf_counter()
+    todo = [(InputImage(s.image, PurePosixPath(s.id)), s) for s in samples]
+    try:
+        for _, sample, _, seg in iter_segmentations(todo, segmenter, lambda _i, s, why: scorer.fail(s, why)):
+            with segmenter.timings("upsample"):
+                pred = spec.to_dataset_ids(seg.labels())
+            if scorer.score(sample, pred) and save_pred is not None:
+                path = save_pred / f"{sample.id}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                outputs.write_labels(path, pred, spec.num_classes)
+    except KeyboardInterrupt:
+        scorer.run.interrupted = True
+    scorer.run.seconds = time.perf_counter() - t0
+    return scorer.run
+
+
+def prediction_files(pred_dir: Path) -> dict[str, Path]:
+    """Label PNGs under ``pred_dir`` by file stem; ValueError if the folder is missing or a stem repeats."""
+    if not pred_dir.is_dir():
+        raise ValueError(f"--pred-dir {pred_dir}: no such folder")
+    found: dict[str, Path] = {}
+    for path in sorted(pred_dir.rglob("*.png")):
+        if path.stem in found:
+            raise ValueError(f"--pred-dir {pred_dir}: {found[path.stem]} and {path} have the same name")
+        found[path.stem] = path
+    return found
+
+
+def score_predictions(
+    samples: list[Sample],
+    spec: DatasetSpec,
+    pred_dir: Path,
+    *,
+    progress: Progress | None = None,
+    on_failure: Callable[[str, str], None] | None = None,
+) -> EvalRun:
+    """Score existing label PNGs (values = the dataset's ids) against the ground truth; no model is loaded.
+
+    A prediction is matched by file stem: the image id (``2007_000033``) or the image file's stem
+    (``frankfurt_000000_000294_leftImg8bit``), so ``segment``'s outputs match too.
+    """
+    from PIL import Image
+
+    files = prediction_files(pred_dir)
+    scorer = _Scorer(spec, progress or _Silent(), on_failure)
+    scorer.progress.start(f"{spec.name}: predictions", len(samples))
+    t0 = time.perf_counter()
+    for sample in samples:
+        path = files.get(PurePosixPath(sample.id).name) or files.get(sample.image.stem)
+        if path is None:
+            scorer.fail(sample, f"no prediction {PurePosixPath(sample.id).name}.png in {pred_dir}")
+            continue
+        try:
+            with Image.open(path) as img:
+                pred = np.array(img).astype(np.int64)
+        except OSError as exc:
+            scorer.fail(sample, f"cannot read prediction {path} ({exc})")
+            continue
+        scorer.score(sample, pred)
+    scorer.run.seconds = time.perf_counter() - t0
+    return scorer.run
+
+
+def evaluate_seeds(
+    samples: list[Sample],
+    spec: DatasetSpec,
+    classes: list[ClassSpec],
+    synth: SynthOptions,
+    seg: SegmentOptions,
+    models: Models,
+    cache: cachelib.Cache,
+    seeds: list[int],
+    *,
+    save_pred: Path | None = None,
+    progress: Progress | None = None,
+    on_failure: Callable[[str, str], None] | None = None,
+    on_seed: Callable[[int, EvalRun], None] | None = None,
+) -> tuple[dict[int, np.ndarray], list[tuple[str, str]], bool]:
+    """:func:`evaluate` once per seed, each with the support sets (and prototypes) of that seed.
+
+    Predictions go to ``save_pred`` (one seed) or ``save_pred/seed-S`` (several).
+
+    Returns:
+        (seed -> confusion matrix, failed (image id, reason) pairs, whether Ctrl-C stopped it).
+    """
+    confusions: dict[int, np.ndarray] = {}
+    failed: list[tuple[str, str]] = []
+    for seed in seeds:
+        segmenter = build_segmenter(classes, replace(synth, seed=seed), seg, models, cache, progress)
+        where = save_pred if save_pred is None or len(seeds) == 1 else save_pred / f"seed-{seed}"
+        result = evaluate(samples, spec, segmenter, save_pred=where, progress=progress, on_failure=on_failure)
+        confusions[seed] = result.confusion
+        failed += [(f"{i} (seed {seed})" if len(seeds) > 1 else i, why) for i, why in result.failed]
+        if on_seed is not None:
+            on_seed(seed, result)
+        if result.interrupted:
+            return confusions, failed, True
+    return confusions, failed, False
+
+
+def eval_context(models: Models, synth: SynthOptions, seg: SegmentOptions) -> dict:
+    """What an eval result records about how it was made (and what shards must share to be merged)."""
+    return {
+        "models": {"name": models.spec.name, "hashes": models.hashes, "meaningful": models.spec.meaningful},
+        "options": {
+            "synth": {k: v for k, v in asdict(synth).items() if k != "seed"},
+            "segment": asdict(seg),
+        },
+    }

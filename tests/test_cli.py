@@ -95,12 +95,6 @@ def test_sd15_offline_fails_at_once_naming_the_model():
     one_line_error(result, "stable-diffusion-v1-5", "ovdiff models fetch", "--models tiny")
 
 
-@pytest.mark.parametrize("command", ["eval"])
-def test_pending_commands_say_so(command):
-    result = invoke(command, "x", "--classes", "cat")
-    assert result.exit_code == 2 and "not yet available" in result.output
-
-
 def test_models_list_offline():
     result = invoke("models", "list", "--json")
     assert result.exit_code == 0, result.output

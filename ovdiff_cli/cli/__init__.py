@@ -11,8 +11,8 @@ import typer
 
 from .. import __version__
 from . import cache, models
+from . import eval as eval_cli
 from .explain import explain
-from .pending import PENDING_SETTINGS, pending
 from .segment import segment
 from .synth import synth
 
@@ -44,8 +44,7 @@ def root(
 app.command("synth")(synth)
 app.command("segment")(segment)
 app.command("explain")(explain)
-for _name in ("eval",):
-    app.command(_name, context_settings=PENDING_SETTINGS)(pending(_name))
+app.add_typer(eval_cli.app, name="eval")
 app.add_typer(models.app, name="models")
 app.add_typer(cache.app, name="cache")
 

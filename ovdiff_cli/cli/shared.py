@@ -112,17 +112,28 @@ _OPTIONS: dict[str, Any] = {
 assert list(_OPTIONS) == [f.name for f in fields(SegmentArgs)], "declare each shared option in both places"
 
 
-def segmentation_options(command):
-    """Decorator: append the shared options to ``command``'s own and call it with ``args=SegmentArgs(...)``."""
+_VOCABULARY = ("classes", "classes_file")
+
+
+def segmentation_options(command=None, *, vocabulary: bool = True):
+    """Decorator: append the shared options to ``command``'s own and call it with ``args=SegmentArgs(...)``.
+
+    ``vocabulary=False`` leaves out --classes and --classes-file (for commands whose classes are given, like a
+    benchmark's).
+    """
+    if command is None:
+        return functools.partial(segmentation_options, vocabulary=vocabulary)
+    names = [f.name for f in fields(SegmentArgs) if vocabulary or f.name not in _VOCABULARY]
     own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != "args"]
+    defaults = {f.name: f.default for f in fields(SegmentArgs)}
     shared = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=_OPTIONS[f.name])
-        for f in fields(SegmentArgs)
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name], annotation=_OPTIONS[name])
+        for name in names
     ]
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
-        args = SegmentArgs(**{f.name: kwargs.pop(f.name) for f in fields(SegmentArgs)})
+        args = SegmentArgs(**{name: kwargs.pop(name) for name in names})
         return command(args=args, **kwargs)
 
     params = own + shared
@@ -142,9 +153,10 @@ class Prepared:
     seg: SegmentOptions
 
 
-def prepare(args: SegmentArgs) -> Prepared:
+def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepared:
     """Validate the shared options and build what they name (no network is loaded; the cache is opened).
 
+    ``classes`` replaces --classes / --classes-file when the command knows its vocabulary (a benchmark's).
     Raises the library's ValueError / ModelUnavailable / CacheError for the caller's ``user_errors()``. Fails
     at once if a network the run needs has no weights here.
     """
@@ -154,11 +166,12 @@ def prepare(args: SegmentArgs) -> Prepared:
     from ..pipeline import segment_roles
     from ..segmentation import SegmentOptions
 
-    classes = build_class_list(
-        split_list(args.classes) if args.classes else None,
-        args.classes_file,
-        split_list(args.stuff) if args.stuff else None,
-    )
+    if classes is None:
+        classes = build_class_list(
+            split_list(args.classes) if args.classes else None,
+            args.classes_file,
+            split_list(args.stuff) if args.stuff else None,
+        )
     spec = resolve_models(args.models or DEFAULT_MODELS)
     synth = synth_options(
         n=args.n, steps=args.steps, seed=args.seed, masker=args.masker, extractors=args.extractors, k=args.k

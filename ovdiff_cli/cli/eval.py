@@ -1,0 +1,238 @@
+"""``ovdiff eval``: benchmark mIoU (paper section 4) from the shell, shardable, with machine-readable results.
+
+ovdiff eval DATASET --root DIR ...        (= ovdiff eval run DATASET ...)
+ovdiff eval merge PART.json... --json FILE
+ovdiff eval prepare object --coco-stuff-root DIR
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from .. import defaults as D
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, QuietOpt, RichProgress, VerboseOpt, err, fail, out, user_errors
+from .shared import SegmentArgs, prepare, segmentation_options
+
+
+class _RunByDefault(TyperGroup):
+    """``ovdiff eval voc ...`` means ``ovdiff eval run voc ...``: a first word that is no subcommand is a DATASET."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(
+    cls=_RunByDefault,
+    help="Benchmark mIoU: `ovdiff eval DATASET --root DIR`, `ovdiff eval merge`, `ovdiff eval prepare`.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+JsonFileOpt = Annotated[Path | None, typer.Option("--json", help="Write the result document (JSON) to this file.")]
+
+
+def _write(path: Path, text: str) -> None:
+    from ..outputs import atomic_path
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--json {path}: cannot write it ({exc.strerror or exc})") from None
+
+
+def _print_result(doc: dict[str, Any], quiet: bool) -> None:
+    """The per-class table (unless quiet) and the one summary line."""
+    from rich.table import Table
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    if not quiet:
+        table = Table("class", "IoU (%)")
+        for name, iou in doc["per_class"].items():
+            table.add_row(name, pct(iou))
+        out.print(table)
+    line = f"mIoU={pct(doc['miou'])}"
+    if "miou_std" in doc:
+        line = f"mIoU={pct(doc['miou'])} ± {pct(doc['miou_std'])} over {len(doc['seeds'])} seeds"
+    part = f" (partial: shard {doc['shard']['index']}/{doc['shard']['count']})" if doc["shard"]["partial"] else ""
+    out.print(f"{line} pixel_acc={pct(doc['pixel_acc'])} {doc['dataset']} {doc['split']} n={doc['n_images']}{part}")
+
+
+@app.command("run")
+@segmentation_options(vocabulary=False)
+def run(
+    dataset: Annotated[
+        str, typer.Argument(metavar="DATASET", help="voc, context, object, voc20, context59, ade, stuff, cityscapes.")
+    ],
+    root: Annotated[
+        Path,
+        typer.Option("--root", help="The dataset folder as mmseg names it (e.g. VOCdevkit/VOC2012) or its parent."),
+    ],
+    split: Annotated[str, typer.Option("--split", help="Which split.")] = "val",
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N images (sorted by id).")] = None,
+    seeds: Annotated[
+        str | None, typer.Option("--seeds", help="Comma list: repeat with support sets from each seed.")
+    ] = None,
+    json_file: JsonFileOpt = None,
+    save_pred: Annotated[
+        Path | None, typer.Option("--save-pred", help="Write predicted label PNGs (dataset ids) here.")
+    ] = None,
+    pred_dir: Annotated[
+        Path | None, typer.Option("--pred-dir", help="Score these label PNGs instead (no model).")
+    ] = None,
+    shard: Annotated[
+        str | None, typer.Option("--shard", help="K/N: every N-th image from the K-th; writes a partial result.")
+    ] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    *,
+    args: SegmentArgs,
+) -> None:
+    """Segment every image of DATASET with its own vocabulary and report per-class IoU, mIoU and pixel accuracy."""
+    from ..classes import build_class_list, split_list
+    from ..datasets import get_dataset, list_samples
+    from ..evaluation import dumps, result_doc
+    from ..inputs import resolve_shard
+    from ..segmentation import parse_int_list
+
+    with user_errors():
+        spec = get_dataset(dataset)
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit {limit}: must be at least 1")
+        samples = list_samples(spec, root, split)[:limit]
+        part = resolve_shard(shard)
+        if part.count > 1 and json_file is None:
+            raise ValueError(
+                f"--shard {part.index}/{part.count}: a shard's result is partial;"
+                " give --json FILE to keep it for `ovdiff eval merge`"
+            )
+        if args.background is not None and args.background != spec.background:
+            flag = "--background" if args.background else "--no-background"
+            protocol = "with" if spec.background else "without"
+            raise ValueError(f"{flag}: {dataset} is always evaluated {protocol} background")
+        if seeds is not None and args.seed is not None:
+            raise ValueError("--seed and --seeds: give one of them")
+        if pred_dir is not None and save_pred is not None:
+            raise ValueError("--pred-dir scores existing predictions; --save-pred has nothing to save")
+        classes = build_class_list(spec.vocabulary, stuff=split_list(args.stuff) if args.stuff else None)
+        seed_list = (
+            list(parse_int_list(seeds, "--seeds"))
+            if seeds is not None
+            else [args.seed if args.seed is not None else D.SEED]
+        )
+        if len(set(seed_list)) != len(seed_list):
+            raise ValueError(f"--seeds {seeds}: a seed is listed twice")
+        mine = part.take(samples)
+        run_on = (
+            None if pred_dir is not None else prepare(dataclasses.replace(args, background=spec.background), classes)
+        )
+
+    def report(image_id: str, reason: str) -> None:
+        err.print(f"[bold red]error:[/] {image_id}: {reason}", markup=True, highlight=False)
+
+    def timing(seed: int, result) -> None:
+        if verbose:
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in result.timings.fractions(result.seconds).items())
+            err.print(f"seed {seed}: {result.done} images in {result.seconds:.1f} s; time: {shares}")
+
+    try:
+        with RichProgress(not quiet) as progress, user_errors():
+            if run_on is None:
+                from ..pipeline import score_predictions
+
+                result = score_predictions(mine, spec, pred_dir, progress=progress, on_failure=report)
+                confusions, failed, interrupted = {None: result.confusion}, result.failed, result.interrupted
+                context = {"models": None, "options": {"pred_dir": str(pred_dir)}}
+            else:
+                from ..pipeline import eval_context, evaluate_seeds
+
+                confusions, failed, interrupted = evaluate_seeds(
+                    mine,
+                    spec,
+                    run_on.classes,
+                    run_on.synth,
+                    run_on.seg,
+                    run_on.models,
+                    run_on.cache,
+                    seed_list,
+                    save_pred=save_pred,
+                    progress=progress,
+                    on_failure=report,
+                    on_seed=timing,
+                )
+                context = eval_context(run_on.models, run_on.synth, run_on.seg)
+    finally:
+        if run_on is not None:
+            run_on.cache.close()
+    if interrupted:
+        err.print("interrupted: nothing was written; run the same command again (cached prototypes are reused)")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    doc = result_doc(
+        dataset=spec.name,
+        split=split,
+        class_names=spec.classes,
+        confusions=confusions,
+        n_images=len(mine) - len({i for i, _ in failed}),
+        shard=(part.index, part.count),
+        context={**context, "limit": limit, "root": str(root)},
+        failed=[{"id": i, "reason": r} for i, r in failed],
+    )
+    with user_errors():
+        if json_file is not None:
+            _write(json_file, dumps(doc))
+    _print_result(doc, quiet)
+    if failed:
+        raise fail(
+            f"{len(failed)} of {len(mine)} images could not be scored (listed above); the result leaves them out",
+            EXIT_FAILED,
+        )
+
+
+@app.command("merge")
+def merge(
+    parts: Annotated[list[Path], typer.Argument(metavar="PART.json", help="The shards' result files, all of them.")],
+    json_file: JsonFileOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sum the confusion matrices of a sharded run into the complete result (equal to an unsharded run's)."""
+    from ..evaluation import dumps, load_result
+    from ..evaluation import merge as merge_results
+
+    with user_errors():
+        doc = merge_results([(str(p), load_result(p)) for p in parts])
+        if json_file is not None:
+            _write(json_file, dumps(doc))
+    _print_result(doc, quiet)
+
+
+@app.command("prepare")
+def prepare_dataset(
+    dataset: Annotated[str, typer.Argument(metavar="DATASET", help="object: COCO-Object from COCO-Stuff-164k.")],
+    coco_stuff_root: Annotated[Path, typer.Option("--coco-stuff-root", help="COCO-Stuff-164k as mmseg lays it out.")],
+    split: Annotated[str, typer.Option("--split", help="Which split.")] = "val",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rewrite existing label maps.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Create label maps a benchmark needs: `object` writes COCO-Object's <id>_instanceTrainIds.png files."""
+    from ..datasets import prepare_coco_object
+
+    with user_errors():
+        if dataset != "object":
+            raise ValueError(
+                f"DATASET {dataset!r}: only 'object' is prepared here"
+                " (the others ship their labels or use mmsegmentation's converters)"
+            )
+        with RichProgress(not quiet) as progress:
+            written, skipped = prepare_coco_object(coco_stuff_root, split, overwrite, progress)
+    out.print(f"COCO-Object {split}: {written} label maps written, {skipped} already there (in {coco_stuff_root})")

@@ -1,0 +1,289 @@
+"""ovdiff eval: metrics by hand, dataset layouts built here file by file, pred-dir, shards and merge."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ovdiff_cli import datasets, evaluation
+from ovdiff_cli.classes import build_class_list
+from ovdiff_cli.cli import app
+from ovdiff_cli.outputs import write_labels
+
+runner = CliRunner()
+TINY = ["--models", "tiny", "--n", "2", "--steps", "2", "--k", "3", "--short-side", "64", "--scales", "64,48"]
+TINY += ["--stride", "32", "--quiet"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
+
+
+def test_miou_by_hand():
+    gt = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = np.array([[0, 1, 1, 1], [4, 0, 7, 0]])  # 7 sits on an ignored pixel: never looked at
+    conf = evaluation.confusion(pred, gt, 5)
+    # pairs (gt, pred): (0,0) (0,1) (1,1) (1,1) (2,4) (2,0) (1,0)
+    expected = np.zeros((5, 5), np.int64)
+    for g, p in [(0, 0), (0, 1), (1, 1), (1, 1), (2, 4), (2, 0), (1, 0)]:
+        expected[g, p] += 1
+    assert np.array_equal(conf, expected)
+    m = evaluation.metrics(conf, ["a", "b", "c", "d", "e"])
+    # IoU a = 1 / (2 + 3 - 1), b = 2 / (3 + 3 - 2), c = 0 / 2, d absent everywhere (left out), e only predicted: 0
+    assert m["per_class"] == {"a": 0.25, "b": 0.5, "c": 0.0, "d": None, "e": 0.0}
+    assert m["miou"] == pytest.approx((0.25 + 0.5 + 0 + 0) / 4)
+    assert m["pixel_acc"] == pytest.approx(3 / 7) and m["pixels"] == 7
+
+
+def test_confusion_rejects_bad_ids():
+    with pytest.raises(ValueError, match="prediction holds label 9"):
+        evaluation.confusion(np.array([[9]]), np.array([[1]]), 3)
+    with pytest.raises(ValueError, match="ground truth holds label 4"):
+        evaluation.confusion(np.array([[0]]), np.array([[4]]), 3)
+    with pytest.raises(ValueError, match="prediction is 2 x 1"):
+        evaluation.confusion(np.zeros((1, 2)), np.zeros((2, 1)), 3)
+
+
+def test_seed_summary():
+    assert evaluation.summarise_seeds([0.4, 0.5]) == pytest.approx({"miou": 0.45, "miou_std": 0.05})
+
+
+# --- dataset layouts, written out here path by path (not from the specs under test) --------------------------------
+
+LAYOUTS = {
+    # name: (image path, label path, list file or None) for one id, under the folder --root points at
+    "voc": ("VOCdevkit/VOC2012/JPEGImages/{id}.jpg", "VOCdevkit/VOC2012/SegmentationClass/{id}.png",
+            "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"),
+    "voc20": ("VOCdevkit/VOC2012/JPEGImages/{id}.jpg", "VOCdevkit/VOC2012/SegmentationClass/{id}.png",
+              "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"),
+    "context": ("VOCdevkit/VOC2010/JPEGImages/{id}.jpg", "VOCdevkit/VOC2010/SegmentationClassContext/{id}.png",
+                "VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt"),
+    "context59": ("VOCdevkit/VOC2010/JPEGImages/{id}.jpg", "VOCdevkit/VOC2010/SegmentationClassContext/{id}.png",
+                  "VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt"),
+    "object": ("coco_stuff164k/images/val2017/{id}.jpg",
+               "coco_stuff164k/annotations/val2017/{id}_instanceTrainIds.png", None),
+    "stuff": ("coco_stuff164k/images/val2017/{id}.jpg", "coco_stuff164k/annotations/val2017/{id}_labelTrainIds.png",
+              None),
+    "ade": ("ade/ADEChallengeData2016/images/validation/{id}.jpg",
+            "ade/ADEChallengeData2016/annotations/validation/{id}.png", None),
+    "cityscapes": ("cityscapes/leftImg8bit/val/{id}_leftImg8bit.png",
+                   "cityscapes/gtFine/val/{id}_gtFine_labelTrainIds.png", None),
+}  # fmt: skip
+IDS = {
+    "cityscapes": ["frankfurt/frankfurt_000000_000294", "lindau/lindau_000001_000019", "munster/munster_000002_000019"],
+    "object": ["000000000139", "000000000285", "000000000632"],
+    "stuff": ["000000000139", "000000000285", "000000000632"],
+    "ade": ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"],
+}
+RAW_CLASSES = {"voc": 21, "voc20": 21, "context": 60, "context59": 60, "object": 81, "stuff": 171, "ade": 151}
+RAW_CLASSES["cityscapes"] = 19
+
+
+def make_dataset(top: Path, name: str, n: int = 3, seed: int = 0, size: tuple[int, int] = (40, 30)) -> list[str]:
+    """Random images and label maps (raw ids as the benchmark stores them, some 255) in ``name``'s layout."""
+    rng = np.random.default_rng(seed)
+    image_t, label_t, listing = LAYOUTS[name]
+    ids = IDS.get(name, [f"2008_{i:06d}" for i in range(n)])[:n]
+    for i in ids:
+        img, lab = top / image_t.format(id=i), top / label_t.format(id=i)
+        img.parent.mkdir(parents=True, exist_ok=True)
+        lab.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(img)
+        raw = rng.integers(0, RAW_CLASSES[name], (size[1], size[0]))
+        raw[0, :5] = 255
+        write_labels(lab, raw, 256)
+    if listing:
+        (top / listing).parent.mkdir(parents=True, exist_ok=True)
+        (top / listing).write_text("\n".join(ids) + "\n")
+    return ids
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_loaders_find_the_pairs_and_classes(tmp_path, name):
+    ids = make_dataset(tmp_path, name)
+    spec = datasets.get_dataset(name)
+    expected_classes = {"voc": 21, "voc20": 20, "context": 60, "context59": 59, "object": 81, "stuff": 171}
+    expected_classes |= {"ade": 150, "cityscapes": 19}
+    assert spec.num_classes == expected_classes[name]
+    assert len(build_class_list(spec.vocabulary)) == spec.num_classes - spec.background  # valid, distinct prompts
+    image_t, label_t, _ = LAYOUTS[name]
+    folder = Path(image_t).parts[0] if name not in ("ade",) else Path("ade")
+    for root in {tmp_path, tmp_path / folder, tmp_path / spec.folder}:  # mmseg's data/, the parent, the folder
+        samples = datasets.list_samples(spec, root)
+        assert [s.id for s in samples] == sorted(ids)
+        for s in samples:
+            assert s.image == tmp_path / image_t.format(id=s.id) and s.label == tmp_path / label_t.format(id=s.id)
+    raw = np.array(Image.open(samples[0].label)).astype(np.int64)
+    gt = spec.read_labels(samples[0].label)
+    if spec.reduce_zero_label:  # 0 -> ignored, k -> k - 1, 255 stays
+        assert np.array_equal(gt, np.where(raw == 0, 255, np.where(raw == 255, 255, raw - 1)))
+    else:
+        assert np.array_equal(gt, raw)
+
+
+def test_readable_prompts():
+    assert datasets.get_dataset("voc").vocabulary[15] == "potted plant"
+    stuff = datasets.get_dataset("stuff").vocabulary
+    assert {"sky", "brick wall", "desk", "window blind", "playing field"} <= set(stuff)
+
+
+@pytest.mark.parametrize(
+    ("name", "breakage", "needle"),
+    [
+        ("voc", lambda t: shutil.rmtree(t / "VOCdevkit/VOC2012/JPEGImages"), "JPEGImages/ inside"),
+        ("voc", lambda t: (t / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").unlink(), "split file"),
+        ("voc", lambda t: (t / "VOCdevkit/VOC2012/SegmentationClass/2008_000001.png").unlink(), "2008_000001.png"),
+        ("object", lambda t: shutil.rmtree(t / "coco_stuff164k/annotations"), "ovdiff eval prepare object"),
+    ],
+)
+def test_malformed_roots_say_what_was_expected(tmp_path, name, breakage, needle):
+    make_dataset(tmp_path, name)
+    breakage(tmp_path)
+    result = invoke("eval", name, "--root", str(tmp_path), "--pred-dir", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], lines
+
+
+# --- scoring files, shards and merge (no model) -------------------------------------------------------------------
+
+
+def copy_gt_as_predictions(tmp_path: Path, name: str) -> Path:
+    spec = datasets.get_dataset(name)
+    preds = tmp_path / "preds"
+    for s in datasets.list_samples(spec, tmp_path):
+        gt = spec.read_labels(s.label)
+        (preds / s.id).parent.mkdir(parents=True, exist_ok=True)
+        write_labels(preds / f"{s.id}.png", np.where(gt == 255, 0, gt), 256)
+    return preds
+
+
+@pytest.mark.parametrize("name", ["voc", "ade", "cityscapes"])
+def test_pred_dir_with_ground_truth_scores_one(tmp_path, name):
+    make_dataset(tmp_path, name, n=3)
+    preds = copy_gt_as_predictions(tmp_path, name)
+    out = tmp_path / "r.json"
+    result = invoke("eval", name, "--root", str(tmp_path), "--pred-dir", str(preds), "--json", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["miou"] == 1.0 and doc["pixel_acc"] == 1.0 and doc["n_images"] == 3 and doc["models"] is None
+    assert "mIoU=100.00" in result.stdout
+
+
+def test_pred_dir_missing_and_wrong_predictions_fail_per_image(tmp_path):
+    make_dataset(tmp_path, "voc", n=3)
+    preds = copy_gt_as_predictions(tmp_path, "voc")
+    (preds / "2008_000000.png").unlink()
+    write_labels(preds / "2008_000001.png", np.full((30, 40), 21), 256)  # 21 is not a VOC id
+    result = invoke("eval", "voc", "--root", str(tmp_path), "--pred-dir", str(preds), "--json", str(tmp_path / "r"))
+    assert result.exit_code == 1
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert "2008_000000: no prediction" in errors[0] and "label 21" in errors[1] and "2 of 3 images" in errors[2]
+    doc = json.loads((tmp_path / "r").read_text())
+    assert (
+        doc["n_images"] == 1
+        and doc["miou"] == 1.0
+        and [f["id"] for f in doc["failed"]] == ["2008_000000", "2008_000001"]
+    )
+
+
+def test_shards_merge_to_the_unsharded_result_bit_for_bit(tmp_path):
+    make_dataset(tmp_path, "voc", n=7)
+    preds = copy_gt_as_predictions(tmp_path, "voc")
+    rng = np.random.default_rng(1)
+    for p in preds.glob("*.png"):  # imperfect predictions, so the matrices are not trivial
+        write_labels(p, rng.integers(0, 21, (30, 40)), 256)
+    common = ["eval", "voc", "--root", str(tmp_path), "--pred-dir", str(preds), "--quiet"]
+    assert invoke(*common, "--json", str(tmp_path / "all.json")).exit_code == 0
+    for k in range(3):
+        assert invoke(*common, "--shard", f"{k}/3", "--json", str(tmp_path / f"p{k}.json")).exit_code == 0
+    part = json.loads((tmp_path / "p1.json").read_text())
+    assert part["shard"] == {"index": 1, "count": 3, "partial": True} and part["n_images"] == 2
+    parts = [str(tmp_path / f"p{k}.json") for k in (2, 0, 1)]
+    merged = invoke("eval", "merge", *parts, "--json", str(tmp_path / "merged.json"), "--quiet")
+    assert merged.exit_code == 0, merged.output
+    assert (tmp_path / "merged.json").read_bytes() == (tmp_path / "all.json").read_bytes()
+
+
+def test_merge_refuses_incomplete_or_mixed_parts(tmp_path):
+    make_dataset(tmp_path, "voc", n=4)
+    preds = copy_gt_as_predictions(tmp_path, "voc")
+    common = ["eval", "voc", "--root", str(tmp_path), "--pred-dir", str(preds), "--quiet"]
+    for k in range(2):
+        invoke(*common, "--shard", f"{k}/2", "--json", str(tmp_path / f"p{k}.json"))
+    invoke(*common, "--limit", "2", "--shard", "1/2", "--json", str(tmp_path / "other.json"))
+    cases = [
+        ([tmp_path / "p0.json"], "shard 1/2 is missing"),
+        ([tmp_path / "p0.json", tmp_path / "p0.json"], "both shard 0/2"),
+        ([tmp_path / "p0.json", tmp_path / "other.json"], "'limit' differ"),
+        ([tmp_path / "nope.json"], "no such file"),
+    ]
+    for files, needle in cases:
+        result = invoke("eval", "merge", *map(str, files))
+        assert result.exit_code == 2 and needle in result.output, result.output
+    assert "give --json FILE" in invoke(*common, "--shard", "0/2").output
+
+
+def test_prepare_coco_object(tmp_path):
+    ann = tmp_path / "coco_stuff164k" / "annotations" / "val2017"
+    ann.mkdir(parents=True)
+    raw = np.array([[0, 12, 89, 90], [91, 181, 255, 11]], dtype=np.uint8)  # person, stop sign, toothbrush, ...
+    Image.fromarray(raw).save(ann / "000000000139.png")
+    Image.fromarray(raw).save(ann / "000000000139_labelTrainIds.png")  # mmseg's stuff labels: not an input
+    result = invoke("eval", "prepare", "object", "--coco-stuff-root", str(tmp_path))
+    assert result.exit_code == 0 and "1 label maps written" in result.output, result.output
+    out = np.array(Image.open(ann / "000000000139_instanceTrainIds.png"))
+    obj = datasets.get_dataset("object").classes
+    assert [obj[v] for v in out[0]] == ["person", "stop sign", "toothbrush", "background"]
+    assert out[1].tolist() == [0, 0, 0, 0]  # stuff, unlabeled and unused ids are all background
+    again = invoke("eval", "prepare", "object", "--coco-stuff-root", str(tmp_path / "coco_stuff164k"))
+    assert "0 label maps written, 1 already there" in again.output
+    assert invoke("eval", "prepare", "voc", "--coco-stuff-root", str(tmp_path)).exit_code == 2
+
+
+# --- with the tiny models -----------------------------------------------------------------------------------------
+
+
+def test_tiny_eval_json_and_save_pred(tmp_path):
+    make_dataset(tmp_path, "voc", n=3, size=(64, 48))
+    out = tmp_path / "r.json"
+    result = invoke(
+        "eval", "voc", "--root", str(tmp_path), *TINY, "--json", str(out), "--save-pred", str(tmp_path / "sp")
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert {"dataset", "split", "n_images", "miou", "per_class", "pixel_acc", "seeds", "models", "options"} <= set(doc)
+    assert doc["models"]["name"] == "tiny" and doc["options"]["segment"]["background"] is True
+    assert len(doc["confusion"]) == 21 and sum(map(sum, doc["confusion"])) == doc["seeds"][0]["pixels"]
+    assert doc["seeds"][0]["seed"] == 42 and len(doc["per_class"]) == 21
+    # the saved predictions score exactly as the run did
+    rescored = invoke(
+        "eval", "voc", "--root", str(tmp_path), "--pred-dir", str(tmp_path / "sp"), "--json", str(tmp_path / "x")
+    )
+    assert rescored.exit_code == 0
+    assert json.loads((tmp_path / "x").read_text())["confusion"] == doc["confusion"]
+
+
+def test_tiny_eval_two_seeds_and_protocol_errors(tmp_path):
+    make_dataset(tmp_path, "voc20", n=2, size=(64, 48))
+    out = tmp_path / "r.json"
+    result = invoke("eval", "voc20", "--root", str(tmp_path), *TINY, "--seeds", "1,2", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert [s["seed"] for s in doc["seeds"]] == [1, 2] and "miou_std" in doc and "over 2 seeds" in result.stdout
+    assert doc["options"]["segment"]["background"] is False
+    bad = invoke("eval", "voc20", "--root", str(tmp_path), *TINY, "--background")
+    assert bad.exit_code == 2 and "always evaluated without background" in bad.output
+    assert (
+        "give one of them"
+        in invoke("eval", "voc20", "--root", str(tmp_path), *TINY, "--seed", "1", "--seeds", "2").output
+    )
