@@ -10,7 +10,7 @@ import glob
 import json
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,6 +59,20 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_atomically(path: Path, write: Callable[[Path], None], what: str) -> None:
+    """Create ``path``'s folder and write ``path`` atomically through ``write(temp_path)``.
+
+    Raises:
+        ValueError: the folder or file cannot be written (one line naming ``what``, e.g. "--json out.json").
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            write(tmp)
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot write it ({exc.strerror or exc})") from None
 
 
 def remove_stale_temps(path: Path) -> None:

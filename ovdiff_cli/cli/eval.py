@@ -40,14 +40,9 @@ JsonFileOpt = Annotated[Path | None, typer.Option("--json", help="Write the resu
 
 
 def _write(path: Path, text: str) -> None:
-    from ..outputs import atomic_path
+    from ..outputs import save_atomically
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"--json {path}: cannot write it ({exc.strerror or exc})") from None
+    save_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), f"--json {path}")
 
 
 def _print_result(doc: dict[str, Any], quiet: bool) -> None:
@@ -134,6 +129,8 @@ def run(
         if len(set(seed_list)) != len(seed_list):
             raise ValueError(f"--seeds {seeds}: a seed is listed twice")
         mine = part.take(samples)
+        if split == "val" and limit is None and spec.val_images and len(samples) != spec.val_images:
+            err.print(f"note: {dataset} val has {spec.val_images} images; --root holds {len(samples)}")
         run_on = (
             None if pred_dir is not None else prepare(dataclasses.replace(args, background=spec.background), classes)
         )

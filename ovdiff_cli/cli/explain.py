@@ -42,7 +42,7 @@ def explain(
     from ..explain import count_noun, render
     from ..explain import explain as explain_pixel
     from ..inputs import ImageError, load_image
-    from ..outputs import atomic_path
+    from ..outputs import save_atomically
     from ..pipeline import build_segmenter, load_support
 
     with user_errors():
@@ -69,12 +69,7 @@ def explain(
             if out_file is not None:
                 title = f"{image.name}; models {mdl.spec.name}" + ("" if mdl.spec.meaningful else " (random weights)")
                 picture = render(expl, img, lambda key: load_support(cache, key)[0], title)
-                try:
-                    out_file.parent.mkdir(parents=True, exist_ok=True)
-                    with atomic_path(out_file) as tmp:
-                        picture.save(tmp, format="PNG")
-                except OSError as exc:
-                    raise ValueError(f"--out {out_file}: cannot write it ({exc.strerror or exc})") from None
+                save_atomically(out_file, lambda tmp: picture.save(tmp, format="PNG"), f"--out {out_file}")
     finally:
         cache.close()
     if as_json:
