@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # This environment serves exactly this torch pair from local disk; pyproject keeps a range for users elsewhere.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo eval-demo eval-voc eval-context eval-object lint format clean
+.PHONY: install test test-slow bench demo eval-demo eval-voc eval-context eval-object lint format clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+# The slow tests (real torch.compile, ...): not part of `make test`.
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -50,6 +54,10 @@ demo: install
 	@echo "== overlays: $(DEMO_DIR)/segment/*_overlay.jpg"
 	@echo "== legend:   $(DEMO_DIR)/segment/legend.json"
 	@echo "== explain:  $(DEMO_DIR)/explain.png"
+
+# Where the time goes, CPU and tiny models (about a minute on 2 cores): prints a table, writes bench/results-cpu.json.
+bench: install
+	$(PY) bench/cpu.py --out bench/results-cpu.json
 
 # Benchmarks on real data: make eval-voc DATA=/data/VOCdevkit [EVAL_ARGS="--device cuda --seeds 42,43,44,45,46"]
 RESULTS := results

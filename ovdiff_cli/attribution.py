@@ -41,6 +41,7 @@ class AttentionTap:
 
     def __init__(self) -> None:
         self.tokens: list[int] | None = None
+        self.token_span = slice(0, 0)
         self.cond_slice = slice(None)
         self.latent_hw: tuple[int, int] = (0, 0)
         self.maps: dict[int, torch.Tensor] = {}
@@ -90,12 +91,14 @@ class _CrossAttnProcessor:
     def _capture(self, attn, q: torch.Tensor, k: torch.Tensor, n: int) -> None:
         tap = self.tap
         qc, kc = q[tap.cond_slice].float(), k[tap.cond_slice].float()
-        # Softmax over all 77 context tokens (the denominator needs them), then keep the class's columns.
+        # Softmax over all 77 context tokens (the denominator needs them), then keep the class's columns: a
+        # contiguous run of token positions, so a view rather than a gather.
         probs = torch.softmax(qc @ kc.transpose(-1, -2) * attn.scale, dim=-1)
-        m = probs[..., tap.tokens].sum(dim=(1, 3))  # (B_cond, n): heads and class tokens summed
-        h, w = tap.layer_hw(n)
-        m = m.view(-1, h, w)
-        tap.maps[self.index] = tap.maps[self.index] + m if self.index in tap.maps else m
+        m = probs[..., tap.token_span].sum(dim=(1, 3)).view(-1, *tap.layer_hw(n))  # heads and tokens summed
+        if self.index in tap.maps:
+            tap.maps[self.index].add_(m)
+        else:
+            tap.maps[self.index] = m
 
 
 def install(unet: torch.nn.Module) -> AttentionTap:
@@ -114,7 +117,11 @@ def install(unet: torch.nn.Module) -> AttentionTap:
 def capturing(tap: AttentionTap, tokens: list[int], cond_slice: slice, latent_hw: tuple[int, int]) -> Iterator[None]:
     """Capture class-token attention for the duration of the block (maps accumulate across UNet calls)."""
     tap.reset()
+    first = tokens[0] if tokens else 0
+    if list(tokens) != list(range(first, first + len(tokens))):
+        raise ValueError(f"class token positions {list(tokens)} are not contiguous")
     tap.tokens, tap.cond_slice, tap.latent_hw = list(tokens), cond_slice, latent_hw
+    tap.token_span = slice(first, first + len(tokens))
     try:
         yield
     finally:

@@ -332,9 +332,10 @@ def build_segmenter(
     models: Models,
     cache: cachelib.Cache,
     progress: Progress | None = None,
+    compile: bool = False,
 ) -> Segmenter:
     """The classes' prototype banks (synthesised where missing, exactly as ``synth`` does) made into a
-    :class:`Segmenter` on the models' device."""
+    :class:`Segmenter` on the models' device (``compile``: see Segmenter)."""
     import torch
 
     from .filters import ClipPrefilter
@@ -346,7 +347,7 @@ def build_segmenter(
     if seg_opts.prefilter and len(classes) > 1:
         prefilter = ClipPrefilter(models.get("clip"), [c.name for c in classes], seg_opts.eta)
     sync = torch.cuda.synchronize if models.device.type == "cuda" else None
-    return Segmenter(protoset, extractors, seg_opts, prefilter, models.device, Timings(sync))
+    return Segmenter(protoset, extractors, seg_opts, prefilter, models.device, Timings(sync), compile)
 
 
 @dataclass
@@ -622,6 +623,7 @@ def evaluate_seeds(
     progress: Progress | None = None,
     on_failure: Callable[[str, str], None] | None = None,
     on_seed: Callable[[int, EvalRun], None] | None = None,
+    compile: bool = False,
 ) -> tuple[dict[int, np.ndarray], list[tuple[str, str]], bool]:
     """:func:`evaluate` once per seed, each with the support sets (and prototypes) of that seed.
 
@@ -633,7 +635,7 @@ def evaluate_seeds(
     confusions: dict[int, np.ndarray] = {}
     failed: list[tuple[str, str]] = []
     for seed in seeds:
-        segmenter = build_segmenter(classes, replace(synth, seed=seed), seg, models, cache, progress)
+        segmenter = build_segmenter(classes, replace(synth, seed=seed), seg, models, cache, progress, compile)
         where = save_pred if save_pred is None or len(seeds) == 1 else save_pred / f"seed-{seed}"
         result = evaluate(samples, spec, segmenter, save_pred=where, progress=progress, on_failure=on_failure)
         confusions[seed] = result.confusion

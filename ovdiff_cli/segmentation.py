@@ -248,14 +248,19 @@ def coverage(length: int, window: int, offsets: Sequence[int]) -> torch.Tensor:
     return counts
 
 
-def interpolation_matrix(out_len: int, in_len: int) -> torch.Tensor:
-    """(out_len, in_len) float32 R with R @ x == 1-d linear interpolation of x as F.interpolate does it
-    (align_corners=False, edges clamped), so a 2-d bilinear resize is R_h @ X @ R_w^T and can be done in bands."""
+def linear_taps(out_len: int, in_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """1-d linear resampling as F.interpolate does it (align_corners=False, edges clamped): output i is
+    ``(1 - frac[i]) * x[lo[i]] + frac[i] * x[hi[i]]``. Returns (lo, hi) int64 and frac float32, each (out_len,)."""
     # float32 position arithmetic, as torch does it, so results agree to the last bits
     pos = ((torch.arange(out_len, dtype=torch.float32) + 0.5) * (in_len / out_len) - 0.5).clamp(min=0)
     lo = pos.floor().long().clamp(max=in_len - 1)
     hi = (lo + 1).clamp(max=in_len - 1)
-    frac = (pos - lo).float()
+    return lo, hi, (pos - lo).float()
+
+
+def interpolation_matrix(out_len: int, in_len: int) -> torch.Tensor:
+    """(out_len, in_len) float32 R with R @ x == :func:`linear_taps` resampling of x (for single rows or pixels)."""
+    lo, hi, frac = linear_taps(out_len, in_len)
     r = torch.zeros(out_len, in_len)
     r[torch.arange(out_len), lo] += 1 - frac
     r[torch.arange(out_len), hi] += frac
@@ -264,15 +269,20 @@ def interpolation_matrix(out_len: int, in_len: int) -> torch.Tensor:
 
 def _bands(scores: torch.Tensor, size: tuple[int, int], max_elements: int = 1 << 25):
     """Yield (row0, row1, (K, row1 - row0, W) float32) bands of ``scores`` (K, h, w) resized bilinearly to
-    ``size``, without ever holding the whole upsampled stack (a 12-megapixel photo x 100 classes is 5 GB)."""
-    k, h, w = scores.shape
-    rh = interpolation_matrix(size[0], h).to(scores.device)
-    rw = interpolation_matrix(size[1], w).to(scores.device)
-    cols = scores.float() @ rw.T  # (K, h, W)
+    ``size``, without ever holding the whole upsampled stack (a 12-megapixel photo x 100 classes is 5 GB).
+
+    Two taps per output row and column (as F.interpolate), so the cost is linear in the output size.
+    """
+    k, _, _ = scores.shape
+    scores = scores.float()
+    lo_h, hi_h, f_h = (t.to(scores.device) for t in linear_taps(size[0], scores.shape[1]))
+    lo_w, hi_w, f_w = (t.to(scores.device) for t in linear_taps(size[1], scores.shape[2]))
     step = max(1, max_elements // max(1, k * size[1]))
     for r0 in range(0, size[0], step):
         r1 = min(size[0], r0 + step)
-        yield r0, r1, torch.einsum("rh,khw->krw", rh[r0:r1], cols)
+        f = f_h[r0:r1, None]
+        rows = scores[:, lo_h[r0:r1]] * (1 - f) + scores[:, hi_h[r0:r1]] * f  # (K, band, w)
+        yield r0, r1, rows[..., lo_w] * (1 - f_w) + rows[..., hi_w] * f_w
 
 
 @dataclass
@@ -325,6 +335,8 @@ class Segmenter:
         prefilter: the CLIP pre-filter, or None to keep every class.
         device: where the computation runs.
         timings: optional accumulator of seconds per phase.
+        compile: run the extractors through ``torch.compile``. Window batches have one fixed shape per scale, so
+            each extractor compiles once per window size, not per image.
     """
 
     def __init__(
@@ -335,13 +347,16 @@ class Segmenter:
         prefilter: filters.ClipPrefilter | None = None,
         device: torch.device | str = "cpu",
         timings: Timings | None = None,
+        compile: bool = False,
     ) -> None:
         if set(extractors) != set(protoset.prototypes):
             raise ValueError(f"extractors {sorted(extractors)} != the prototypes' {sorted(protoset.prototypes)}")
         self.device = torch.device(device)
         self.protoset = protoset.to(self.device)
         self.bounds = self.protoset.bounds
-        self.extractors = dict(extractors)
+        self.extractors = {
+            name: torch.compile(ext.__call__, dynamic=False) if compile else ext for name, ext in extractors.items()
+        }
         self.options = options or SegmentOptions()
         self.prefilter = prefilter
         self.timings = timings or Timings()

@@ -9,6 +9,7 @@ bytes then depend on nothing but its own key, whatever subset of a batch was ask
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,7 @@ def generate(
     guidance: float = GUIDANCE,
     negative_prompt: str = NEGATIVE_PROMPT,
     image_size: int,
+    capture: bool = True,
 ) -> list[SupportImage]:
     """Generate one batch of support images of ``class_name`` with their attribution maps.
 
@@ -64,6 +66,8 @@ def generate(
         seeds: one seed per batch slot (the batch shape is ``len(seeds)``).
         steps: DDIM denoising steps (eta 0, so the initial noise alone determines the image).
         image_size: output side in pixels (a multiple of the VAE's scale factor).
+        capture: record the attribution maps; False gives the same images with all-zero maps (to measure
+            what capturing costs).
     Returns:
         ``len(seeds)`` :class:`SupportImage`, in seed order.
     """
@@ -80,13 +84,13 @@ def generate(
     latents = _initial_noise(seeds, (gen.unet.config.in_channels, g, g)).to(gen.device, gen.dtype)
     latents = latents * scheduler.init_noise_sigma
     tap = attribution.install(gen.unet)
-    with attribution.capturing(tap, tokens, slice(b, 2 * b), (g, g)):
+    with attribution.capturing(tap, tokens, slice(b, 2 * b), (g, g)) if capture else nullcontext():
         for t in scheduler.timesteps:
             inp = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             eps_u, eps_c = gen.unet(inp, t, encoder_hidden_states=context).sample.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents).prev_sample
-        maps = attribution.minmax(attribution.aggregate(tap.maps, (g, g)))
+        maps = attribution.minmax(attribution.aggregate(tap.maps, (g, g))) if capture else torch.zeros(b, g, g)
     decoded = gen.vae.decode(latents / gen.vae.config.scaling_factor).sample
     images = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
     return [SupportImage(images[i].numpy(), maps[i].cpu().numpy()) for i in range(b)]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ovdiff_cli import attribution
+from ovdiff_cli import attribution, synthesis
 from ovdiff_cli.synthesis import prompt_for
 
 
@@ -81,3 +82,13 @@ def test_capture_off_leaves_output_unchanged(tiny_models):
         with attribution.capturing(tap, [2], slice(1, 2), (8, 8)):
             captured = gen.unet(latents, 300, encoder_hidden_states=context).sample
     assert torch.equal(plain, captured)
+
+
+def test_capture_off_gives_the_same_images_and_no_maps(tiny_models):
+    gen = tiny_models.get("sd")
+    seeds = [synthesis.image_seed(0, "cat", i) for i in range(2)]
+    on = synthesis.generate(gen, "cat", seeds, steps=2, image_size=64)
+    off = synthesis.generate(gen, "cat", seeds, steps=2, image_size=64, capture=False)
+    for a, b in zip(on, off, strict=True):
+        assert np.array_equal(a.image, b.image)  # capturing observes; it never changes what is generated
+        assert a.attribution.max() == 1.0 and not b.attribution.any()

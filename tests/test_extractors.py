@@ -197,3 +197,16 @@ def test_params_enter_cache_keys(tiny_models):
     }
     assert build_extractor("dino", tiny_models).params() == {"layer": "last", "what": "keys"}
     assert build_extractor("clip", tiny_models).params() == {"layer": -2, "what": "keys"}
+
+
+def test_features_only_generator_has_no_decoder_until_generation_needs_it():
+    from ovdiff_cli.models import resolve_models
+    from ovdiff_cli.models.loading import Models
+
+    models = Models(resolve_models("tiny"), torch.device("cpu"))
+    x = torch.rand(2, 3, 64, 64)
+    lean = build_extractor("sd", models)(x)
+    assert models._loaded["sd"].vae.decoder is None  # a segment-only run never loads the decoder
+    full = models.get("sd")  # generation asks for it: the generator is reloaded whole
+    assert full.vae.decoder is not None and models.get("sd", decoder=False) is full
+    torch.testing.assert_close(build_extractor("sd", models)(x), lean)  # same weights, same features

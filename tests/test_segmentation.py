@@ -249,3 +249,30 @@ def test_pixel_similarities_equal_the_per_pixel_features():
     sims = seg.pixel_similarities(img, 13, 29)["x"]
     expected = ext(img[None])[0, 13, 29] @ ps.prototypes["x"].T  # every covering window sees the same feature
     torch.testing.assert_close(sims, expected, atol=1e-6, rtol=0)
+
+
+def test_compile_wraps_each_extractor_once(monkeypatch):
+    compiled = []
+
+    def fake_compile(fn, dynamic=None):
+        compiled.append(dynamic)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    ps = protoset({"x": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}, channel=[0, 1, 2], source=[1, 1, 2])
+    S.Segmenter(ps, {"x": PixelExtractor(torch.eye(3))}, no_windows_opts(16), compile=True)
+    assert compiled == [False]  # static shapes: one compile per window size, never per image
+
+
+@pytest.mark.slow
+def test_compiled_extractors_give_the_eager_scores(tiny_models):
+    from ovdiff_cli.extractors import build_extractor
+
+    torch.manual_seed(0)
+    ps = protoset({"dino": torch.randn(3, 32).tolist()}, channel=[0, 1, 2], source=[1, 1, 2])
+    opts = S.SegmentOptions(scales=(64, 48), stride=32, short_side=64, prefilter=False, batch_size=2)
+    img = torch.rand(3, 64, 96)
+    ext = {"dino": build_extractor("dino", tiny_models)}
+    eager = S.Segmenter(ps, ext, opts)([img])[0].scores
+    compiled = S.Segmenter(ps, ext, opts, compile=True)([img])[0].scores
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)

@@ -167,6 +167,7 @@ def run(
                     progress=progress,
                     on_failure=report,
                     on_seed=timing,
+                    compile=run_on.compile,
                 )
                 context = eval_context(run_on.models, run_on.synth, run_on.seg)
     finally:

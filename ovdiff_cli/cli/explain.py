@@ -64,7 +64,7 @@ def explain(
     cache, mdl = run_on.cache, run_on.models
     try:
         with RichProgress(not quiet) as progress, user_errors():
-            segmenter = build_segmenter(run_on.classes, run_on.synth, run_on.seg, mdl, cache, progress)
+            segmenter = build_segmenter(run_on.classes, run_on.synth, run_on.seg, mdl, cache, progress, run_on.compile)
             expl = explain_pixel(segmenter, img, x, y, mdl.spec.image_size, **given(top=top))
             if out_file is not None:
                 title = f"{image.name}; models {mdl.spec.name}" + ("" if mdl.spec.meaningful else " (random weights)")

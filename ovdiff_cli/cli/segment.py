@@ -76,7 +76,11 @@ def segment(
     try:
         with RichProgress(not quiet) as progress, user_errors():
             # Nothing to do (a finished job run again) loads no model at all.
-            segmenter = build_segmenter(class_list, run_on.synth, seg_opts, mdl, cache, progress) if plan.todo else None
+            segmenter = (
+                build_segmenter(class_list, run_on.synth, seg_opts, mdl, cache, progress, run_on.compile)
+                if plan.todo
+                else None
+            )
             run = segment_files(plan, segmenter, legend, progress=progress, on_failure=report)
     except KeyboardInterrupt:
         run = None

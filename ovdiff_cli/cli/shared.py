@@ -66,6 +66,7 @@ class SegmentArgs:
     extractors: str | None = None
     k: int | None = None
     device: str = "auto"
+    compile: bool = False
     cache_dir: Path | None = None
 
 
@@ -107,6 +108,9 @@ _OPTIONS: dict[str, Any] = {
     "extractors": ExtractorsOpt,
     "k": KOpt,
     "device": DeviceOpt,
+    "compile": Annotated[
+        bool, typer.Option("--compile", help="torch.compile the feature extractors (pays off on long CUDA runs).")
+    ],
     "cache_dir": CacheDirOpt,
 }
 assert list(_OPTIONS) == [f.name for f in fields(SegmentArgs)], "declare each shared option in both places"
@@ -151,6 +155,7 @@ class Prepared:
     cache: Cache
     synth: SynthOptions
     seg: SegmentOptions
+    compile: bool = False
 
 
 def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepared:
@@ -196,4 +201,4 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
     except BaseException:
         cache.close()
         raise
-    return Prepared(classes, models, cache, synth, seg)
+    return Prepared(classes, models, cache, synth, seg, args.compile)

@@ -27,7 +27,7 @@ class SDExtractor(Extractor):
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         from diffusers import DDPMScheduler
 
-        gen = self.models.get("sd")
+        gen = self.models.get("sd", decoder=False)  # features need the encoder half of the VAE only
         self.stride = gen.vae_scale
         b = images.shape[0]
         x = (images * 2 - 1).to(gen.dtype)

@@ -46,8 +46,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    # Half precision only where it is fast and safe; CPU kernels for fp16 are slow or missing.
-    return torch.float16 if device.type == "cuda" else torch.float32
+    """bf16 on CUDA GPUs that support it (fp16's range can overflow in the VAE and attention), else fp16 on
+    CUDA; fp32 elsewhere, where half-precision kernels are slow or missing."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 class PromptTokenizer:
@@ -138,13 +141,18 @@ def _prepare(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
     return model
 
 
-def load_generator(comp: Component, device: torch.device, dtype: torch.dtype) -> Generator:
+def load_generator(comp: Component, device: torch.device, dtype: torch.dtype, decoder: bool = True) -> Generator:
+    """Stable Diffusion's parts. ``decoder=False`` drops the VAE decoder, which only generation needs."""
     if comp.builtin:
         unet, vae, text, sched = _build_random_generator(comp)
     else:
         unet, vae, text, sched = _load_hub_generator(local_snapshot(comp))
+    if not decoder:
+        vae.decoder = vae.post_quant_conv = None
     for m in (unet, vae, text):
         _prepare(m, device, dtype)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)  # faster convolutions with tensor cores
     return Generator(unet, vae, text, PromptTokenizer(), sched, device, dtype)
 
 
@@ -208,8 +216,15 @@ class Models:
         """role -> model hash, for cache keys."""
         return {role: component_hash(comp) for role, comp in self.spec.components.items()}
 
-    def get(self, role: str) -> Any:
-        """The loaded network for ``role`` ("sd" -> :class:`Generator`, "dino", "clip" -> nn.Module)."""
+    def get(self, role: str, *, decoder: bool = True) -> Any:
+        """The loaded network for ``role`` ("sd" -> :class:`Generator`, "dino", "clip" -> nn.Module).
+
+        ``decoder=False`` (the SD feature extractor) accepts a Generator without its VAE decoder, so a run that
+        generates nothing never loads it; asking for the decoder later reloads the generator whole.
+        """
+        loaded = self._loaded.get(role)
+        if role == "sd" and loaded is not None and decoder and loaded.vae.decoder is None:
+            del self._loaded[role]
         if role not in self._loaded:
             global _NOTICE_SHOWN
             if not self.spec.meaningful and not _NOTICE_SHOWN:
@@ -218,7 +233,8 @@ class Models:
                     f"note: model set '{self.spec.name}' has random weights: results are not meaningful",
                     file=sys.stderr,
                 )
-            self._loaded[role] = _LOADERS[role](self.spec.components[role], self.device, self.dtype)
+            extra = {"decoder": decoder} if role == "sd" else {}
+            self._loaded[role] = _LOADERS[role](self.spec.components[role], self.device, self.dtype, **extra)
         return self._loaded[role]
 
     def check_available(self, roles: list[str]) -> None:
