@@ -248,41 +248,31 @@ def coverage(length: int, window: int, offsets: Sequence[int]) -> torch.Tensor:
     return counts
 
 
-def linear_taps(out_len: int, in_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """1-d linear resampling as F.interpolate does it (align_corners=False, edges clamped): output i is
-    ``(1 - frac[i]) * x[lo[i]] + frac[i] * x[hi[i]]``. Returns (lo, hi) int64 and frac float32, each (out_len,)."""
+def interpolation_matrix(out_len: int, in_len: int) -> torch.Tensor:
+    """(out_len, in_len) float32 R with R @ x == 1-d linear interpolation of x as F.interpolate does it
+    (align_corners=False, edges clamped): for reading single rows or pixels of an upsampled map."""
     # float32 position arithmetic, as torch does it, so results agree to the last bits
     pos = ((torch.arange(out_len, dtype=torch.float32) + 0.5) * (in_len / out_len) - 0.5).clamp(min=0)
     lo = pos.floor().long().clamp(max=in_len - 1)
     hi = (lo + 1).clamp(max=in_len - 1)
-    return lo, hi, (pos - lo).float()
-
-
-def interpolation_matrix(out_len: int, in_len: int) -> torch.Tensor:
-    """(out_len, in_len) float32 R with R @ x == :func:`linear_taps` resampling of x (for single rows or pixels)."""
-    lo, hi, frac = linear_taps(out_len, in_len)
+    frac = (pos - lo).float()
     r = torch.zeros(out_len, in_len)
     r[torch.arange(out_len), lo] += 1 - frac
     r[torch.arange(out_len), hi] += frac
     return r
 
 
-def _bands(scores: torch.Tensor, size: tuple[int, int], max_elements: int = 1 << 25):
-    """Yield (row0, row1, (K, row1 - row0, W) float32) bands of ``scores`` (K, h, w) resized bilinearly to
-    ``size``, without ever holding the whole upsampled stack (a 12-megapixel photo x 100 classes is 5 GB).
+def _upsampled_chunks(scores: torch.Tensor, size: tuple[int, int], max_elements: int = 1 << 25):
+    """Yield (k0, k1, (k1 - k0, H, W) float32): ``scores`` (K, h, w) resized bilinearly to ``size`` a few classes
+    at a time, so the whole upsampled stack is never held (a 12-megapixel photo x 100 classes is 5 GB).
 
-    Two taps per output row and column (as F.interpolate), so the cost is linear in the output size.
+    Channels are independent under F.interpolate, so the chunks are exactly the one-pass result.
     """
-    k, _, _ = scores.shape
-    scores = scores.float()
-    lo_h, hi_h, f_h = (t.to(scores.device) for t in linear_taps(size[0], scores.shape[1]))
-    lo_w, hi_w, f_w = (t.to(scores.device) for t in linear_taps(size[1], scores.shape[2]))
-    step = max(1, max_elements // max(1, k * size[1]))
-    for r0 in range(0, size[0], step):
-        r1 = min(size[0], r0 + step)
-        f = f_h[r0:r1, None]
-        rows = scores[:, lo_h[r0:r1]] * (1 - f) + scores[:, hi_h[r0:r1]] * f  # (K, band, w)
-        yield r0, r1, rows[..., lo_w] * (1 - f_w) + rows[..., hi_w] * f_w
+    k = scores.shape[0]
+    step = max(1, max_elements // max(1, size[0] * size[1]))
+    for k0 in range(0, k, step):
+        k1 = min(k, k0 + step)
+        yield k0, k1, F.interpolate(scores[None, k0:k1].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
 @dataclass
@@ -303,11 +293,17 @@ class Segmentation:
     background: bool = True
 
     def labels(self) -> np.ndarray:
-        """(H, W) int64 label ids at the input size: 0 = background, i = i-th class."""
-        out = np.empty(self.size, dtype=np.int64)
-        for r0, r1, band in _bands(self.scores, self.size):
-            out[r0:r1] = band.argmax(0).numpy()
-        return out
+        """(H, W) int64 label ids at the input size: 0 = background, i = i-th class (argmax; ties: lowest id)."""
+        best = labels = None
+        for k0, _, up in _upsampled_chunks(self.scores, self.size):
+            value, index = up.max(0)
+            if best is None:
+                best, labels = value, index
+            else:
+                better = value > best  # strict: an earlier class keeps a tie, as argmax does
+                best = torch.where(better, value, best)
+                labels = torch.where(better, index + k0, labels)
+        return labels.numpy().astype(np.int64)
 
     def pixel_scores(self, x: int, y: int) -> torch.Tensor:
         """(K,) float32 class scores at input pixel (x, y), interpolated exactly as :meth:`labels` does."""
@@ -320,8 +316,8 @@ class Segmentation:
         """(K', H, W) float16 scores at the input size; K' = K, or K - 1 without the background channel."""
         first = 0 if self.background else 1
         out = np.empty((self.scores.shape[0] - first, *self.size), dtype=np.float16)
-        for r0, r1, band in _bands(self.scores[first:], self.size):
-            out[:, r0:r1] = band.numpy()
+        for k0, k1, up in _upsampled_chunks(self.scores[first:], self.size):
+            out[k0:k1] = up.numpy()
         return out
 
 
@@ -353,6 +349,11 @@ class Segmenter:
             raise ValueError(f"extractors {sorted(extractors)} != the prototypes' {sorted(protoset.prototypes)}")
         self.device = torch.device(device)
         self.protoset = protoset.to(self.device)
+        # On CUDA the matching matmul (features x every prototype, D up to 7680 for SD) costs as much as a
+        # network forward in fp32. fp16 keeps ~3 significant digits of a cosine in [-1, 1], and the prototypes
+        # are stored at fp16 precision anyway.
+        self.sim_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self._protos = {e: p.to(self.sim_dtype) for e, p in self.protoset.prototypes.items()}
         self.bounds = self.protoset.bounds
         self.extractors = {
             name: torch.compile(ext.__call__, dynamic=False) if compile else ext for name, ext in extractors.items()
@@ -392,8 +393,8 @@ class Segmenter:
         """The ensemble: features (B, g, g, D_e) per extractor -> (B, g, g, P) cosine similarity to every
         prototype, averaged over extractors."""
         with self.timings("similarity"):
-            protos = self.protoset.prototypes
-            return sum(f @ protos[name].T for name, f in feats.items()) / len(feats)
+            sims = sum((f.to(self.sim_dtype) @ self._protos[name].T).float() for name, f in feats.items())
+            return sims / len(feats)
 
     def eq4(self, feats: Mapping[str, torch.Tensor], allowed: torch.Tensor) -> torch.Tensor:
         """Eq. 4's class scores of a batch of windows.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -146,17 +147,22 @@ def test_interpolation_matrix_matches_f_interpolate(out_len, in_len):
     torch.testing.assert_close(S.interpolation_matrix(out_len, in_len) @ x, ref, atol=1e-5, rtol=0)
 
 
-def test_banded_upsampling_equals_one_pass():
-    scores = torch.rand(4, 9, 13)
-    bands = list(S._bands(scores, (50, 31), max_elements=4 * 31 * 7))
-    assert len(bands) == 8  # 7 rows per band
-    stitched = torch.cat([b for _, _, b in bands], dim=1)
+def test_upsampling_a_few_classes_at_a_time_equals_one_pass(monkeypatch):
+    scores = torch.rand(5, 9, 13)
+    scores[3, 2:5, 4:9] = scores[1, 2:5, 4:9]  # exact ties: the lower class id must win, as argmax does
+    chunks = list(S._upsampled_chunks(scores, (50, 31), max_elements=2 * 50 * 31))
+    assert [(a, b) for a, b, _ in chunks] == [(0, 2), (2, 4), (4, 5)]
     ref = F.interpolate(scores[None], size=(50, 31), mode="bilinear", align_corners=False)[0]
-    torch.testing.assert_close(stitched, ref, atol=1e-5, rtol=0)
+    assert torch.equal(torch.cat([c for _, _, c in chunks]), ref)
     seg = S.Segmentation(scores, (50, 31), (1, 2, 3))
     assert np.array_equal(seg.labels(), ref.argmax(0).numpy())
-    assert seg.input_scores().shape == (4, 50, 31) and seg.input_scores().dtype == np.float16
-    assert S.Segmentation(scores, (50, 31), (1,), background=False).input_scores().shape == (3, 50, 31)
+    # one class per chunk: the running arg-max must give the same labels
+    monkeypatch.setattr(S, "_upsampled_chunks", functools.partial(S._upsampled_chunks, max_elements=1))
+    assert np.array_equal(S.Segmentation(scores, (50, 31), (1,)).labels(), ref.argmax(0).numpy())
+    assert seg.input_scores().shape == (5, 50, 31) and seg.input_scores().dtype == np.float16
+    assert S.Segmentation(scores, (50, 31), (1,), background=False).input_scores().shape == (4, 50, 31)
+    x, y = 17, 40
+    torch.testing.assert_close(seg.pixel_scores(x, y), ref[:, y, x], atol=1e-5, rtol=0)
 
 
 # --- assembling eq. 4's prototypes from banks (with the stuff filter) ---------------------------------------------

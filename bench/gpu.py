@@ -1,0 +1,153 @@
+"""GPU bench: the paper's full-size architectures with random weights (``sd15-random``), on one CUDA device.
+
+Needs only torch with CUDA and ovdiff's own dependencies (no weights, no network). Finishes in a few minutes:
+
+    python bench/gpu.py [--out bench/results-gpu.json] [--images 64]
+
+Measures, after building the models:
+  * synth of one class: 32 images, 30 DDIM steps, in batches of 8, with attribution capture on, and again off;
+  * segment: milliseconds per 512x512 image with the sd + dino + clip ensemble, windows of 448 and 336 (the
+    paper's defaults), a VOC-sized vocabulary (20 classes of 130 prototypes each, fg and bg), the CLIP pre-filter
+    on; and the share of that time inside network forward passes.
+Floors (H100, from FLOPs): synth 2.1 s per class, segment ~20 ms per image. Goals: synth <= 1.5x, segment <= 2x
+the floor, forwards >= 85% of segment time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ovdiff_cli import synthesis
+from ovdiff_cli.classes import ClassSpec
+from ovdiff_cli.extractors import build_extractor
+from ovdiff_cli.filters import ClipPrefilter
+from ovdiff_cli.models import resolve_models
+from ovdiff_cli.models.loading import Models
+from ovdiff_cli.segmentation import PrototypeSet, Segmenter, SegmentOptions
+from ovdiff_cli.timing import Timings
+
+FLOOR_SYNTH_S = 2.1
+FLOOR_SEGMENT_MS = 20.0
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def sync_time(fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def bench_synth(models: Models) -> dict:
+    gen = models.get("sd")
+    seeds = [synthesis.image_seed(42, "cat", i) for i in range(32)]
+
+    def run(capture: bool) -> None:
+        for start in range(0, 32, 8):
+            size = models.spec.image_size
+            synthesis.generate(gen, "cat", seeds[start : start + 8], steps=30, image_size=size, capture=capture)
+
+    run(True)  # warm-up (cuDNN autotuning, allocator)
+    on = min(sync_time(lambda: run(True)) for _ in range(2))
+    off = min(sync_time(lambda: run(False)) for _ in range(2))
+    return {"capture_on_s": on, "capture_off_s": off, "ratio": on / off, "floor_s": FLOOR_SYNTH_S}
+
+
+def random_protoset(models: Models, extractors: dict, classes: int = 20, per_class: int = 130) -> PrototypeSet:
+    """A vocabulary of the paper's size with random unit prototypes (timing does not depend on their values)."""
+    probe = torch.rand(1, 3, 64, 64, device=models.device)
+    dims = {name: ext(probe).shape[-1] for name, ext in extractors.items()}
+    half = per_class // 2  # fg and bg
+    rows = sorted(
+        [(c + 1, c + 1) for c in range(classes) for _ in range(half)]
+        + [(0, c + 1) for c in range(classes) for _ in range(half)]
+    )
+    channel, source = (torch.tensor([r[j] for r in rows]) for j in (0, 1))
+    return PrototypeSet(
+        [ClassSpec(f"class {c}") for c in range(classes)],
+        {name: torch.nn.functional.normalize(torch.randn(len(rows), d), dim=-1) for name, d in dims.items()},
+        channel,
+        source,
+        torch.arange(len(rows)),
+    )
+
+
+def bench_segment(models: Models, n_images: int) -> dict:
+    extractors = {name: build_extractor(name, models) for name in ("sd", "dino", "clip")}
+    protoset = random_protoset(models, extractors)
+    prefilter = ClipPrefilter(models.get("clip"), [c.name for c in protoset.classes])
+    timings = Timings(sync)
+    segmenter = Segmenter(protoset, extractors, SegmentOptions(), prefilter, models.device, timings)
+    images = [torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8) for _ in range(n_images)]
+    per_batch = 2  # 5 windows each: 10 windows, a little over one batch of 8, as segment groups them
+    for seg in segmenter(images[:per_batch]):  # warm-up
+        seg.labels()
+    timings.seconds.clear()
+
+    def run() -> None:
+        for start in range(0, n_images, per_batch):
+            for seg in segmenter(images[start : start + per_batch]):
+                with timings("upsample"):
+                    seg.labels()
+
+    seconds = sync_time(run)
+    forwards = timings.seconds.get("forward", 0.0) + timings.seconds.get("prefilter", 0.0)
+    return {
+        "images": n_images,
+        "ms_per_image": 1000 * seconds / n_images,
+        "forward_share": forwards / seconds,
+        "shares": {k: v / seconds for k, v in sorted(timings.seconds.items())},
+        "floor_ms": FLOOR_SEGMENT_MS,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results-gpu.json"))
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--models", default="sd15-random", help="tiny + --device cpu: a smoke run of this script")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs a CUDA device (or --models tiny --device cpu for a smoke run)")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    build = time.perf_counter()
+    models = Models(resolve_models(args.models), torch.device(args.device))
+    for role in ("sd", "dino", "clip"):
+        models.get(role)
+    build = time.perf_counter() - build
+    results = {
+        "device": torch.cuda.get_device_name() if models.device.type == "cuda" else "cpu",
+        "dtype": str(models.dtype),
+        "torch": torch.__version__,
+        "build_models_s": build,
+        "synth": bench_synth(models),
+        "segment": bench_segment(models, args.images),
+    }
+    s, g = results["synth"], results["segment"]
+    s["vs_floor"] = s["capture_on_s"] / FLOOR_SYNTH_S
+    g["vs_floor"] = g["ms_per_image"] / FLOOR_SEGMENT_MS
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{results['device']} ({results['dtype']}), models built in {build:.1f} s")
+    print(f"synth 32x30 capture on  {s['capture_on_s']:.2f} s  ({s['vs_floor']:.2f}x floor; goal <= 1.5x)")
+    print(f"synth 32x30 capture off {s['capture_off_s']:.2f} s  (on/off {s['ratio']:.3f}; goal <= 1.10)")
+    print(f"segment 512x512 {g['ms_per_image']:.1f} ms/image ({g['vs_floor']:.2f}x floor; goal <= 2x)")
+    print(f"segment time in network forwards {g['forward_share']:.1%} (goal >= 85%)")
+    print("shares: " + ", ".join(f"{k} {v:.1%}" for k, v in g["shares"].items()))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
