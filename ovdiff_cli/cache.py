@@ -56,6 +56,36 @@ class CacheError(Exception):
     """The cache directory cannot be used (not a cache, newer format, unreadable database)."""
 
 
+class SafeDisk(diskcache.Disk):
+    """diskcache's storage layer, made safe for a cache shared with other users.
+
+    Stock diskcache unpickles values and keys stored in pickle mode and follows the file names its database
+    holds. A crafted database could then run code, or read or delete files outside the cache folder. ovdiff
+    writes only str keys and bytes values, so this refuses every pickle and every file name that leaves the
+    folder. A refused value reads as corrupt (dropped and recomputed); a refused removal is skipped.
+    """
+
+    def _inside(self, name: str) -> bool:
+        root = os.path.realpath(self._directory)
+        return os.path.realpath(os.path.join(root, name)).startswith(root + os.sep)
+
+    def get(self, key, raw):
+        if not raw:
+            raise ValueError("refusing a pickled cache key")
+        return super().get(key, raw)
+
+    def fetch(self, mode, filename, value, read):
+        if mode == diskcache.core.MODE_PICKLE:
+            raise ValueError("refusing a pickled cache value")
+        if filename is not None and not self._inside(filename):
+            raise ValueError(f"refusing cache file {filename!r} outside the cache folder")
+        return super().fetch(mode, filename, value, read)
+
+    def remove(self, file_path):
+        if self._inside(file_path):
+            super().remove(file_path)
+
+
 def default_cache_dir() -> Path:
     """Return ``$OVDIFF_CACHE`` if set, else ``$XDG_CACHE_HOME/ovdiff``, else ``~/.cache/ovdiff``."""
     if os.environ.get("OVDIFF_CACHE"):
@@ -166,7 +196,12 @@ class Cache:
         try:
             # We never evict silently: with eviction off a full disk is an error the user sees, not lost work.
             self._cache = diskcache.Cache(
-                str(path), size_limit=2**62, eviction_policy="none", statistics=False, tag_index=False
+                str(path),
+                disk=SafeDisk,
+                size_limit=2**62,
+                eviction_policy="none",
+                statistics=False,
+                tag_index=False,
             )
         except (sqlite3.Error, OSError) as exc:
             raise CacheError(f"cannot open cache {path}: {exc}") from exc

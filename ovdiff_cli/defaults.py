@@ -44,6 +44,7 @@ SHORT_SIDE = 448  # images are resized so their short side is this before window
 BACKGROUND = True  # False = the no-background protocol of paper 4.4 (no bg prototypes)
 SEGMENT_BATCH_SIZE = 8  # windows per network forward (fixed shape, last batch padded)
 OVERLAY_ALPHA = 0.5  # weight of the label colours in overlays
+MAX_PIXELS = 100_000_000  # decompression-bomb guard for inputs (a 12000 x 8000 photo is 96 megapixels)
 
 # --- 3.4 filters ------------------------------------------------------------------------------------------------
 PREFILTER = True

@@ -13,6 +13,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from . import defaults as D
+
 # Files with these extensions are always treated as images (so a corrupt "x.jpg" is reported, not ignored);
 # any other file in a folder counts when Pillow recognises its content.
 IMAGE_EXTENSIONS = frozenset(
@@ -125,21 +127,31 @@ def _to_rgb(img) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy (torch.from_numpy warns otherwise)
 
 
-def load_image(path: Path) -> np.ndarray:
+def load_image(path: Path, max_pixels: int = D.MAX_PIXELS) -> np.ndarray:
     """Read an image file as it is meant to be seen: (H, W, 3) uint8 RGB, EXIF orientation applied.
 
     Greyscale, palette, RGBA, CMYK, 16-bit and float images are converted.
 
+    Args:
+        max_pixels: decompression-bomb guard: a larger image is refused from its header, before decoding.
+
     Raises:
-        ImageError: empty, unreadable, not an image, truncated or corrupt, or too large for Pillow's
-            decompression-bomb guard.
+        ImageError: empty, unreadable, not an image, truncated or corrupt, or more than ``max_pixels``.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    # Pillow's own guard is a process-wide setting with a fixed limit; ours is explicit, so switch its off.
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         if path.stat().st_size == 0:
             raise ImageError("empty file (0 bytes)")
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    f"{w} x {h} = {w * h:,} pixels, more than --max-pixels {max_pixels:,}"
+                    " (a decompression-bomb guard; raise it to accept this image)"
+                )
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
@@ -147,10 +159,10 @@ def load_image(path: Path) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"too many pixels ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"corrupt or truncated image ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 # --- sharding -----------------------------------------------------------------------------------------------------

@@ -98,8 +98,8 @@ def write_legend(out_dir: Path, legend: dict[str, dict], overwrite: bool = False
             raise ValueError(
                 f"--out {out_dir}: holds results for other classes ({names}); use --overwrite or another --out"
             )
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(legend, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(legend, indent=2, ensure_ascii=False) + "\n"
+    save_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), f"--out {out_dir}")
     return path
 
 

@@ -417,7 +417,7 @@ def iter_segmentations(
     for item, payload in todo:
         try:
             with segmenter.timings("decode"):
-                img = load_image(item.path)
+                img = load_image(item.path, segmenter.options.max_pixels)
         except ImageError as exc:
             on_failure(item, payload, str(exc))
             continue

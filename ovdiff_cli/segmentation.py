@@ -67,12 +67,13 @@ class SegmentOptions:
     pamr_iters: int = D.PAMR_ITERS
     pamr_dilations: tuple[int, ...] = D.PAMR_DILATIONS
     batch_size: int = D.SEGMENT_BATCH_SIZE
+    max_pixels: int = D.MAX_PIXELS
 
     def __post_init__(self) -> None:
         scales = parse_int_list(self.scales, "--scales")
         object.__setattr__(self, "scales", scales)
         object.__setattr__(self, "pamr_dilations", parse_int_list(self.pamr_dilations, "--pamr-dilations"))
-        for name in ("stride", "short_side", "eta", "batch_size"):
+        for name in ("stride", "short_side", "eta", "batch_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         for s in scales:

@@ -1,15 +1,16 @@
-"""``ovdiff cache info|clear``."""
+"""``ovdiff cache info|clear|export|import``."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .common import CacheDirOpt, JsonOpt, open_cache, out, user_errors
 
-app = typer.Typer(help="Inspect or clear the cache.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, clear, export or import the cache.", no_args_is_help=True)
 
 
 @app.command("info")
@@ -44,6 +45,45 @@ def clear(
         removed = cache.clear(stage)
         where = cache.directory
     out.print(f"removed {removed} entries from {where}")
+
+
+@app.command("export")
+def export(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The file to write.")],
+    classes: Annotated[str | None, typer.Option("--classes", help="Only these classes (comma list).")] = None,
+    with_support: Annotated[
+        bool, typer.Option("--with-support", help="Include the support images too (for explain).")
+    ] = False,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Write the cached prototype banks into one file, for `ovdiff cache import` on another machine."""
+    from ..classes import split_list
+    from ..sharing import collect, describe, write_export
+
+    with user_errors(), open_cache(cache_dir) as cache:
+        entries = collect(cache, split_list(classes) if classes else None, with_support)
+        if not entries:
+            raise ValueError(
+                f"--cache-dir {cache.directory}: no prototype banks to export" + (f" for {classes}" if classes else "")
+            )
+        write_export(file, entries)
+    out.print(f"exported {describe(entries)} to {file}")
+
+
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A file from `ovdiff cache export`.")],
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Check an export file completely, then add its prototype banks to the cache (nothing if any check fails)."""
+    from ..sharing import describe, import_entries, read_export
+
+    with user_errors():
+        entries = read_export(file)
+        with open_cache(cache_dir) as cache:
+            added, present = import_entries(cache, entries)
+            where = cache.directory
+    out.print(f"imported {describe(entries)} into {where}: {added} new, {present} already there")
 
 
 def _human(n: int) -> str:

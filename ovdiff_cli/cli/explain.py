@@ -53,14 +53,16 @@ def explain(
             raise ValueError(f"--top {top}: must be at least 1")
         if not image.is_file():
             raise ValueError(f"IMAGE {image}: no such file")
+        run_on = prepare(args)
         try:
-            img = load_image(image)
+            img = load_image(image, run_on.seg.max_pixels)
         except ImageError as exc:
+            run_on.cache.close()
             raise ValueError(f"IMAGE {image}: {exc}") from None
         h, w = img.shape[:2]
         if not (x < w and y < h):
+            run_on.cache.close()
             raise ValueError(f"--xy {x},{y}: outside the image, which is {w} x {h} (X in 0..{w - 1}, Y in 0..{h - 1})")
-        run_on = prepare(args)
     cache, mdl = run_on.cache, run_on.models
     try:
         with RichProgress(not quiet) as progress, user_errors():

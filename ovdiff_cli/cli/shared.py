@@ -59,6 +59,7 @@ class SegmentArgs:
     background: bool | None = None
     stuff_threshold: float | None = None
     batch_size: int | None = None
+    max_pixels: int | None = None
     n: int | None = None
     steps: int | None = None
     seed: int | None = None
@@ -100,6 +101,10 @@ _OPTIONS: dict[str, Any] = {
     "batch_size": Annotated[
         int | None,
         typer.Option("--batch-size", help=f"Windows per network forward [default: {D.SEGMENT_BATCH_SIZE}]."),
+    ],
+    "max_pixels": Annotated[
+        int | None,
+        typer.Option("--max-pixels", help=f"Refuse larger images (decompression bombs) [default: {D.MAX_PIXELS:_}]."),
     ],
     "n": NOpt,
     "steps": StepsOpt,
@@ -192,6 +197,7 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
             stuff_threshold=args.stuff_threshold,
             pamr=args.pamr,
             batch_size=args.batch_size,
+            max_pixels=args.max_pixels,
         )
     )
     models = Models(spec, resolve_device(args.device))
