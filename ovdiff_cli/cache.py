@@ -14,6 +14,7 @@ safetensors and Pillow are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -56,6 +57,10 @@ class CacheError(Exception):
     """The cache directory cannot be used (not a cache, newer format, unreadable database)."""
 
 
+class CacheWriteError(Exception):
+    """Writing an entry failed (disk full, permissions); nothing of that entry is left behind."""
+
+
 class SafeDisk(diskcache.Disk):
     """diskcache's storage layer, made safe for a cache shared with other users.
 
@@ -84,6 +89,17 @@ class SafeDisk(diskcache.Disk):
     def remove(self, file_path):
         if self._inside(file_path):
             super().remove(file_path)
+
+    def _write(self, full_path, iterator, mode, encoding=None):
+        # A write that fails half-way (disk full) must not leave an orphan partial file in the cache folder.
+        try:
+            return super()._write(full_path, iterator, mode, encoding)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(full_path)
+            with contextlib.suppress(OSError):
+                os.removedirs(os.path.dirname(full_path))  # the empty subfolders made for it (not the cache's own)
+            raise
 
 
 def default_cache_dir() -> Path:
@@ -293,7 +309,13 @@ class Cache:
         """Store ``payload`` under ``(stage, key)`` (tagged with ``stage``); the last writer wins."""
         db_key = self._db_key(stage, key)
         payload = bytes(payload)
-        self._cache.set(db_key, _MAGIC + self._digest(db_key, payload) + payload, tag=stage, retry=True)
+        try:
+            self._cache.set(db_key, _MAGIC + self._digest(db_key, payload) + payload, tag=stage, retry=True)
+        except (OSError, sqlite3.OperationalError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise CacheWriteError(
+                f"cannot write to the cache {self.directory} ({reason}); free some space or use another --cache-dir"
+            ) from exc
         self._count(stage, "writes")
 
     def info(self) -> dict[str, dict[str, int]]:

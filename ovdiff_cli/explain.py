@@ -285,10 +285,21 @@ def _crop(support: np.ndarray, region: SupportRegion, col: tuple[int, int, int])
     return Image.fromarray(_highlight(support, mask, col)[y0:y1, x0:x1])
 
 
+def _missing(font):
+    """The stand-in for a support image that is not in this cache (banks imported without their images)."""
+    from PIL import Image, ImageDraw
+
+    tile = Image.new("RGB", (THUMB, THUMB), (225, 225, 225))
+    draw = ImageDraw.Draw(tile)
+    for i, text in enumerate(("support image", "not in this cache", "(ovdiff synth", "regenerates it)")):
+        draw.text((10, 40 + 18 * i), text, fill=(80, 80, 80), font=font)
+    return tile
+
+
 def render(
     expl: Explanation,
     image: np.ndarray,
-    load_support: Callable[[str], np.ndarray],
+    load_support: Callable[[str], np.ndarray | None],
     title: str = "",
     max_crops: int = D.EXPLAIN_CROPS,
 ):
@@ -302,7 +313,7 @@ def render(
     Args:
         expl: from :func:`explain`.
         image: (H, W, 3) uint8, the query image.
-        load_support: support cache key -> (S, S, 3) uint8 support image.
+        load_support: support cache key -> (S, S, 3) uint8 support image, or None if it is not cached.
         title: an extra header line (e.g. the file and model set).
 
     Returns:
@@ -326,7 +337,10 @@ def render(
     for rank, ev in enumerate(expl.prototypes, start=1):
         wins = np.array(Image.fromarray(ev.wins).resize(head.size, Image.NEAREST))
         region_map = _fit(Image.fromarray(_highlight(np.array(query.resize(head.size)), wins, col)), (2 * THUMB, THUMB))
-        crops = [(r, _crop(load_support(r.key), r, col)) for r in ev.support[:max_crops]]
+        crops = []
+        for r in ev.support[:max_crops]:
+            support = load_support(r.key)
+            crops.append((r, _crop(support, r, col) if support is not None else _missing(small)))
         rows.append((rank, ev, region_map, crops))
 
     width = max(

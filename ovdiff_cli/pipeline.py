@@ -194,6 +194,14 @@ def load_support(cache: cachelib.Cache, key: str) -> tuple[np.ndarray, np.ndarra
     return cachelib.decode_png(arrays["image_png"].tobytes()), arrays["attribution"].astype(np.float32)
 
 
+def support_image(cache: cachelib.Cache, key: str) -> np.ndarray | None:
+    """The (H, W, 3) uint8 support image under ``key``, or None when the cache does not hold it."""
+    try:
+        return load_support(cache, key)[0]
+    except KeyError:
+        return None
+
+
 def _batched(images: torch.Tensor, fn, batch_size: int) -> torch.Tensor:
     """Run ``fn`` over fixed-shape batches (the last zero-padded) so results never depend on N."""
     outs = []
@@ -272,20 +280,26 @@ def synthesize(
     cache: cachelib.Cache,
     progress: Progress | None = None,
 ) -> list[ClassResult]:
-    """Support sets and prototype banks for ``classes``, computing only what the cache lacks."""
+    """Support sets and prototype banks for ``classes``, computing only what the cache lacks.
+
+    A cached bank is enough: its support images are not needed (nor regenerated) unless the bank is rebuilt,
+    so banks imported from another machine work without Stable Diffusion.
+    """
     progress = progress or _Silent()
     results = []
     for spec in classes:
         t0 = time.perf_counter()
         result = ClassResult(spec.name, spec.stuff)
-        keys, result.images_generated = ensure_support(cache, models, spec.name, opts, progress)
-        result.images_cached = opts.n - result.images_generated
+        keys = [support_key(models, spec.name, i, opts) for i in range(opts.n)]
         result.bank_key = bank_key(models, spec.name, keys, opts)
         payload = cache.get("bank", result.bank_key)
         if payload is not None:
             bank = prototypes.PrototypeBank.from_bytes(payload)
             result.bank_cached = True
+            result.images_cached = sum(cache.contains("support", k) for k in keys)
         else:
+            _, result.images_generated = ensure_support(cache, models, spec.name, opts, progress)
+            result.images_cached = opts.n - result.images_generated
             progress.start(f"{spec.name}: prototypes", 1)
             bank = build_class_bank(cache, models, spec.name, keys, opts)
             payload = bank.to_bytes()

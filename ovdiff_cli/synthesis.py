@@ -30,6 +30,35 @@ def image_seed(seed: int, class_name: str, index: int) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
+def prompt_notes(class_names: list[str]) -> list[str]:
+    """A note for every class whose prompt is longer than the text encoder's 77-token context (so it is cut).
+
+    Cheap for ordinary names: a BPE token covers at least one byte, so only names long enough to overflow are
+    tokenised.
+    """
+    from .models.loading import CONTEXT_LENGTH
+
+    budget = CONTEXT_LENGTH - 2  # start and end tokens
+    long = [c for c in class_names if len(prompt_for(c).encode("utf-8")) > budget]
+    if not long:
+        return []
+    from .models.loading import PromptTokenizer
+
+    tok = PromptTokenizer()
+    notes = []
+    for name in long:
+        ids = tok.encode(prompt_for(name))
+        if len(ids) > budget:
+            kept = len(attribution.class_token_positions(tok, prompt_for(name), name))
+            total = len(tok.encode(name))
+            shown = name if len(name) <= 40 else name[:37] + "..."
+            notes.append(
+                f"class {shown!r} is {total} tokens long and its prompt exceeds the {budget}-token limit:"
+                f" only its first {kept} tokens are used"
+            )
+    return notes
+
+
 @dataclass
 class SupportImage:
     """One generated support image.

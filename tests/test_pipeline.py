@@ -38,7 +38,7 @@ def test_rerun_computes_nothing(cache, tiny_models):
     again = run(cache, tiny_models, ["cat"])
     assert again[0].images_generated == 0 and again[0].images_cached == 4 and again[0].bank_cached
     assert again[0].digest == first[0].digest
-    assert stats["support"] == {"hits": 4} or stats["support"].get("misses", 0) == 0
+    assert "support" not in stats  # a cached bank does not even read its support images
     assert all(s.get("writes", 0) == 0 for s in stats.values())
 
 

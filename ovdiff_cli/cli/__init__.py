@@ -5,6 +5,8 @@ Nothing heavy is imported here: each command imports torch and friends inside it
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -12,6 +14,7 @@ import typer
 from .. import __version__
 from . import cache, models
 from . import eval as eval_cli
+from .common import EXIT_INTERRUPTED
 from .explain import explain
 from .segment import segment
 from .synth import synth
@@ -50,4 +53,13 @@ app.add_typer(cache.app, name="cache")
 
 
 def main() -> None:
-    app()
+    try:
+        app(standalone_mode=True)
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED:
+            # Ctrl-C: the work is saved and the message printed. Skip the interpreter's teardown of torch and
+            # friends (a second or more) so the process ends at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        raise

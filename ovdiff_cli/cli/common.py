@@ -64,14 +64,17 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's "you asked for something wrong" exceptions into one line and exit 2."""
-    from ..cache import CacheError
+    """Turn the library's "you asked for something wrong" exceptions into one line and exit 2 (a cache that
+    cannot be written: one line, exit 1)."""
+    from ..cache import CacheError, CacheWriteError
     from ..models.registry import ModelUnavailable
 
     try:
         yield
     except (ValueError, UsageError, ModelUnavailable, CacheError) as exc:
         raise fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__) from None
+    except CacheWriteError as exc:  # not the user's mistake, but still one line: exit 1
+        raise fail(str(exc), EXIT_FAILED) from None
 
 
 def given(**options: Any) -> dict[str, Any]:
@@ -84,6 +87,16 @@ def synth_options(**given_options: Any):
     from ..pipeline import SynthOptions
 
     return SynthOptions(**given(**given_options))
+
+
+def print_notes(class_names: list[str], quiet: bool = False) -> None:
+    """Tell the user about classes whose prompt is cut at the text encoder's token limit."""
+    if quiet:
+        return
+    from ..synthesis import prompt_notes
+
+    for note in prompt_notes(class_names):
+        err.print(f"note: {note}", highlight=False, markup=False)
 
 
 def open_cache(cache_dir: Path | None):

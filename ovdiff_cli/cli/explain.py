@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .. import defaults as D
-from .common import JsonOpt, QuietOpt, RichProgress, VerboseOpt, err, given, out, user_errors
+from .common import JsonOpt, QuietOpt, RichProgress, VerboseOpt, err, given, out, print_notes, user_errors
 from .shared import SegmentArgs, prepare, segmentation_options
 
 
@@ -43,7 +43,7 @@ def explain(
     from ..explain import explain as explain_pixel
     from ..inputs import ImageError, load_image
     from ..outputs import save_atomically
-    from ..pipeline import build_segmenter, load_support
+    from ..pipeline import build_segmenter, support_image
 
     with user_errors():
         if out_file is None and not as_json:
@@ -54,6 +54,7 @@ def explain(
         if not image.is_file():
             raise ValueError(f"IMAGE {image}: no such file")
         run_on = prepare(args)
+        print_notes([c.name for c in run_on.classes], quiet)
         try:
             img = load_image(image, run_on.seg.max_pixels)
         except ImageError as exc:
@@ -70,7 +71,7 @@ def explain(
             expl = explain_pixel(segmenter, img, x, y, mdl.spec.image_size, **given(top=top))
             if out_file is not None:
                 title = f"{image.name}; models {mdl.spec.name}" + ("" if mdl.spec.meaningful else " (random weights)")
-                picture = render(expl, img, lambda key: load_support(cache, key)[0], title)
+                picture = render(expl, img, lambda key: support_image(cache, key), title)
                 save_atomically(out_file, lambda tmp: picture.save(tmp, format="PNG"), f"--out {out_file}")
     finally:
         cache.close()

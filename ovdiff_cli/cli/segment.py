@@ -18,6 +18,7 @@ from .common import (
     err,
     fail,
     out,
+    print_notes,
     user_errors,
 )
 from .shared import SegmentArgs, prepare, segmentation_options
@@ -56,6 +57,7 @@ def segment(
         items = find_images(inputs, exclude=out_dir)
         part = resolve_shard(shard)
         run_on = prepare(args)
+        print_notes([c.name for c in run_on.classes], quiet)
         class_list, mdl, cache, seg_opts = run_on.classes, run_on.models, run_on.cache, run_on.seg
         legend = build_legend([c.name for c in class_list], [c.stuff for c in class_list], seg_opts.background)
         try:

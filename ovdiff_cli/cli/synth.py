@@ -29,6 +29,7 @@ from .common import (
     err,
     open_cache,
     out,
+    print_notes,
     synth_options,
     user_errors,
 )
@@ -70,10 +71,11 @@ def synth(
         mdl = Models(spec, resolve_device(device))
         mdl.check_available(["sd", "dino", "clip"])
         cache = open_cache(cache_dir)
+    print_notes([c.name for c in class_list], quiet)
     if verbose:
         err.print(f"models {spec.name} on {mdl.device}; cache {cache.directory}; {opts}")
     try:
-        with RichProgress(not quiet) as progress:
+        with RichProgress(not quiet) as progress, user_errors():
             results = synthesize(class_list, opts, mdl, cache, progress)
     except KeyboardInterrupt:
         done = cache.stats.get("support", {}).get("writes", 0)
