@@ -130,17 +130,19 @@ def test_usage_errors(cache_dir, tmp_path, args, needle):
     (tmp_path / "odd-one").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "odd-one" / "a.png")
     (tmp_path / "a-file").write_text("x")
-    (tmp_path / "read-only").mkdir()
-    os.chmod(tmp_path / "read-only", 0o555)
+    # A folder nobody may write to: chmod 555, or for root (who ignores permissions) the kernel's /proc.
+    read_only = Path("/proc") if os.geteuid() == 0 else tmp_path / "read-only"
+    if read_only != Path("/proc"):
+        read_only.mkdir()
+        os.chmod(read_only, 0o555)
     try:
-        full = [a.replace("{tmp}", str(tmp_path)) for a in args]
+        full = [a.replace("{tmp}/read-only", str(read_only)).replace("{tmp}", str(tmp_path)) for a in args]
         if "--out" not in full:
             full += ["--out", str(tmp_path / "out")]
         result = segment(cache_dir, *full, "--classes", "cat")
     finally:
-        os.chmod(tmp_path / "read-only", 0o755)
-    if os.geteuid() == 0 and "read-only" in " ".join(args):
-        pytest.skip("root ignores permissions")
+        if read_only != Path("/proc"):
+            os.chmod(read_only, 0o755)
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert needle in lines[0], lines[0]
