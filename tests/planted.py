@@ -1,4 +1,4 @@
-"""Planted stand-ins shared by the segmentation tests: an extractor and prototypes with known answers."""
+"""Stand-ins shared by the tests: a planted extractor and prototypes with known answers, and fast CLI options."""
 
 from __future__ import annotations
 
@@ -29,3 +29,8 @@ def protoset(rows: dict[str, list[list[float]]], channel: list[int], source: lis
         torch.tensor(source),
         torch.arange(len(channel)),
     )
+
+
+# The tiny models with small windows: every stage of the real pipeline, fast on a CPU.
+TINY_SEGMENT = ["--models", "tiny", "--n", "2", "--steps", "2", "--k", "3", "--short-side", "64", "--scales", "64,48"]
+TINY_SEGMENT += ["--stride", "32", "--quiet"]

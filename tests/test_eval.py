@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from planted import TINY_SEGMENT
 from typer.testing import CliRunner
 
 from ovdiff_cli import datasets, evaluation
@@ -17,8 +18,7 @@ from ovdiff_cli.cli import app
 from ovdiff_cli.outputs import write_labels
 
 runner = CliRunner()
-TINY = ["--models", "tiny", "--n", "2", "--steps", "2", "--k", "3", "--short-side", "64", "--scales", "64,48"]
-TINY += ["--stride", "32", "--quiet"]
+TINY = TINY_SEGMENT
 
 
 def invoke(*args: str):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from planted import PixelExtractor
+from planted import TINY_SEGMENT, PixelExtractor
 from typer.testing import CliRunner
 
 from ovdiff_cli import explain as X
@@ -140,8 +140,7 @@ def test_outside_pixel_is_refused(planted):
 # --- CLI (tiny models) ----------------------------------------------------------------------------------------------
 
 runner = CliRunner()
-FAST = ["--models", "tiny", "--n", "2", "--steps", "2", "--k", "3", "--short-side", "64", "--scales", "64,48"]
-FAST += ["--stride", "32", "--quiet", "--no-filter"]
+FAST = [*TINY_SEGMENT, "--no-filter"]
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from planted import TINY_SEGMENT
 from typer.testing import CliRunner
 
 from ovdiff_cli.cli import app
 
 runner = CliRunner()
-# Small windows keep the tiny models fast; everything else is the real pipeline.
-FAST = ["--models", "tiny", "--n", "2", "--steps", "2", "--k", "3", "--short-side", "64", "--scales", "64,48"]
-FAST += ["--stride", "32", "--quiet"]
+FAST = TINY_SEGMENT
 
 
 @pytest.fixture(scope="module")

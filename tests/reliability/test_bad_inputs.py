@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from planted import PixelExtractor, protoset
+from planted import TINY_SEGMENT, PixelExtractor, protoset
 from typer.testing import CliRunner
 
 from ovdiff_cli import outputs, pipeline
@@ -23,8 +23,7 @@ from ovdiff_cli.cli import app
 from ovdiff_cli.inputs import find_images
 
 runner = CliRunner()
-FAST = ["--models", "tiny", "--n", "2", "--steps", "2", "--k", "3", "--short-side", "64", "--scales", "64,48"]
-FAST += ["--stride", "32", "--quiet"]
+FAST = TINY_SEGMENT
 
 
 @pytest.fixture(scope="module")
