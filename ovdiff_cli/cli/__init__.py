@@ -6,6 +6,7 @@ Nothing heavy is imported here: each command imports torch and friends inside it
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -53,12 +54,22 @@ app.add_typer(cache.app, name="cache")
 
 
 def main() -> None:
+    interrupted = False
+
+    def on_sigint(signum, frame) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     try:
-        app(standalone_mode=True)
+        app()
     except SystemExit as exc:
-        if exc.code == EXIT_INTERRUPTED:
-            # Ctrl-C: the work is saved and the message printed. Skip the interpreter's teardown of torch and
-            # friends (a second or more) so the process ends at once.
+        if exc.code == EXIT_INTERRUPTED or interrupted:
+            if exc.code != EXIT_INTERRUPTED:  # stopped before the command could report it (click: "Aborted!")
+                print("interrupted: nothing half-done was kept; run the same command again", file=sys.stderr)
+            # The work is saved and the user told. Skip the interpreter's teardown of torch and friends (a
+            # second or more) so the process ends at once.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_INTERRUPTED)
