@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -263,7 +262,3 @@ def fetch(comp: Component) -> Path:
     return Path(
         snapshot_download(comp.hub_id, revision=comp.revision, allow_patterns=list(comp.allow_patterns) or None)
     )
-
-
-def hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
