@@ -7,6 +7,9 @@ where it stopped.
 
 ``segment``: prototype banks (from the cache, synthesised first where missing) -> eq. 4 over a list of files
 -> label maps, overlays and scores, written atomically, skipping what exists.
+
+``eval``: the same segmentation over a benchmark's images -> confusion matrices against the ground truth, per
+seed (or existing prediction files scored without any model).
 """
 
 from __future__ import annotations
@@ -140,6 +143,12 @@ def bank_key(models: Models, class_name: str, keys: list[str], opts: SynthOption
         kmeans_seed=D.KMEANS_SEED,
         kmeans_iters=D.KMEANS_ITERS,
     )
+
+
+def class_keys(models: Models, class_name: str, opts: SynthOptions) -> tuple[list[str], str]:
+    """The class's N support keys and its bank key: computed from model hashes and options, no model loaded."""
+    keys = [support_key(models, class_name, i, opts) for i in range(opts.n)]
+    return keys, bank_key(models, class_name, keys, opts)
 
 
 # --- stages -------------------------------------------------------------------------------------------------------
@@ -290,8 +299,7 @@ def synthesize(
     for spec in classes:
         t0 = time.perf_counter()
         result = ClassResult(spec.name, spec.stuff)
-        keys = [support_key(models, spec.name, i, opts) for i in range(opts.n)]
-        result.bank_key = bank_key(models, spec.name, keys, opts)
+        keys, result.bank_key = class_keys(models, spec.name, opts)
         payload = cache.get("bank", result.bank_key)
         if payload is not None:
             bank = prototypes.PrototypeBank.from_bytes(payload)
@@ -318,12 +326,7 @@ def synthesize(
 
 def missing_banks(classes: Iterable[ClassSpec], opts: SynthOptions, models: Models, cache: cachelib.Cache) -> list[str]:
     """Names of the classes whose prototype bank is not cached yet (no model is loaded to find out)."""
-    missing = []
-    for spec in classes:
-        keys = [support_key(models, spec.name, i, opts) for i in range(opts.n)]
-        if not cache.contains("bank", bank_key(models, spec.name, keys, opts)):
-            missing.append(spec.name)
-    return missing
+    return [c.name for c in classes if not cache.contains("bank", class_keys(models, c.name, opts)[1])]
 
 
 def segment_roles(
@@ -350,8 +353,6 @@ def build_segmenter(
 ) -> Segmenter:
     """The classes' prototype banks (synthesised where missing, exactly as ``synth`` does) made into a
     :class:`Segmenter` on the models' device (``compile``: see Segmenter)."""
-    import torch
-
     from .filters import ClipPrefilter
 
     banks = [r.bank for r in synthesize(classes, synth_opts, models, cache, progress)]
@@ -418,8 +419,6 @@ def iter_segmentations(
     windows go through each network together). A file that cannot be read goes to ``on_failure(item,
     payload, reason)`` instead, and the others go on.
     """
-    import torch
-
     group: list[tuple[InputImage, T, np.ndarray]] = []
     windows = 0
 
