@@ -181,12 +181,10 @@ def build_prototype_set(
             rows += [(BACKGROUND_ID, cid, int(i), True, False) for i in bank.select(BG)]
     rows.sort(key=lambda r: r[:3])
     channel, source, index = (torch.tensor([r[j] for r in rows], dtype=torch.int64) for j in range(3))
-    protos = {
-        e: torch.stack([banks[s - 1].prototypes[e][i] for s, i in zip(source.tolist(), index.tolist(), strict=True)])
-        if rows
-        else torch.zeros(0, banks[0].prototypes[e].shape[1])
-        for e in extractors
-    }
+    # One gather per extractor from all banks' rows stacked (row of bank s, index i = offset[s - 1] + i).
+    offset = torch.tensor([0, *itertools.accumulate(len(b) for b in banks)][:-1], dtype=torch.int64)
+    rows_all = offset[source - 1] + index if rows else torch.zeros(0, dtype=torch.int64)
+    protos = {e: torch.cat([b.prototypes[e] for b in banks])[rows_all] for e in extractors}
     keep = filters.stuff_filter(
         protos,
         torch.tensor([r[3] for r in rows], dtype=torch.bool),
