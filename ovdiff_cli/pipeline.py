@@ -567,8 +567,11 @@ def evaluate(
                 pred = spec.to_dataset_ids(seg.labels())
             if scorer.score(sample, pred) and save_pred is not None:
                 path = save_pred / f"{sample.id}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                outputs.write_labels(path, pred, spec.num_classes)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    outputs.write_labels(path, pred, spec.num_classes)
+                except OSError as exc:
+                    raise ValueError(f"--save-pred {save_pred}: cannot write {path} ({exc.strerror or exc})") from None
     except KeyboardInterrupt:
         scorer.run.interrupted = True
     scorer.run.seconds = time.perf_counter() - t0
