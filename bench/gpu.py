@@ -5,9 +5,10 @@ Needs only torch with CUDA and ovdiff's own dependencies (no weights, no network
     python bench/gpu.py [--out bench/results-gpu.json] [--images 64]
 
 Measures, after building the models:
-  * synth of one class: 32 images, 30 DDIM steps, in batches of 8, with attribution capture on, and again off;
-  * segment: milliseconds per 512x512 image with the sd + dino + clip ensemble, windows of 448 and 336 (the
-    paper's defaults), a VOC-sized vocabulary (20 classes of 130 prototypes each, fg and bg), the CLIP pre-filter
+  * synth of one class: 32 images, 30 DPM-Solver++ steps (the default sampler), in batches of 8, with
+    attribution capture on, and again off;
+  * segment: milliseconds per 512x512 image with sd + dino + clip, windows of 448 and 336 plus the whole image
+    (the paper's defaults), a VOC-sized vocabulary (20 classes of 130 prototypes each, fg and bg), the CLIP pre-filter
     on; and the share of that time inside network forward passes.
 Floors (H100, from FLOPs): synth 2.1 s per class, segment ~20 ms per image. Goals: synth <= 1.5x, segment <= 2x
 the floor, forwards >= 85% of segment time.
@@ -28,7 +29,7 @@ from ovdiff_cli.extractors import build_extractor
 from ovdiff_cli.filters import ClipPrefilter
 from ovdiff_cli.models import resolve_models
 from ovdiff_cli.models.loading import Models
-from ovdiff_cli.segmentation import PrototypeSet, Segmenter, SegmentOptions
+from ovdiff_cli.segmentation import ExtractorSet, PrototypeSet, Segmenter, SegmentOptions
 from ovdiff_cli.timing import Timings
 
 FLOOR_SYNTH_S = 2.1
@@ -73,21 +74,26 @@ def random_protoset(models: Models, extractors: dict, classes: int = 20, per_cla
         + [(0, c + 1) for c in range(classes) for _ in range(half)]
     )
     channel, source = (torch.tensor([r[j] for r in rows]) for j in (0, 1))
-    return PrototypeSet(
-        [ClassSpec(f"class {c}") for c in range(classes)],
-        {name: torch.nn.functional.normalize(torch.randn(len(rows), d), dim=-1) for name, d in dims.items()},
-        channel,
-        source,
-        torch.arange(len(rows)),
-    )
+    sets = {
+        name: ExtractorSet(
+            torch.nn.functional.normalize(torch.randn(len(rows), d), dim=-1),
+            channel,
+            source,
+            torch.arange(len(rows)),
+            classes + 1,
+        )
+        for name, d in dims.items()
+    }
+    return PrototypeSet([ClassSpec(f"class {c}") for c in range(classes)], sets)
 
 
 def bench_segment(models: Models, n_images: int) -> dict:
     extractors = {name: build_extractor(name, models) for name in ("sd", "dino", "clip")}
     protoset = random_protoset(models, extractors)
     prefilter = ClipPrefilter(models.get("clip"), [c.name for c in protoset.classes])
+    sim_dtype = torch.float32 if models.precision == "fp32" else None
     timings = Timings(sync)
-    segmenter = Segmenter(protoset, extractors, SegmentOptions(), prefilter, models.device, timings)
+    segmenter = Segmenter(protoset, extractors, SegmentOptions(), prefilter, models.device, timings, False, sim_dtype)
     images = [torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8) for _ in range(n_images)]
     per_batch = 2  # 5 windows each: 10 windows, a little over one batch of 8, as segment groups them
     for seg in segmenter(images[:per_batch]):  # warm-up
@@ -117,19 +123,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--models", default="sd15-random", help="tiny + --device cpu: a smoke run of this script")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (see the README)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA device (or --models tiny --device cpu for a smoke run)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     build = time.perf_counter()
-    models = Models(resolve_models(args.models), torch.device(args.device))
+    models = Models(resolve_models(args.models), torch.device(args.device), args.precision)
     for role in ("sd", "dino", "clip"):
         models.get(role)
     build = time.perf_counter() - build
     results = {
         "device": torch.cuda.get_device_name() if models.device.type == "cuda" else "cpu",
-        "dtype": str(models.dtype),
+        "dtype": {role: str(dtype) for role, dtype in models.dtypes.items()},
         "torch": torch.__version__,
         "build_models_s": build,
         "synth": bench_synth(models),
@@ -140,7 +147,7 @@ def main() -> None:
     g["vs_floor"] = g["ms_per_image"] / FLOOR_SEGMENT_MS
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{results['device']} ({results['dtype']}), models built in {build:.1f} s")
+    print(f"{results['device']} (precision {models.precision}), models built in {build:.1f} s")
     print(f"synth 32x30 capture on  {s['capture_on_s']:.2f} s  ({s['vs_floor']:.2f}x floor; goal <= 1.5x)")
     print(f"synth 32x30 capture off {s['capture_off_s']:.2f} s  (on/off {s['ratio']:.3f}; goal <= 1.10)")
     print(f"segment 512x512 {g['ms_per_image']:.1f} ms/image ({g['vs_floor']:.2f}x floor; goal <= 2x)")

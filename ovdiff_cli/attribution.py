@@ -2,9 +2,11 @@
 
 One attention processor replaces diffusers' default on the UNet's *cross*-attention layers only; self-attention
 keeps the library's fused SDPA processor. The processor computes its output with fused SDPA too, and only when a
-capture is active does it additionally form the softmax for the conditional half of the guidance batch, keep the
-class-token columns, and sum them over heads. The same processor can record the layer's queries, which is how
-the SD feature extractor reads the UNet.
+capture is active does it additionally form the softmax for the conditional half of the guidance batch and keep
+the class-token columns. As the authors' code does (REFERENCE 2), every layer's map of every step is averaged
+over the class's tokens, upsampled *bicubic* to the latent grid per head, clamped at 0 (bicubic overshoots below
+zero), summed over heads, and accumulated; :func:`aggregate` averages over layers and steps. The same processor
+can record the layer's queries, which is how the SD feature extractor reads the UNet.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class AttentionTap:
     Attributes:
         tokens: class-token positions (into the 77-token context) to capture, or None when not capturing.
         cond_slice: which rows of the UNet batch are the conditional half of classifier-free guidance.
-        maps: per layer index, (B_cond, h_l, w_l) float32 sums over heads, selected tokens and steps.
+        maps: per layer index, (B_cond, G_h, G_w) float32 sums over heads and steps of the token-averaged maps,
+            each upsampled bicubic to the latent grid and clamped at 0.
+        calls: per layer index, how many steps were added into ``maps``.
         queries: per layer index in ``query_layers``, the (B, h_l*w_l, C) queries of the last forward.
     """
 
@@ -45,6 +49,7 @@ class AttentionTap:
         self.cond_slice = slice(None)
         self.latent_hw: tuple[int, int] = (0, 0)
         self.maps: dict[int, torch.Tensor] = {}
+        self.calls: dict[int, int] = {}
         self.query_layers: frozenset[int] = frozenset()
         self.queries: dict[int, torch.Tensor] = {}
 
@@ -59,6 +64,7 @@ class AttentionTap:
 
     def reset(self) -> None:
         self.maps.clear()
+        self.calls.clear()
         self.queries.clear()
 
 
@@ -94,11 +100,17 @@ class _CrossAttnProcessor:
         # Softmax over all 77 context tokens (the denominator needs them), then keep the class's columns: a
         # contiguous run of token positions, so a view rather than a gather.
         probs = torch.softmax(qc @ kc.transpose(-1, -2) * attn.scale, dim=-1)
-        m = probs[..., tap.token_span].sum(dim=(1, 3)).view(-1, *tap.layer_hw(n))  # heads and tokens summed
+        per_head = probs[..., tap.token_span].mean(-1)  # (B, heads, n): averaged over the class's tokens
+        b, heads = per_head.shape[:2]
+        per_head = per_head.reshape(b * heads, 1, *tap.layer_hw(n))
+        up = F.interpolate(per_head, size=tap.latent_hw, mode="bicubic", align_corners=False).clamp_min_(0)
+        m = up.view(b, heads, *tap.latent_hw).sum(1)
         if self.index in tap.maps:
             tap.maps[self.index].add_(m)
+            tap.calls[self.index] += 1
         else:
             tap.maps[self.index] = m
+            tap.calls[self.index] = 1
 
 
 def install(unet: torch.nn.Module) -> AttentionTap:
@@ -139,15 +151,20 @@ def recording_queries(tap: AttentionTap, layers: tuple[int, ...], latent_hw: tup
         tap.query_layers = frozenset()
 
 
-def aggregate(maps: dict[int, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Sum per-layer maps after bilinear upsampling to ``size``: (B, H, W) float32, not normalised."""
-    total = None
-    for m in maps.values():
-        up = F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-        total = up if total is None else total + up
-    if total is None:
+def aggregate(tap: AttentionTap) -> torch.Tensor:
+    """The mean over layers and steps of the captured maps: (B, G_h, G_w) float32, not normalised."""
+    if not tap.maps:
         raise RuntimeError("no cross-attention was captured")
-    return total
+    return sum(m / tap.calls[i] for i, m in tap.maps.items()) / len(tap.maps)
+
+
+def at_image_size(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, G, G) min-max normalised maps -> (N, size, size): bilinear upsampling, then min-max again.
+
+    The authors' code selects masks and applies its thresholds on these image-resolution maps (REFERENCE 2).
+    """
+    up = F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return minmax(up)
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:

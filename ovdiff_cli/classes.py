@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .vocabularies import is_stuff
+from .vocabularies import PAPER, is_stuff
 
 
 @dataclass(frozen=True)
 class ClassSpec:
-    """A class to segment. ``stuff`` marks amorphous regions (sky, water) for the stuff filter (paper 3.4)."""
+    """A class to segment. ``stuff`` marks amorphous regions (sky, water) for the stuff filter (paper 3.4);
+    ``stuff_from`` says who decided: ``"user"`` (--stuff or a classes file) or the stuff table's name."""
 
     name: str
     stuff: bool = False
+    stuff_from: str = field(default="user", compare=False)
 
 
 def normalise(name: str) -> str:
@@ -67,12 +69,15 @@ def read_classes_file(path: Path) -> list[tuple[str, bool | None]]:
 
 
 def build_class_list(
-    names: list[str] | None = None, classes_file: Path | None = None, stuff: list[str] | None = None
+    names: list[str] | None = None,
+    classes_file: Path | None = None,
+    stuff: list[str] | None = None,
+    stuff_table: str = PAPER,
 ) -> list[ClassSpec]:
     """Validated classes in the user's order.
 
     A class is stuff if ``stuff`` names it or its file line says ``stuff``; a file line saying ``thing`` makes
-    it a thing; otherwise the built-in table for benchmark vocabularies decides (vocabularies.is_stuff).
+    it a thing; otherwise the built-in table ``stuff_table`` decides (vocabularies.is_stuff).
 
     Raises ValueError (one line naming the bad value) for: no classes, empty names, control characters,
     duplicates after normalising case and spaces, and ``stuff`` names that are not in the list.
@@ -93,7 +98,10 @@ def build_class_list(
         seen[fold] = name
         if fold in stuff_set:
             marker = True
-        out.append(ClassSpec(name, is_stuff(name) if marker is None else marker))
+        if marker is None:
+            out.append(ClassSpec(name, is_stuff(name, stuff_table), stuff_table))
+        else:
+            out.append(ClassSpec(name, marker, "user"))
     unknown = stuff_set - set(seen)
     if unknown:
         raise ValueError(f"--stuff {sorted(unknown)[0]!r}: not one of the classes")

@@ -72,6 +72,23 @@ CITYSCAPES = [
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 ]  # fmt: skip
 
+# The reference's prompt names (REFERENCE 8): per benchmark family, then overrides for ambiguous words that hold
+# in every benchmark.
+PAPER_PROMPTS: dict[str, dict[str, str]] = {
+    "voc": {"aeroplane": "airplane", "diningtable": "table", "tvmonitor": "monitor", "pottedplant": "potted plant"},
+    "context": {"aeroplane": "airplane", "diningtable": "table", "tvmonitor": "monitor", "pottedplant": "plant"},
+}
+AMBIGUOUS = {
+    "tank": "liquid tank",
+    "blind": "window blinds",
+    "hood": "cooker hood",
+    "ashcan": "wastebin",
+    "case": "shop case",
+    "keyboard": "computer keyboard",
+    "apparel": "clothing",
+}
+PROMPT_NAMES = ("paper", "plain")
+
 # Benchmark spellings that make poor prompts.
 _READABLE = {
     "diningtable": "dining table",
@@ -129,15 +146,26 @@ class DatasetSpec:
     split_folders: tuple[tuple[str, str], ...] = ()
     val_images: int = 0
     prepare: str = ""
+    family: str = ""  # "voc" or "context": which of the reference's prompt-name tables applies
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def vocabulary(self) -> list[str]:
-        """The prompts segment uses, in label order (background excluded: it comes from bg prototypes)."""
-        return [readable(c) for c in (self.classes[1:] if self.background else self.classes)]
+    def vocabulary(self, prompt_names: str = "paper") -> list[str]:
+        """The prompts segment uses, in label order (background excluded: it comes from bg prototypes).
+
+        ``paper``: the reference's prompt names for VOC and Context and its overrides of ambiguous words (ADE's
+        "tank" is "liquid tank"), else the readable form. ``plain``: the readable form of every benchmark name
+        (``pottedplant`` -> "potted plant", COCO-Stuff's ``wall-brick`` -> "brick wall"), no overrides.
+        """
+        if prompt_names not in PROMPT_NAMES:
+            raise ValueError(f"--prompt-names {prompt_names!r}: expected one of {', '.join(PROMPT_NAMES)}")
+        names = self.classes[1:] if self.background else self.classes
+        if prompt_names == "plain":
+            return [readable(c) for c in names]
+        table = {**PAPER_PROMPTS.get(self.family, {}), **AMBIGUOUS}
+        return [table.get(c, readable(c)) for c in names]
 
     def split_folder(self, split: str) -> str:
         return dict(self.split_folders).get(split, split)
@@ -194,10 +222,14 @@ _COCO = {
     "split_folders": (("val", "val2017"), ("train", "train2017")),
     "val_images": 5000,
 }
-_register(DatasetSpec("voc", classes=tuple(VOC), background=True, **_VOC))
-_register(DatasetSpec("voc20", classes=tuple(VOC[1:]), background=False, reduce_zero_label=True, **_VOC))
-_register(DatasetSpec("context", classes=tuple(CONTEXT), background=True, **_CONTEXT))
-_register(DatasetSpec("context59", classes=tuple(CONTEXT[1:]), background=False, reduce_zero_label=True, **_CONTEXT))
+_register(DatasetSpec("voc", classes=tuple(VOC), background=True, family="voc", **_VOC))
+_register(DatasetSpec("voc20", classes=tuple(VOC[1:]), background=False, reduce_zero_label=True, family="voc", **_VOC))
+_register(DatasetSpec("context", classes=tuple(CONTEXT), background=True, family="context", **_CONTEXT))
+_register(
+    DatasetSpec(
+        "context59", classes=tuple(CONTEXT[1:]), background=False, reduce_zero_label=True, family="context", **_CONTEXT
+    )
+)
 _register(
     DatasetSpec(
         "object",

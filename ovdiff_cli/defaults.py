@@ -1,8 +1,10 @@
 """Every default of the pipeline, in one place.
 
-Values come from the paper (sections 3 and 4) and, where the paper is silent, from the authors' public code as
-recorded in the design card. Library functions take these as keyword defaults; the CLI passes only what the
-user set, so changing a default here changes it everywhere.
+Values are the authors' recipe: the paper (sections 3 and 4) and, where it is silent, what the authors' public
+code computes, as ``shared/REFERENCE.md`` records it (section numbers below are that page's). Library functions
+take these as keyword defaults; the CLI passes only what the user set, so changing a default here changes it
+everywhere. Sizes that scale with the model set (support image side, extractor input sizes) live in the model
+set's spec instead (models/registry.py).
 """
 
 from __future__ import annotations
@@ -13,25 +15,40 @@ NEGATIVE_PROMPT = "text, low quality, blurry, cartoon, meme, low resolution, bad
 N_SUPPORT = 32
 STEPS = 30
 GUIDANCE = 8.0
+# REFERENCE 1: diffusers' DPMSolverMultistepScheduler (second order, dpmsolver++) built from SD's own config.
+SCHEDULER = "dpmsolver++"
+SCHEDULERS = ("dpmsolver++", "ddim")
 SEED = 42
 # Images are generated in fixed-shape batches of this size (the last one padded) so that an image's bytes never
 # depend on which other images shared its batch.
 BATCH_SIZE = 8
 
 # --- 3.3 attribution + masks ------------------------------------------------------------------------------------
-MASKER = "auto"
+MASKER = "auto"  # cutler when its checkpoint is here (the paper's), else maskcut with a note
+CUTLER_SCORE = 0.35  # CutLER instances kept as proposals score at least this (REFERENCE 3)
 MASKCUT_TAU = 0.15  # affinity threshold of the normalised cut (CutLER's MaskCut)
-MASKCUT_N_MASKS = 3  # proposals per image
+MASKCUT_N_MASKS = 3  # rounds of the cut per image
+MASKCUT_MAX_IOU = 0.5  # a later round's mask overlapping the previous round's more than this is rejected
+MASKCUT_MIN_AREA = 0.01  # ... and so is one covering at most this fraction of the image
+MASKCUT_CORNERS = 3  # the side above the mean is reversed when it holds at least this many of the 4 corners
 THRESHOLD_FALLBACK_BG = 0.2  # "-CutLER" variant when multi-Otsu cannot split the maps
 THRESHOLD_FALLBACK_FG = 0.5
 BG_ATTRIBUTION_MAX = 0.2  # bg mask keeps only pixels whose attribution is below this
-BG_ERODE_PX = 1
+FG_FALLBACK = 0.5  # fewer than 2 proposals: fg = attribution above this (bg = below BG_ATTRIBUTION_MAX)
+BG_ERODE = 1  # erosions of the bg mask with a 3x3 cross, at the support image's resolution
 
 # --- 3.3 prototypes ---------------------------------------------------------------------------------------------
 EXTRACTORS = ("sd", "dino", "clip")
 K_PARTS = 32
-KMEANS_ITERS = 50
+KMEANS_ITERS = 300  # at most; Lloyd stops earlier once no assignment changes
 KMEANS_SEED = 0
+# Binarisation of a support mask after its bilinear resize to an extractor's feature grid.
+MASK_GRID_THRESHOLD = 0.5
+
+# --- numerics ---------------------------------------------------------------------------------------------------
+# "auto": fp32 on the CPU; bf16 on CUDA (fp16 where the GPU lacks bf16), fp32 for DINO as the reference runs it.
+PRECISION = "auto"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # --- 4.1 extractors ---------------------------------------------------------------------------------------------
 SD_FEATURE_TIMESTEP = 200
@@ -40,7 +57,8 @@ SD_FEATURE_NOISE_SEED = 0
 # --- 3.4 segmentation -------------------------------------------------------------------------------------------
 SCALES = (448, 336)  # square sliding-window sizes (pixels of the resized image)
 STRIDE = 224
-SHORT_SIDE = 448  # images are resized so their short side is this before windowing
+WHOLE_IMAGE = True  # the whole resized image is one more window (REFERENCE 6)
+SHORT_SIDE = 448  # images are resized (Lanczos) so their short side is this before windowing
 BACKGROUND = True  # False = the no-background protocol of paper 4.4 (no bg prototypes)
 SEGMENT_BATCH_SIZE = 8  # windows per network forward (fixed shape, last batch padded)
 OVERLAY_ALPHA = 0.5  # weight of the label colours in overlays
@@ -49,6 +67,7 @@ MAX_PIXELS = 100_000_000  # decompression-bomb guard for inputs (a 12000 x 8000 
 # --- 3.4 filters ------------------------------------------------------------------------------------------------
 PREFILTER = True
 ETA = 10  # the CLIP pre-filter keeps at most this many classes, then scores all their subsets
+PREFILTER_TEMPERATURE = 1.0  # softmax over raw cosines (no CLIP logit scale), REFERENCE 6
 PREFILTER_TEMPLATE = "a {}"  # one class in a pre-filter prompt; subsets join these with PREFILTER_JOIN
 PREFILTER_JOIN = " and "
 STUFF_THRESHOLD = 0.85  # thing-class bg prototypes this similar to a stuff prototype are dropped
@@ -57,5 +76,5 @@ PAMR_ITERS = 10
 PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
 
 # --- 4.5 explanations -------------------------------------------------------------------------------------------
-EXPLAIN_TOP = 4  # prototypes of the winning class reported for a pixel
+EXPLAIN_TOP = 2  # prototypes of the winning class reported per extractor for a pixel
 EXPLAIN_CROPS = 6  # support crops drawn per prototype

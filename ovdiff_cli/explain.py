@@ -2,11 +2,11 @@
 were pooled from.
 
 The image is segmented exactly as ``segment`` does it. At the pixel, every prototype's similarity is measured the
-way eq. 4 measures it (per extractor, averaged over the covering windows and scales, then over extractors); the
-winning class's best prototypes are followed through their provenance in the class's bank (PrototypeBank
-.support_pixels) to the support images and pixels they were pooled from. For each of them a region map says
-which pixels of the query image that prototype wins: pixels of its class where it beats every other prototype
-of the class.
+way eq. 4 measures it: in its own extractor's space, averaged over the windows covering the pixel. Each
+extractor's best prototypes of the winning class (the ones whose max makes that extractor's vote for the class)
+are followed through their provenance in the class's bank (ExtractorPrototypes.support_pixels) to the support
+images and cells they were pooled from. For each of them a region map says which pixels of the query image that
+prototype wins: pixels of its class where it beats every other prototype of the class in the same extractor.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class SupportRegion:
         key: the support image's cache key.
         box: (x0, y0, x1, y1) bounding box of the pixels in support-image pixels, end exclusive.
         cells: number of feature-grid cells pooled.
-        mask: (G, G) bool, the pooled cells.
+        mask: (h, w) bool, the pooled cells on the extractor's grid.
     """
 
     index: int
@@ -54,17 +54,19 @@ class Evidence:
     """One prototype behind a pixel's label.
 
     Attributes:
-        row: the prototype's row in the segmenter's PrototypeSet.
+        extractor: the feature space the prototype lives in.
+        row: the prototype's row in the segmenter's ExtractorSet for that extractor.
         class_name: the class whose support set it was pooled from (for a background prototype: whose
             support images' backgrounds).
         kind: "class", "instance" or "part"; region: "fg" or "bg".
-        bank_index: its row in that class's PrototypeBank; image / part: the instance's image or the part's
-            cluster (None for other kinds).
-        similarity: per extractor and "ensemble" (their mean), at the pixel.
+        bank_index: its row in that class's bank for the extractor; image / part: the instance's image or the
+            part's cluster (None for other kinds).
+        similarity: cosine similarity at the pixel, averaged over the covering windows.
         support: the support regions it was pooled from, most cells first.
         wins: (H, W) bool, the query pixels this prototype wins.
     """
 
+    extractor: str
     row: int
     class_name: str
     kind: str
@@ -72,7 +74,7 @@ class Evidence:
     bank_index: int
     image: int | None
     part: int | None
-    similarity: dict[str, float]
+    similarity: float
     support: list[SupportRegion]
     wins: np.ndarray
 
@@ -108,13 +110,14 @@ class Explanation:
             "prototypes": [
                 {
                     "rank": rank,
+                    "extractor": ev.extractor,
                     "class": ev.class_name,
                     "kind": ev.kind,
                     "region": ev.region,
                     "bank_index": ev.bank_index,
                     "image": ev.image,
                     "part": ev.part,
-                    "similarity": {k: round(v, 6) for k, v in ev.similarity.items()},
+                    "similarity": round(ev.similarity, 6),
                     "wins_pixels": int(ev.wins.sum()),
                     "support": [
                         {"index": r.index, "key": r.key, "box": list(r.box), "cells": r.cells} for r in ev.support
@@ -131,13 +134,13 @@ def label_names(segmenter: Segmenter) -> list[str]:
 
 
 def _support_regions(pixels: torch.Tensor, keys: list[str], support_size: int) -> list[SupportRegion]:
-    """(N, G, G) bool pooled cells -> one region per support image that has any, most cells first."""
-    scale = support_size / pixels.shape[-1]
+    """(N, h, w) bool pooled cells -> one region per support image that has any, most cells first."""
+    sy, sx = support_size / pixels.shape[-2], support_size / pixels.shape[-1]
     out = []
     for n in torch.nonzero(pixels.flatten(1).any(1)).flatten().tolist():
         mask = pixels[n].numpy()
         ys, xs = np.nonzero(mask)
-        box = (int(xs.min() * scale), int(ys.min() * scale), int((xs.max() + 1) * scale), int((ys.max() + 1) * scale))
+        box = (int(xs.min() * sx), int(ys.min() * sy), int((xs.max() + 1) * sx), int((ys.max() + 1) * sy))
         out.append(SupportRegion(n, keys[n], box, int(mask.sum()), mask))
     return sorted(out, key=lambda r: (-r.cells, r.index))
 
@@ -145,27 +148,28 @@ def _support_regions(pixels: torch.Tensor, keys: list[str], support_size: int) -
 def _region_maps(
     segmenter: Segmenter,
     work: torch.Tensor,
+    name: str,
     allowed: torch.Tensor,
     rows: torch.Tensor,
     label: int,
     labels: np.ndarray,
 ) -> list[np.ndarray]:
-    """For each prototype in ``rows`` (all of class ``label``): the query pixels of that class where its
-    window-averaged similarity beats every other allowed prototype of the class."""
-    ps = segmenter.protoset
+    """For each prototype in ``rows`` (all of extractor ``name`` and class ``label``): the query pixels of that
+    class where its window-averaged similarity beats every other allowed prototype of the class in ``name``."""
+    ps = segmenter.protoset.sets[name]
     rows = rows.to(segmenter.device)
     others = (ps.channel == label) & allowed.to(segmenter.device)
     others[rows] = False
 
-    def reduce(feats: dict[str, torch.Tensor], _allow: torch.Tensor) -> torch.Tensor:
-        sims = segmenter.similarities(feats)  # (B, g, g, P)
+    def reduce(_name: str, feats: torch.Tensor, _allow: torch.Tensor) -> torch.Tensor:
+        sims = segmenter.similarities(name, feats)  # (B, h, w, P_e)
         if bool(others.any()):
             rest = sims[..., others].amax(-1, keepdim=True)
         else:
             rest = torch.full_like(sims[..., :1], EXCLUDED_SCORE)
         return torch.cat([sims[..., rows], rest], dim=-1).permute(0, 3, 1, 2)
 
-    canvas = segmenter.accumulate([work], allowed[None].to(segmenter.device), reduce, len(rows) + 1)[0]
+    canvas = segmenter.accumulate([work], {name: allowed[None]}, reduce, len(rows) + 1, extractors=[name])[0]
     best = Segmentation(canvas.cpu(), labels.shape, ()).labels()
     return [(labels == label) & (best == i) for i in range(len(rows))]
 
@@ -181,7 +185,7 @@ def explain(
         image: (H, W, 3) uint8 RGB, as segment reads it.
         x, y: the pixel, 0 <= x < W, 0 <= y < H.
         support_size: the support images' side in pixels (the model set's image size), for boxes.
-        top: how many of the winning class's prototypes to report (fewer if it has fewer).
+        top: how many of the winning class's prototypes to report per extractor (fewer if it has fewer).
 
     Returns:
         An :class:`Explanation`; its label is the one ``segment`` writes for that pixel.
@@ -196,7 +200,8 @@ def explain(
     labels = seg.labels()
     label = int(labels[y, x])
     scores = seg.pixel_scores(x, y)
-    rivals = [int(c) for c in scores.argsort(descending=True) if int(c) != label and scores[c] > EXCLUDED_SCORE]
+    competing = set(seg.kept) | ({0} if ps.background else set())
+    rivals = [int(c) for c in scores.argsort(descending=True) if int(c) != label and int(c) in competing]
     runner = (rivals[0], names[rivals[0]], float(scores[rivals[0]])) if rivals else None
 
     work = segmenter.working_image(tensor)
@@ -204,31 +209,34 @@ def explain(
     per = segmenter.pixel_similarities(
         work, min(h - 1, int((y + 0.5) * h / h_in)), min(w - 1, int((x + 0.5) * w / w_in))
     )
-    ensemble = sum(per.values()) / len(per)
-    allowed = ps.allowed(seg.kept).cpu()
-    candidates = torch.nonzero((ps.channel.cpu() == label) & allowed).flatten()
-    rows = candidates[ensemble[candidates].argsort(descending=True, stable=True)][:top]
-    wins = _region_maps(segmenter, work, allowed, rows, label, labels)
-
+    allowed = {e: a.cpu() for e, a in ps.allowed(seg.kept).items()}
     evidence = []
-    for row, won in zip(rows.tolist(), wins, strict=True):
-        bank = ps.banks[int(ps.source[row]) - 1]
-        b = int(ps.index[row])
-        kind = int(bank.kind[b])
-        evidence.append(
-            Evidence(
-                row=row,
-                class_name=bank.class_name,
-                kind=KIND_NAMES[kind],
-                region=REGION_NAMES[int(bank.region[b])],
-                bank_index=b,
-                image=int(bank.image[b]) if int(bank.image[b]) >= 0 else None,
-                part=int(bank.part[b]) if int(bank.part[b]) >= 0 else None,
-                similarity={**{e: float(v[row]) for e, v in sorted(per.items())}, "ensemble": float(ensemble[row])},
-                support=_support_regions(bank.support_pixels(b), bank.support_keys, support_size),
-                wins=won,
+    for name in sorted(ps.sets):
+        eset = ps.sets[name]
+        candidates = torch.nonzero((eset.channel.cpu() == label) & allowed[name]).flatten()
+        rows = candidates[per[name][candidates].argsort(descending=True, stable=True)][:top]
+        if not len(rows):
+            continue
+        wins = _region_maps(segmenter, work, name, allowed[name], rows, label, labels)
+        for row, won in zip(rows.tolist(), wins, strict=True):
+            bank = ps.banks[int(eset.source[row]) - 1]
+            protos = bank[name]
+            b = int(eset.index[row])
+            evidence.append(
+                Evidence(
+                    extractor=name,
+                    row=row,
+                    class_name=bank.class_name,
+                    kind=KIND_NAMES[int(protos.kind[b])],
+                    region=REGION_NAMES[int(protos.region[b])],
+                    bank_index=b,
+                    image=int(protos.image[b]) if int(protos.image[b]) >= 0 else None,
+                    part=int(protos.part[b]) if int(protos.part[b]) >= 0 else None,
+                    similarity=float(per[name][row]),
+                    support=_support_regions(protos.support_pixels(b), bank.support_keys, support_size),
+                    wins=won,
+                )
             )
-        )
     return Explanation(
         pixel=(x, y),
         size=(h_in, w_in),
@@ -366,13 +374,11 @@ def render(
         top = HEADER_H + ROW_H * (rank - 1)
         draw.line([0, top - 4, width, top - 4], fill=(210, 210, 210))
         canvas.paste(region_map, (8, top))
-        sims = ", ".join(f"{k} {v:.3f}" for k, v in ev.similarity.items() if k != "ensemble")
         source = {"instance": f"support image {ev.image}", "part": f"part cluster {ev.part}"}.get(ev.kind, "all masks")
         caption = [
-            f"#{rank} {ev.kind} prototype ({ev.region}) of '{ev.class_name}'",
+            f"#{rank} {ev.extractor}: {ev.kind} prototype ({ev.region}) of '{ev.class_name}'",
             f"{source}, pooled from {count_noun(len(ev.support), 'support image')}",
-            f"similarity {ev.similarity['ensemble']:.3f}",
-            f"({sims})",
+            f"similarity {ev.similarity:.3f} ({ev.extractor} features)",
             f"wins {count_noun(int(ev.wins.sum()), 'pixel')} of the query (left)",
         ]
         x0 = 16 + 2 * THUMB

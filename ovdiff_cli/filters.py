@@ -1,9 +1,11 @@
 """Paper 3.4's filters around eq. 4: the CLIP category pre-filter, the "stuff" filter, and PAMR refinement.
 
-* Pre-filter: CLIP classifies the whole image against the vocabulary, keeps the classes scoring above 1/|C|
-  (at most eta of them), then picks the best-scoring subset prompt "a x and a y ..." among all subsets.
-* Stuff filter: thing classes' background prototypes that look like a stuff class's prototypes are dropped
-  (stuff classes themselves contribute no background prototypes; see segmentation.build_prototype_set).
+* Pre-filter: CLIP classifies the whole image against the vocabulary's thing classes (softmax over raw cosines),
+  keeps those with probability at least 1/|C| (at most eta of them), then picks the best-scoring subset prompt
+  "a x and a y ..." among all subsets. Stuff classes are always kept (REFERENCE 6).
+* Stuff filter: thing classes' background prototypes that look like a stuff class's foreground prototypes are
+  dropped, per extractor (stuff classes themselves contribute no background prototypes; see
+  segmentation.build_prototype_set).
 * PAMR (Araslanov & Roth, CVPR 2020): score maps are repeatedly replaced by an affinity-weighted average of their
   neighbours, the affinities coming from local colour differences, so label edges snap to image edges.
 """
@@ -11,14 +13,18 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import defaults as D
 from .extractors.base import l2n, normalise_pixels
-from .extractors.clip import CLIP_MEAN, CLIP_STD
+
+# CLIP's own pixel statistics: the pre-filter embeds whole images as CLIP was trained to see them (only the
+# dense CLIP extractor uses ImageNet's, as the reference does).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # --- category pre-filter ------------------------------------------------------------------------------------------
 
@@ -28,21 +34,22 @@ def subset_prompt(names: Sequence[str]) -> str:
     return D.PREFILTER_JOIN.join(D.PREFILTER_TEMPLATE.format(n) for n in names)
 
 
-def candidate_classes(probs: torch.Tensor, eta: int = D.ETA) -> list[int]:
-    """Classes CLIP thinks are present: probability above 1/C, at most the ``eta`` best.
+def candidate_classes(probs: torch.Tensor, cosines: torch.Tensor, eta: int = D.ETA) -> list[int]:
+    """Classes CLIP thinks are present: probability at least 1/C, at most the ``eta`` best.
 
     Args:
-        probs: (C,) float, CLIP's softmax over the vocabulary for one image (sums to 1).
+        probs: (C,) float, the softmax over the classes for one image (sums to 1).
+        cosines: (C,) float, the cosines the softmax was taken over (to rank with when none qualifies).
         eta: the most classes kept.
 
     Returns:
-        Class indices in [0, C), ascending. Never empty: if no class beats 1/C (all exactly equal), the best
-        one is kept, because eq. 4 needs at least one class.
+        Class indices in [0, C), ascending; the ``eta`` best by cosine when no class reaches 1/C (only possible
+        through rounding, since the largest probability is at least the mean).
     """
     c = probs.shape[0]
-    above = torch.nonzero(probs > 1.0 / c).flatten()
+    above = torch.nonzero(probs >= 1.0 / c).flatten()
     if above.numel() == 0:
-        above = probs.argmax().view(1)
+        above = cosines.topk(min(eta, c)).indices
     if above.numel() > eta:
         above = above[probs[above].topk(eta).indices]
     return sorted(int(i) for i in above)
@@ -59,43 +66,55 @@ def prefilter(
     class_emb: torch.Tensor,
     encode_subsets: Callable[[list[tuple[int, ...]]], torch.Tensor],
     eta: int = D.ETA,
-    logit_scale: float = 100.0,
+    temperature: float = D.PREFILTER_TEMPERATURE,
+    stuff: Sequence[bool] | None = None,
 ) -> tuple[int, ...]:
-    """The classes eq. 4 should use for one image (paper 3.4, category pre-filtering).
+    """The classes eq. 4 should use for one image (paper 3.4, category pre-filtering, as REFERENCE 6).
 
     Args:
         image_emb: (D,) float, the image's CLIP embedding, unit norm.
         class_emb: (C, D) float, each class prompt's CLIP text embedding, unit rows.
         encode_subsets: subsets of class indices -> (S, D) unit text embeddings of their prompts.
         eta: the most classes considered for subsets.
-        logit_scale: CLIP's softmax temperature (its learned ``logit_scale.exp()``).
+        temperature: of the softmax over the raw cosines (the reference: 1, no CLIP logit scale).
+        stuff: (C,) whether each class is stuff; stuff classes are not scored and are always kept.
 
     Returns:
-        The best subset: ascending class indices in [0, C), at least one.
+        Ascending class indices in [0, C): the best subset of the thing classes, plus every stuff class.
     """
-    probs = (logit_scale * class_emb.float() @ image_emb.float()).softmax(0)
-    subsets = all_subsets(candidate_classes(probs, eta))
-    if len(subsets) == 1:
-        return subsets[0]
-    scores = encode_subsets(subsets).float() @ image_emb.float()
-    return subsets[int(scores.argmax())]
+    stuff = [False] * class_emb.shape[0] if stuff is None else list(stuff)
+    things = [i for i, st in enumerate(stuff) if not st]
+    kept_stuff = [i for i, st in enumerate(stuff) if st]
+    if len(things) <= 1:
+        return tuple(range(class_emb.shape[0]))
+    cosines = class_emb[things].float() @ image_emb.float()
+    candidates = [things[i] for i in candidate_classes((cosines / temperature).softmax(0), cosines, eta)]
+    subsets = all_subsets(candidates)
+    best = subsets[0]
+    if len(subsets) > 1:
+        best = subsets[int((encode_subsets(subsets).float() @ image_emb.float()).argmax())]
+    return tuple(sorted([*best, *kept_stuff]))
 
 
 class ClipPrefilter:
     """The pre-filter bound to a CLIP model and a vocabulary; subset prompts are encoded once per process.
 
     Args:
-        clip: an open_clip CLIP model (``encode_image``, ``encode_text``, ``logit_scale``, ``visual.image_size``).
+        clip: an open_clip CLIP model (``encode_image``, ``encode_text``, ``visual.image_size``).
         names: the vocabulary, in the user's order.
         eta: the most classes considered for subsets.
+        stuff: per class, whether it is stuff (always kept, never scored); None = all things.
     """
 
-    def __init__(self, clip: torch.nn.Module, names: Sequence[str], eta: int = D.ETA) -> None:
+    def __init__(
+        self, clip: torch.nn.Module, names: Sequence[str], eta: int = D.ETA, stuff: Sequence[bool] | None = None
+    ) -> None:
         from open_clip.tokenizer import tokenize
 
         self.clip = clip
         self.names = list(names)
         self.eta = eta
+        self.stuff = list(stuff) if stuff is not None else [False] * len(self.names)
         self._tokenize = tokenize
         self._param = next(clip.parameters())
         self._subsets: dict[tuple[int, ...], torch.Tensor] = {}
@@ -131,36 +150,35 @@ class ClipPrefilter:
 
     def __call__(self, image_emb: torch.Tensor) -> tuple[int, ...]:
         """The kept classes of one image: ascending indices into ``names``."""
-        scale = float(self.clip.logit_scale.exp())
-        return prefilter(image_emb, self.class_emb, self.encode_subsets, self.eta, scale)
+        return prefilter(image_emb, self.class_emb, self.encode_subsets, self.eta, stuff=self.stuff)
 
 
 # --- stuff filter -------------------------------------------------------------------------------------------------
 
 
 def stuff_filter(
-    prototypes: Mapping[str, torch.Tensor],
+    prototypes: torch.Tensor,
     thing_bg: torch.Tensor,
-    stuff: torch.Tensor,
+    stuff_fg: torch.Tensor,
     threshold: float = D.STUFF_THRESHOLD,
 ) -> torch.Tensor:
-    """Which thing-class background prototypes survive the stuff filter (paper 3.4).
+    """Which thing-class background prototypes of one extractor survive the stuff filter (paper 3.4).
 
-    Similarity is the ensemble's: the mean over extractors of the cosine similarities, as in eq. 4.
+    The reference decides per extractor, in that extractor's space (REFERENCE 6).
 
     Args:
-        prototypes: extractor -> (P, D_e) float unit rows.
+        prototypes: (P, D) float unit rows of one extractor.
         thing_bg: (P,) bool, the background prototypes of thing classes (the candidates for removal).
-        stuff: (P,) bool, the prototypes of stuff classes (what they must not resemble).
-        threshold: a candidate whose similarity to any stuff prototype is above this is dropped.
+        stuff_fg: (P,) bool, the foreground prototypes of stuff classes (what they must not resemble).
+        threshold: a candidate whose cosine to any stuff prototype is above this is dropped.
 
     Returns:
         (P,) bool keep mask: False exactly for the dropped thing-bg prototypes.
     """
     keep = torch.ones_like(thing_bg)
-    if not bool(thing_bg.any()) or not bool(stuff.any()):
+    if not bool(thing_bg.any()) or not bool(stuff_fg.any()):
         return keep
-    sim = sum(p[thing_bg].float() @ p[stuff].float().T for p in prototypes.values()) / len(prototypes)
+    sim = prototypes[thing_bg].float() @ prototypes[stuff_fg].float().T
     keep[torch.nonzero(thing_bg).flatten()[sim.max(1).values > threshold]] = False
     return keep
 
@@ -183,11 +201,12 @@ def _shifted(x: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]:
 
 
 def pamr_affinity(image: torch.Tensor, dilations: Sequence[int] = D.PAMR_DILATIONS) -> torch.Tensor:
-    """Neighbour weights of PAMR from colour differences.
+    """Neighbour weights of PAMR from colour differences, as Araslanov & Roth's code computes them.
 
-    For each dilation d, a neighbour's logit is minus its absolute colour difference to the pixel divided by
-    (1e-8 + 0.1 x the standard deviation of the pixel's 3x3 neighbourhood at d), averaged over channels; the
-    weights are the softmax over all 8 x len(dilations) neighbours.
+    The scale is one standard deviation per pixel and channel, pooled over the 3x3 neighbourhoods (centre
+    included) of every dilation: 9 x len(dilations) samples, unbiased. A neighbour's logit is minus its absolute
+    colour difference to the pixel divided by (1e-8 + 0.1 x that deviation), averaged over channels; the weights
+    are the softmax over all 8 x len(dilations) neighbours.
 
     Args:
         image: (B, 3, H, W) float RGB (any range; only differences matter).
@@ -196,12 +215,10 @@ def pamr_affinity(image: torch.Tensor, dilations: Sequence[int] = D.PAMR_DILATIO
         (B, 8 * len(dilations), H, W) float32 weights summing to 1 over dim 1.
     """
     image = image.float()
-    logits = []
-    for d in dilations:
-        nbrs = torch.stack(_shifted(image, [d]), dim=2)  # (B, 3, 8, H, W)
-        sigma = torch.cat([image[:, :, None], nbrs], dim=2).std(dim=2, keepdim=True)
-        logits.append((-(nbrs - image[:, :, None]).abs() / (1e-8 + 0.1 * sigma)).mean(1))
-    return torch.cat(logits, dim=1).softmax(dim=1)
+    nbrs = torch.stack(_shifted(image, dilations), dim=2)  # (B, 3, 8 * len(dilations), H, W)
+    centre = image[:, :, None].expand(-1, -1, len(dilations), -1, -1)
+    sigma = torch.cat([centre, nbrs], dim=2).std(dim=2, keepdim=True)
+    return (-(nbrs - image[:, :, None]).abs() / (1e-8 + 0.1 * sigma)).mean(1).softmax(dim=1)
 
 
 def pamr(

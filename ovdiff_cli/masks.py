@@ -1,20 +1,18 @@
-"""Foreground/background masks of support images (paper section 3.3, eq. 1).
+"""Foreground/background masks of support images (paper section 3.3, eq. 1), as the authors' code makes them.
 
 An unsupervised segmenter (a *masker*) proposes binary object masks per support image; `select_masks` adds
-the background proposal (complement of all proposals) and picks fg = the candidate with the highest mean
-attribution, bg = the one with the lowest, then refines bg (attribution below `BG_ATTRIBUTION_MAX`, eroded by
-`BG_ERODE_PX`).
+the background proposal (complement of all proposals) as proposal 0 and picks fg = the proposal with the
+highest mean attribution, bg = the one with the lowest, refined to attribution < `BG_ATTRIBUTION_MAX` and eroded
+once with a 3x3 cross (REFERENCE 3). Everything happens at the support image's resolution, on attribution maps
+upsampled to it (:func:`ovdiff_cli.attribution.at_image_size`).
 
 Maskers are looked up by name in a small registry (`register_masker`, `build_masker`, `available_maskers`,
 `resolve_masker_name`). Registered:
 
-* ``maskcut``: training-free normalised cut on DINO key features, as in CutLER's MaskCut.
-* ``threshold``: a 3-class multi-Otsu split of the class's attribution maps (the paper's "-CutLER" variant).
-* ``cutler``: the CutLER detector; registered so the name is accepted, but unavailable until its checkpoint
-  support is ported (`build_masker("cutler")` raises `MaskerUnavailable`).
-
-All masks live on the grid (H, W) of the attribution maps; `maskcut` resizes its proposals from the feature
-grid (h, w) by nearest neighbour when the two differ.
+* ``cutler``: the CutLER detector, the paper's segmenter (REFERENCE 3).
+* ``maskcut``: training-free normalised cuts on DINO keys, as CutLER's MaskCut (a fallback; no CRF).
+* ``threshold``: a 3-class multi-Otsu split of the class's attribution maps (the paper's "-CutLER" variant):
+  it makes fg and bg directly, with no proposals, no extra 0.2 cut and no erosion.
 """
 
 from __future__ import annotations
@@ -32,7 +30,12 @@ from skimage.filters import threshold_multiotsu
 
 from ovdiff_cli.defaults import (
     BG_ATTRIBUTION_MAX,
-    BG_ERODE_PX,
+    BG_ERODE,
+    CUTLER_SCORE,
+    FG_FALLBACK,
+    MASKCUT_CORNERS,
+    MASKCUT_MAX_IOU,
+    MASKCUT_MIN_AREA,
     MASKCUT_N_MASKS,
     MASKCUT_TAU,
     THRESHOLD_FALLBACK_BG,
@@ -49,7 +52,7 @@ __all__ = [
     "registered_maskers",
     "resolve_masker_name",
     "select_masks",
-    "support_masks",
+    "stack_masks",
 ]
 
 AUTO = "auto"
@@ -60,36 +63,50 @@ class MaskerUnavailable(ValueError):
 
 
 class Masker(ABC):
-    """Proposes binary object masks for the N support images of one class.
+    """Makes the foreground and background masks of the N support images of one class.
 
-    Subclasses set `name` (registry name), `needs_features` (True if `propose` needs DINO key features) and
-    `version` (bump when the output changes for the same parameters, so cache keys change too).
+    Subclasses set `name` (registry name), `needs_features` (True if `propose` needs MaskCut's DINO key
+    features), `needs_images` (True if it needs the support images) and `version` (bump when the output changes
+    for the same parameters, so cache keys change too). A proposal-based masker implements `propose`; eq. 1
+    then picks fg and bg among the proposals (`masks`). A masker that makes fg and bg directly overrides `masks`
+    and sets `proposal_based` to False.
     """
 
     name: ClassVar[str] = ""
     needs_features: ClassVar[bool] = False
-    version: ClassVar[int] = 1
+    needs_images: ClassVar[bool] = False
+    proposal_based: ClassVar[bool] = True
+    version: ClassVar[int] = 2
     # Set for registered names whose backend is not usable yet; `build_masker` raises MaskerUnavailable(it).
     unavailable_reason: ClassVar[str | None] = None
 
     @abstractmethod
     def params(self) -> dict[str, Any]:
-        """JSON-able parameters that change the output of `propose` (for cache keys)."""
+        """JSON-able parameters that change the masks (for cache keys)."""
 
-    @abstractmethod
-    def propose(self, attribution: torch.Tensor, features: torch.Tensor | None) -> list[torch.Tensor]:
+    def propose(
+        self, attribution: torch.Tensor, features: torch.Tensor | None = None, images: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Object proposals per support image.
 
         Args:
-            attribution: (N, H, W) float32 in [0, 1], per-image min-max normalised attribution maps of one
-                class's N support images.
-            features: (N, h, w, D) float32 L2-normalised DINO key features, or None (allowed only when
-                `needs_features` is False).
+            attribution: (N, S, S) float32 in [0, 1], the class's attribution maps at the support image size.
+            features: (N, h, w, D) float32 DINO key features (MaskCut's input), or None unless `needs_features`.
+            images: (N, 3, S, S) float32 RGB in [0, 1], or None unless `needs_images`.
 
         Returns:
-            N bool tensors of shape (R_n, H, W), R_n >= 0, on the attribution grid. The background proposal is
-            not included: `select_masks` adds it.
+            N bool tensors of shape (R_n, S, S), R_n >= 0. The background proposal is not included:
+            `select_masks` adds it.
         """
+        raise NotImplementedError(f"masker {self.name!r} makes masks directly")
+
+    def masks(
+        self, attribution: torch.Tensor, features: torch.Tensor | None = None, images: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fg, bg): (N, S, S) bool each, disjoint per image; eq. 1 over `propose`'s proposals."""
+        _check_attribution(attribution)
+        proposals = self.propose(attribution, features, images)
+        return stack_masks([select_masks(p, a) for p, a in zip(proposals, attribution, strict=True)], attribution)
 
 
 _REGISTRY: dict[str, type[Masker]] = {}
@@ -134,15 +151,16 @@ def _accepted() -> str:
     return ", ".join([AUTO, *registered_maskers()])
 
 
-def resolve_masker_name(name: str) -> str:
-    """Map "auto" to the best available masker; return other known names unchanged (lower-cased).
+def resolve_masker_name(name: str, cutler_weights: bool = True) -> str:
+    """Map "auto" to the best available masker: cutler, or maskcut when CutLER's weights are not here
+    (``cutler_weights``); return other known names unchanged (lower-cased).
 
     Raises:
         ValueError: `name` is not "auto" nor a registered masker; the message lists the accepted names.
     """
     key = name.strip().lower()
     if key == AUTO:
-        usable = available_maskers()
+        usable = [n for n in available_maskers() if cutler_weights or n != "cutler"]
         if not usable:
             raise MaskerUnavailable("no masker is available in this installation")
         return usable[0]
@@ -151,19 +169,23 @@ def resolve_masker_name(name: str) -> str:
     return key
 
 
-def build_masker(name: str, **params: Any) -> Masker:
+def build_masker(name: str, models: Any = None, **params: Any) -> Masker:
     """Instantiate the masker `name` ("auto" allowed) with keyword `params` (e.g. tau, n_masks for maskcut).
 
+    ``models``: the model set's networks, for maskers that run one (cutler); never loaded here.
+
     Raises:
-        MaskerUnavailable: the masker is registered but cannot be used here (cutler).
+        MaskerUnavailable: the masker is registered but cannot be used here.
         ValueError: unknown masker name, unknown parameter or invalid parameter value.
     """
     key = resolve_masker_name(name)
     cls = _REGISTRY[key]
     if cls.unavailable_reason is not None:
         raise MaskerUnavailable(cls.unavailable_reason)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(params) - set(accepted))
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "models")]
+    if "models" in inspect.signature(cls.__init__).parameters:
+        params = {**params, "models": models}
+    unknown = sorted(set(params) - {*accepted, "models"})
     if unknown:
         raise ValueError(
             f"unknown parameter(s) {', '.join(unknown)} for masker {key!r}; accepted: {', '.join(accepted)}"
@@ -203,24 +225,22 @@ def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @register_masker("maskcut")
 class MaskCutMasker(Masker):
-    """Training-free MaskCut (CutLER): repeated normalised cuts on the DINO patch affinity graph.
+    """Training-free MaskCut (CutLER), with the reference's rules (REFERENCE 3): `maskcut_image` per image on
+    DINO keys of a square `maskcut_input` image, proposals resized to the support image by nearest neighbour.
 
-    Per image and per round: A = F F^T binarised at `tau` (non-edges get weight `eps` so the graph stays
-    connected), second-smallest generalised eigenvector x of (D - A) x = lambda D x, bipartition at the mean
-    of x over the uncovered patches; the side holding the seed (max |x|) is foreground unless it holds >= 2
-    image corners (object-centric prior: then the other side is), and the proposal is the 4-connected
-    component of the foreground containing the seed. Patches already covered by a proposal are cut off (all
-    their affinities set to `eps`, as MaskCut does by zeroing their features) for later rounds, so proposals
-    are pairwise disjoint. Rounds stop early when every patch is covered, or when the uncovered patches are
-    all mutually similar (a complete graph has no meaningful cut: splitting it would only follow the noise).
-
-    Cost: one dense (h*w)^2 eigendecomposition per round, in float64 on the features' device (about 7 s per
-    round for a 64x64 grid on CPU, milliseconds on a GPU).
+    Cost: one (h*w)^2 eigenproblem per round (60x60 patches: seconds per round on a CPU, milliseconds on a GPU).
     """
 
     needs_features = True
 
-    def __init__(self, tau: float = MASKCUT_TAU, n_masks: int = MASKCUT_N_MASKS, eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        tau: float = MASKCUT_TAU,
+        n_masks: int = MASKCUT_N_MASKS,
+        eps: float = 1e-5,
+        max_iou: float = MASKCUT_MAX_IOU,
+        min_area: float = MASKCUT_MIN_AREA,
+    ) -> None:
         if not -1.0 <= float(tau) < 1.0:
             raise ValueError(f"maskcut tau must be in [-1, 1), got {tau}")
         if int(n_masks) != n_masks or n_masks < 1:
@@ -230,17 +250,30 @@ class MaskCutMasker(Masker):
         self.tau = float(tau)
         self.n_masks = int(n_masks)
         self.eps = float(eps)
+        self.max_iou = float(max_iou)
+        self.min_area = float(min_area)
 
     def params(self) -> dict[str, Any]:
-        return {"tau": self.tau, "n_masks": self.n_masks, "eps": self.eps}
+        return {
+            "tau": self.tau,
+            "n_masks": self.n_masks,
+            "eps": self.eps,
+            "max_iou": self.max_iou,
+            "min_area": self.min_area,
+            "corners": MASKCUT_CORNERS,
+        }
 
-    def propose(self, attribution: torch.Tensor, features: torch.Tensor | None) -> list[torch.Tensor]:
+    def propose(
+        self, attribution: torch.Tensor, features: torch.Tensor | None = None, images: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         _check_attribution(attribution)
         feats = _check_features(features, attribution)
         size = (int(attribution.shape[1]), int(attribution.shape[2]))
         out = []
         for n in range(feats.shape[0]):
-            props = maskcut_image(feats[n], tau=self.tau, n_masks=self.n_masks, eps=self.eps)
+            props = maskcut_image(
+                feats[n], self.tau, self.n_masks, self.eps, max_iou=self.max_iou, min_area=self.min_area
+            )
             out.append(_resize_masks(props, size).to(attribution.device))
         return out
 
@@ -277,55 +310,68 @@ def _second_eigvec(affinity: torch.Tensor, eigh_max_nodes: int | None = None) ->
     return x
 
 
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """IoU of two bool masks; NaN when both are empty (as the reference's metric, so it never rejects)."""
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else float("nan")
+
+
 def maskcut_image(
-    features: torch.Tensor, tau: float = MASKCUT_TAU, n_masks: int = MASKCUT_N_MASKS, eps: float = 1e-5
+    features: torch.Tensor,
+    tau: float = MASKCUT_TAU,
+    n_masks: int = MASKCUT_N_MASKS,
+    eps: float = 1e-5,
+    *,
+    max_iou: float = MASKCUT_MAX_IOU,
+    min_area: float = MASKCUT_MIN_AREA,
 ) -> torch.Tensor:
-    """MaskCut proposals for one image on its feature grid.
+    """MaskCut proposals for one image on its feature grid, round by round as CutLER's ``maskcut_forward``.
+
+    Each round: A = F F^T binarised at `tau` (non-edges weigh `eps`); x = the second-smallest generalised
+    eigenvector of (D - A) x = lambda D x (sign pinned: its largest-magnitude entry positive); the bipartition
+    is x above the mean of the *whole* x. It is reversed when it holds at least `MASKCUT_CORNERS` of the 4
+    corners, or else when the seed argmax |x| lies outside it; the seed is then argmax x (not reversed) or argmin
+    x (reversed). The round's mask is the seed's 4-connected component. From the second round on, a mask with
+    IoU > `max_iou` to the previous round's mask, or covering at most `min_area` of the grid, is rejected (an
+    empty mask; the next round then compares with that empty mask). Before every later round the features of
+    the patches of the previous rounds' masks are zeroed (so their affinities fall to `eps`). A round's
+    proposal is its mask minus everything earlier rounds proposed.
 
     Args:
-        features: (h, w, D) float, L2-normalised patch features (re-normalised here defensively).
-        tau: affinity threshold; cosine similarities above it become edges of weight 1, others weight `eps`.
-        n_masks: maximum number of proposals; fewer when every patch is covered earlier.
-        eps: weight of non-edges and of every edge touching an already covered patch.
+        features: (h, w, D) float DINO patch features (L2-normalised here).
+        tau: affinity threshold on the cosine similarity.
+        n_masks: number of rounds.
+        eps: weight of non-edges.
 
     Returns:
-        (R, h, w) bool, 0 <= R <= n_masks, pairwise disjoint proposals in discovery order.
+        (n_masks, h, w) bool, pairwise disjoint; a rejected round's proposal is empty.
     """
     h, w, _ = features.shape
     feats = F.normalize(features.reshape(h * w, -1).to(torch.float64), dim=1)
-    binary = torch.where(feats @ feats.T > tau, 1.0, eps).to(torch.float64)
     corners = torch.zeros(h * w, dtype=torch.bool, device=feats.device)
     corners[[0, w - 1, (h - 1) * w, h * w - 1]] = True
 
-    covered = torch.zeros(h * w, dtype=torch.bool, device=feats.device)
+    painted = torch.zeros(h * w, dtype=torch.bool, device=feats.device)
+    current = torch.zeros(h * w, dtype=torch.bool, device=feats.device)
+    proposed = torch.zeros(h * w, dtype=torch.bool, device=feats.device)
     proposals: list[torch.Tensor] = []
-    for _ in range(n_masks):
-        active = ~covered
-        if not bool(active.any()) or bool((binary[active][:, active] > 0.5).all()):
-            break
-        # Equivalent to MaskCut zeroing the features of covered patches: their cosine is 0 <= tau -> eps.
-        affinity = binary.clone()
-        affinity[covered, :] = eps
-        affinity[:, covered] = eps
+    for round_ in range(n_masks):
+        painted |= current
+        feats = torch.where(painted[:, None], torch.zeros_like(feats), feats)
+        affinity = torch.where(feats @ feats.T > tau, 1.0, eps).to(torch.float64)
         x = _second_eigvec(affinity)
 
-        above = x > x[active].mean()
-        score = torch.where(active, x.abs(), torch.full_like(x, -1.0))
-        seed = int(torch.argmax(score))
-        fg = (above if bool(above[seed]) else ~above) & active
-        if int((fg & corners).sum()) >= 2:
-            flipped = ~fg & active
-            if bool(flipped.any()):
-                fg = flipped
-                seed = int(torch.argmax(torch.where(fg, x.abs(), torch.full_like(x, -1.0))))
+        above = x > x.mean()
+        reverse = int((above & corners).sum()) >= MASKCUT_CORNERS or not bool(above[int(x.abs().argmax())])
+        fg, seed = (~above, int(x.argmin())) if reverse else (above, int(x.argmax()))
 
         labels, _ = ndi.label(fg.reshape(h, w).cpu().numpy())  # default structure = 4-connectivity
-        comp = labels == labels.reshape(-1)[seed]
-        mask = torch.from_numpy(comp.reshape(-1)).to(feats.device)
-        proposals.append(mask.reshape(h, w))
-        covered |= mask
-    if not proposals:
-        return torch.zeros((0, h, w), dtype=torch.bool, device=features.device)
+        mask = torch.from_numpy(labels.reshape(-1) == labels.reshape(-1)[seed]).to(feats.device)
+        if round_ >= 1 and (_iou(current, mask) > max_iou or float(mask.double().mean()) <= min_area):
+            mask = torch.zeros_like(mask)
+        current = mask
+        proposals.append((mask & ~proposed).reshape(h, w))
+        proposed |= mask
     return torch.stack(proposals).to(features.device)
 
 
@@ -336,15 +382,16 @@ def maskcut_image(
 
 @register_masker("threshold")
 class ThresholdMasker(Masker):
-    """Attribution thresholds only: the paper's "-CutLER" variant.
+    """Attribution thresholds only: the paper's "-CutLER" variant (REFERENCE 3).
 
-    One 3-class multi-Otsu split over all N maps of the class together (so an image's proposals depend on the
-    other images of its class); fg = attribution > t_high, bg region = attribution < t_low. When multi-Otsu
-    cannot split the maps (fewer than 3 distinct values, or non-increasing thresholds) the fixed fallback
-    thresholds are used instead: bg region < `fallback_bg`, fg > `fallback_fg`.
+    One 3-class multi-Otsu split over all N maps of the class together (so an image's masks depend on the other
+    images of its class); fg = attribution > t_high, bg = attribution < t_low, with no further cut and no
+    erosion. When multi-Otsu cannot split the maps (fewer than 3 distinct values, or non-increasing thresholds)
+    the fallback thresholds are used: bg < `fallback_bg`, fg > `fallback_fg`. An image with an empty fg gets
+    no bg either (the reference skips it).
     """
 
-    needs_features = False
+    proposal_based = False
 
     def __init__(self, fallback_bg: float = THRESHOLD_FALLBACK_BG, fallback_fg: float = THRESHOLD_FALLBACK_FG) -> None:
         if not fallback_bg <= fallback_fg:
@@ -356,7 +403,7 @@ class ThresholdMasker(Masker):
         return {"fallback_bg": self.fallback_bg, "fallback_fg": self.fallback_fg}
 
     def thresholds(self, attribution: torch.Tensor) -> tuple[float, float]:
-        """(t_low, t_high) for the (N, H, W) maps of one class: multi-Otsu, or the fallback pair.
+        """(t_low, t_high) for the (N, S, S) maps of one class: multi-Otsu, or the fallback pair.
 
         Multi-Otsu thresholds are skimage's: the centres of the last histogram bin (256 bins over the value
         range) of the lower classes, used as bg = A < t_low, fg = A > t_high.
@@ -370,42 +417,64 @@ class ThresholdMasker(Masker):
             return self.fallback_bg, self.fallback_fg
         return t_low, t_high
 
-    def propose(self, attribution: torch.Tensor, features: torch.Tensor | None) -> list[torch.Tensor]:
+    def masks(
+        self, attribution: torch.Tensor, features: torch.Tensor | None = None, images: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         _check_attribution(attribution)
         t_low, t_high = self.thresholds(attribution)
-        out = []
-        for a in attribution:
-            props = [m for m in (a > t_high, a < t_low) if bool(m.any())]
-            h, w = a.shape
-            out.append(torch.stack(props) if props else torch.zeros((0, h, w), dtype=torch.bool, device=a.device))
-        return out
+        fg = attribution > t_high
+        present = fg.flatten(1).any(1)[:, None, None]
+        return fg, (attribution < t_low) & present
 
 
 # ----------------------------------------------------------------------------------------------------------
-# cutler (placeholder)
+# cutler
 # ----------------------------------------------------------------------------------------------------------
 
 
 @register_masker("cutler")
 class CutlerMasker(Masker):
-    """The CutLER detector. Not available yet: its checkpoint loading has not been ported."""
+    """The CutLER detector's instances (REFERENCE 3): every detection scoring at least `score_threshold` (at most
+    100 per image, the detector's own cap), its mask pasted at the support image's size. The detector runs on the
+    models' device, `batch_size` support images at a time; it is loaded on first use, so building the masker (for
+    cache keys) loads nothing.
+    """
 
-    needs_features = False
-    unavailable_reason = (
-        "masker 'cutler' needs the CutLER checkpoint, which is not supported yet; "
-        "use --masker maskcut or --masker threshold"
-    )
+    needs_images = True
 
-    def __init__(self, **params: Any) -> None:
-        raise MaskerUnavailable(self.unavailable_reason)
+    def __init__(self, models: Any = None, score_threshold: float = CUTLER_SCORE, batch_size: int = 8) -> None:
+        if not 0.0 <= float(score_threshold) <= 1.0:
+            raise ValueError(f"cutler score_threshold must be in [0, 1], got {score_threshold}")
+        self.models = models
+        self.score_threshold = float(score_threshold)
+        self.batch_size = int(batch_size)
 
-    def params(self) -> dict[str, Any]:  # pragma: no cover - never instantiated
-        return {}
+    def params(self) -> dict[str, Any]:
+        from ovdiff_cli.cutler.configs import FULL
+
+        return {
+            "score_threshold": self.score_threshold,
+            "max_detections": FULL.max_detections,
+            "test_size": [FULL.min_size_test, FULL.max_size_test],
+            "mask_threshold": FULL.mask_threshold,
+        }
 
     def propose(
-        self, attribution: torch.Tensor, features: torch.Tensor | None
-    ) -> list[torch.Tensor]:  # pragma: no cover
-        raise MaskerUnavailable("masker 'cutler' is not available")
+        self, attribution: torch.Tensor, features: torch.Tensor | None = None, images: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        _check_attribution(attribution)
+        if images is None or images.shape[0] != attribution.shape[0]:
+            raise ValueError("masker 'cutler' needs the N support images")
+        if self.models is None:
+            raise ValueError("masker 'cutler' was built without models to run the detector on")
+        detector = self.models.get("cutler")
+        param = next(detector.parameters())
+        out: list[torch.Tensor] = []
+        for start in range(0, images.shape[0], self.batch_size):
+            chunk = images[start : start + self.batch_size].to(param.device, param.dtype)
+            for det in detector.detect(list(chunk), score_threshold=self.score_threshold):
+                out.append(det.masks.to(attribution.device))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -413,34 +482,38 @@ class CutlerMasker(Masker):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _erode_cross(mask: np.ndarray, times: int) -> np.ndarray:
+    """``times`` erosions with a 3x3 cross; pixels outside the image count as set, so the border does not erode
+    (as OpenCV's and a min-pool's default border)."""
+    if times <= 0 or not mask.any():
+        return mask  # scipy's iterations=0 would mean "until nothing changes"
+    return ndi.binary_erosion(mask, structure=ndi.generate_binary_structure(2, 1), iterations=times, border_value=1)
+
+
 def select_masks(
     proposals: torch.Tensor,
     attribution: torch.Tensor,
     bg_max: float = BG_ATTRIBUTION_MAX,
-    erode_px: int = BG_ERODE_PX,
-    fg_fallback: float = THRESHOLD_FALLBACK_FG,
+    erode: int = BG_ERODE,
+    fg_fallback: float = FG_FALLBACK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 1: pick the foreground and background masks of one support image among its proposals.
+    """Eq. 1 as the authors' code applies it (REFERENCE 3): fg and bg masks of one support image.
 
-    Candidates are the non-empty proposals, in order, followed by the background proposal (pixels outside
-    every proposal) when it is non-empty. Each is scored by its mean attribution M^T A / M^T M; fg = the
-    highest, bg = the lowest (ties: the lowest candidate index). bg is then refined: only pixels with
-    attribution < `bg_max`, eroded `erode_px` times with a 3x3 square (pixels outside the image count as bg,
-    so the image border does not erode it).
+    Candidates are the background proposal (pixels outside every proposal) as proposal 0, then the proposals in
+    order; empty candidates are left out. Each is scored by its mean attribution M^T A / M^T M; fg = the highest,
+    bg = the lowest (ties: the lowest candidate index, so the background proposal first). bg is then refined:
+    only pixels with attribution < `bg_max`, eroded `erode` times with a 3x3 cross.
 
-    With fewer than two candidates (no proposals, so the background proposal is the whole image, or a single
-    proposal covering it) eq. 1 cannot tell fg from bg; then fg = pixels with attribution >= `fg_fallback` and
-    bg is the refined whole image. fg never overlaps bg: shared pixels stay fg.
+    With fewer than two non-empty candidates eq. 1 cannot tell fg from bg: then fg = attribution > `fg_fallback`
+    and bg = attribution < `bg_max`, with no erosion. Shared pixels stay fg. An image whose fg is empty gets an
+    empty bg too: the reference skips such a support image entirely.
 
     Args:
-        proposals: (R, H, W) bool, R >= 0, object proposals (without the background proposal).
-        attribution: (H, W) float in [0, 1].
-        bg_max: bg keeps only pixels with attribution strictly below this.
-        erode_px: number of one-pixel erosions of bg (0: none).
-        fg_fallback: fg threshold when there are fewer than two candidates.
+        proposals: (R, S, S) bool, R >= 0, object proposals (without the background proposal).
+        attribution: (S, S) float in [0, 1], at the same resolution.
 
     Returns:
-        (fg, bg): two disjoint (H, W) bool tensors on the attribution's device; either may be empty.
+        (fg, bg): two disjoint (S, S) bool tensors on the attribution's device; both empty for a skipped image.
     """
     if attribution.ndim != 2:
         raise ValueError(f"attribution must be (H, W), got shape {tuple(attribution.shape)}")
@@ -448,62 +521,32 @@ def select_masks(
         raise ValueError(
             f"proposals must be (R, {attribution.shape[0]}, {attribution.shape[1]}), got shape {tuple(proposals.shape)}"
         )
-    if erode_px < 0:
-        raise ValueError(f"erode_px must be >= 0, got {erode_px}")
+    if erode < 0:
+        raise ValueError(f"erode must be >= 0, got {erode}")
 
     attr = attribution.detach().to(torch.float64).cpu().numpy()
     props = proposals.detach().to(torch.bool).cpu().numpy()
-    candidates = [m for m in props if m.any()]
-    rest = ~props.any(axis=0)
-    if rest.any():
-        candidates.append(rest)
-
+    candidates = [m for m in [~props.any(axis=0), *props] if m.any()]
     if len(candidates) < 2:
-        fg = attr >= fg_fallback
-        bg = np.ones_like(fg)
+        fg, bg = attr > fg_fallback, attr < bg_max
     else:
         scores = np.array([attr[m].mean() for m in candidates])
         # np.argmax / np.argmin return the first extremum: ties go to the lowest index.
         fg = candidates[int(np.argmax(scores))]
-        bg = candidates[int(np.argmin(scores))]
-
-    bg = bg & (attr < bg_max)
-    if erode_px > 0 and bg.any():
-        # iterations=0 would mean "until nothing changes" in scipy, hence the guard above.
-        bg = ndi.binary_erosion(bg, structure=np.ones((3, 3), bool), iterations=erode_px, border_value=1)
+        bg = _erode_cross(candidates[int(np.argmin(scores))] & (attr < bg_max), erode)
     bg = bg & ~fg
+    if not fg.any():
+        bg = np.zeros_like(bg)
     dev = attribution.device
     return torch.from_numpy(np.ascontiguousarray(fg)).to(dev), torch.from_numpy(np.ascontiguousarray(bg)).to(dev)
 
 
-def support_masks(
-    masker: Masker,
-    attribution: torch.Tensor,
-    features: torch.Tensor | None,
-    bg_max: float = BG_ATTRIBUTION_MAX,
-    erode_px: int = BG_ERODE_PX,
+def stack_masks(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], attribution: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Propose with `masker`, then `select_masks` per image.
-
-    Args:
-        masker: a built masker.
-        attribution: (N, H, W) float32 in [0, 1], per-image min-max normalised attribution maps of one class.
-        features: (N, h, w, D) float32 L2-normalised DINO keys, or None when `masker.needs_features` is False.
-
-    Returns:
-        (fg, bg): (N, H, W) bool each, disjoint per image.
-    """
-    _check_attribution(attribution)
-    if masker.needs_features:
-        _check_features(features, attribution)
-    proposals = masker.propose(attribution, features)
-    fgs, bgs = [], []
-    for props, attr in zip(proposals, attribution, strict=True):
-        fg, bg = select_masks(props, attr, bg_max=bg_max, erode_px=erode_px)
-        fgs.append(fg)
-        bgs.append(bg)
-    h, w = attribution.shape[1:]
-    if not fgs:
-        empty = torch.zeros((0, h, w), dtype=torch.bool, device=attribution.device)
+    """Per-image (fg, bg) pairs -> (N, S, S) fg and bg stacks (empty stacks for N = 0)."""
+    if not pairs:
+        empty = torch.zeros((0, *attribution.shape[1:]), dtype=torch.bool, device=attribution.device)
         return empty, empty.clone()
-    return torch.stack(fgs), torch.stack(bgs)
+    fg, bg = zip(*pairs, strict=True)
+    return torch.stack(fg), torch.stack(bg)

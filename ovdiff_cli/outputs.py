@@ -40,13 +40,19 @@ def colour(label: int) -> tuple[int, int, int]:
     return int(r), int(g), int(b)
 
 
-def build_legend(names: Sequence[str], stuff: Sequence[bool], background: bool = True) -> dict[str, dict]:
-    """``legend.json``'s content: label id (as a string) -> name, colour and type (thing, stuff, background)."""
+def build_legend(
+    names: Sequence[str], stuff: Sequence[bool], background: bool = True, type_from: Sequence[str] | None = None
+) -> dict[str, dict]:
+    """``legend.json``'s content: label id (as a string) -> name, colour and type (thing, stuff, background),
+    and with ``type_from`` who decided each class's type ("user", or the stuff table: "paper", "extended")."""
     legend = {}
     if background:
         legend["0"] = {"name": "background", "color": list(colour(0)), "type": "background"}
-    for i, (name, is_stuff) in enumerate(zip(names, stuff, strict=True), start=1):
+    sources = list(type_from) if type_from is not None else [None] * len(names)
+    for i, (name, is_stuff, src) in enumerate(zip(names, stuff, sources, strict=True), start=1):
         legend[str(i)] = {"name": name, "color": list(colour(i)), "type": "stuff" if is_stuff else "thing"}
+        if src is not None:
+            legend[str(i)]["type_from"] = src
     return legend
 
 

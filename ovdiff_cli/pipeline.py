@@ -24,23 +24,25 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
+from . import attribution, evaluation, masks, outputs, prototypes, synthesis
 from . import cache as cachelib
 from . import defaults as D
-from . import evaluation, masks, outputs, prototypes, synthesis
 from .classes import ClassSpec
 from .datasets import DatasetSpec, Sample
-from .extractors import build_extractor, parse_extractors, to_grid
+from .extractors import build_extractor, parse_extractors
 from .inputs import ImageError, InputImage, load_image
-from .models.loading import Models
+from .models.loading import Models, dtype_name
 from .segmentation import Segmentation, Segmenter, SegmentOptions, build_prototype_set
 from .timing import Timings
 
 T = TypeVar("T")
 
 # Bump a stage's version whenever its bytes would change for the same key fields.
-SUPPORT_VERSION = 1
-PROPOSALS_VERSION = 1
-BANK_VERSION = 1
+# 2: the reference's recipe (issue 11): DPM-Solver++ by default, bicubic per-step attribution stored in float32,
+# masks chosen at the support image's resolution, per-extractor prototypes from raw features.
+SUPPORT_VERSION = 2
+PROPOSALS_VERSION = 2
+BANK_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class SynthOptions:
 
     n: int = D.N_SUPPORT
     steps: int = D.STEPS
+    scheduler: str = D.SCHEDULER
     guidance: float = D.GUIDANCE
     seed: int = D.SEED
     batch_size: int = D.BATCH_SIZE
@@ -61,9 +64,13 @@ class SynthOptions:
         for name in ("n", "steps", "batch_size", "k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.scheduler not in D.SCHEDULERS:
+            raise ValueError(f"--scheduler {self.scheduler!r}: expected one of {', '.join(D.SCHEDULERS)}")
         object.__setattr__(self, "extractors", parse_extractors(self.extractors))
-        object.__setattr__(self, "masker", masks.resolve_masker_name(self.masker))
-        masks.build_masker(self.masker)  # an unusable masker (cutler without its checkpoint) fails here, early
+        name = self.masker.strip().lower()
+        # "auto" stays "auto" here: which masker it means depends on the models (see effective_masker).
+        object.__setattr__(self, "masker", name if name == masks.AUTO else masks.resolve_masker_name(name))
+        masks.build_masker(self.masker)  # an unknown masker or bad parameter fails here, early
 
 
 @dataclass
@@ -74,7 +81,7 @@ class ClassResult:
     stuff: bool
     images_generated: int = 0
     images_cached: int = 0
-    prototypes: dict[str, int] = field(default_factory=dict)
+    prototypes: dict[str, dict[str, int]] = field(default_factory=dict)
     digest: str = ""
     bank_key: str = ""
     bank_cached: bool = False
@@ -102,7 +109,7 @@ def support_key(models: Models, class_name: str, index: int, opts: SynthOptions)
     """Cache key of support image ``index`` of ``class_name``: everything that determines its bytes.
 
     N is deliberately absent (image i is the same whatever N is). The batch size is present: it fixes the batch
-    shape the networks ran with, which can change low-order bits on some devices.
+    shape the networks ran with, which can change low-order bits on some devices. So is the dtype SD ran in.
     """
     return cachelib.make_key(
         "support",
@@ -115,21 +122,54 @@ def support_key(models: Models, class_name: str, index: int, opts: SynthOptions)
         model=models.hashes["sd"],
         steps=opts.steps,
         guidance=opts.guidance,
-        scheduler="ddim",
+        scheduler=opts.scheduler,
         size=models.spec.image_size,
+        dtype=dtype_name(models.dtype("sd")),
     )
 
 
+def effective_masker(opts: SynthOptions, models: Models) -> str:
+    """The masker a run uses: ``--masker auto`` is cutler when the model set's CutLER checkpoint is on this machine
+    (the paper's recipe), else maskcut (see :func:`masker_note`)."""
+    if opts.masker != masks.AUTO:
+        return opts.masker
+    return masks.resolve_masker_name(masks.AUTO, cutler_weights=models.has_weights("cutler"))
+
+
+def masker_note(opts: SynthOptions, models: Models) -> str | None:
+    """What to tell the user when ``--masker auto`` could not use CutLER; None when there is nothing to say."""
+    if opts.masker != masks.AUTO or models.has_weights("cutler"):
+        return None
+    comp = models.spec.components.get("cutler")
+    where = f" ({comp.source})" if comp is not None else ""
+    return (
+        f"--masker auto uses {effective_masker(opts, models)}: the CutLER checkpoint{where} is not on this machine,"
+        " so support masks are not the paper's recipe; get it with `ovdiff models fetch sd15` or pass"
+        " --models NAME,cutler=PATH"
+    )
+
+
+def build_class_masker(opts: SynthOptions, models: Models) -> masks.Masker:
+    """The run's masker, bound to the models (it loads nothing until it runs)."""
+    return masks.build_masker(effective_masker(opts, models), models=models)
+
+
 def _masker_fields(models: Models, masker: masks.Masker) -> dict:
+    """What a masker's output depends on, for cache keys: its name, version, parameters and the network it runs."""
+    model = models.hashes["dino"] if masker.needs_features else None
+    if masker.name == "cutler":
+        model = models.hashes["cutler"]
     return {
         "masker": masker.name,
+        "masker_version": masker.version,
         "masker_params": masker.params(),
-        "masker_model": models.hashes["dino"] if masker.needs_features else None,
+        "masker_model": model,
+        "masker_input": models.spec.maskcut_input if masker.needs_features else None,
     }
 
 
 def bank_key(models: Models, class_name: str, keys: list[str], opts: SynthOptions) -> str:
-    masker = masks.build_masker(opts.masker)
+    masker = build_class_masker(opts, models)
     extractors = {name: build_extractor(name, models) for name in opts.extractors}
     return cachelib.make_key(
         "bank",
@@ -137,8 +177,13 @@ def bank_key(models: Models, class_name: str, keys: list[str], opts: SynthOption
         class_name=class_name,
         support=keys,
         **_masker_fields(models, masker),
-        extractors={n: {"model": models.hashes[e.role], "params": e.params()} for n, e in extractors.items()},
-        grid=models.spec.grid,
+        extractors={
+            n: {"model": models.hashes[e.role], "params": e.params(), "dtype": dtype_name(models.dtype(e.role))}
+            for n, e in extractors.items()
+        },
+        mask_size=models.spec.image_size,
+        mask_grid_threshold=D.MASK_GRID_THRESHOLD,
+        selection={"bg_max": D.BG_ATTRIBUTION_MAX, "erode": D.BG_ERODE, "fg_fallback": D.FG_FALLBACK},
         k=opts.k,
         kmeans_seed=D.KMEANS_SEED,
         kmeans_iters=D.KMEANS_ITERS,
@@ -174,6 +219,7 @@ def ensure_support(
             steps=opts.steps,
             guidance=opts.guidance,
             negative_prompt=opts.negative_prompt,
+            scheduler=opts.scheduler,
             image_size=models.spec.image_size,
         )
         for i, img in zip(slots, out, strict=True):
@@ -184,11 +230,12 @@ def ensure_support(
 
 
 def encode_support(image: np.ndarray, attribution: np.ndarray, class_name: str, index: int) -> bytes:
-    """A support cache entry: (H, W, 3) uint8 image as PNG and (G, G) attribution as float16, in safetensors."""
+    """A support cache entry: (H, W, 3) uint8 image as PNG and (G, G) attribution as float32, in safetensors
+    (float32: the thresholds 0.2 and 0.5 are applied to it after upsampling, so it is kept exact)."""
     return cachelib.encode_arrays(
         {
             "image_png": np.frombuffer(cachelib.encode_png(image), dtype=np.uint8),
-            "attribution": attribution.astype(np.float16),
+            "attribution": attribution.astype(np.float32),
         },
         {"class": class_name, "index": index},
     )
@@ -211,7 +258,7 @@ def support_image(cache: cachelib.Cache, key: str) -> np.ndarray | None:
         return None
 
 
-def _batched(images: torch.Tensor, fn, batch_size: int) -> torch.Tensor:
+def _batched(images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> torch.Tensor:
     """Run ``fn`` over fixed-shape batches (the last zero-padded) so results never depend on N."""
     outs = []
     for start in range(0, images.shape[0], batch_size):
@@ -231,29 +278,44 @@ def support_masks(
     attr: torch.Tensor,
     opts: SynthOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fg, bg (N, G, G) bool masks by eq. 1. Per-image proposals of feature-based maskers are cached."""
-    masker = masks.build_masker(opts.masker)
-    n = len(keys)
-    if not masker.needs_features:
-        proposals = masker.propose(attr, None)
-    else:
-        fields = _masker_fields(models, masker)
-        pkeys = [cachelib.make_key("proposals", PROPOSALS_VERSION, support=k, **fields) for k in keys]
-        proposals: list[torch.Tensor | None] = [None] * n
-        for i, k in enumerate(pkeys):
-            payload = cache.get("proposals", k)
-            if payload is not None:
-                proposals[i] = torch.from_numpy(cachelib.decode_arrays(payload)[0]["masks"].astype(bool))
-        todo = [i for i in range(n) if proposals[i] is None]
-        if todo:
-            dino = build_extractor("dino", models)
-            feats = to_grid(_batched(images[todo], dino, opts.batch_size), tuple(attr.shape[1:]))
-            for i, props in zip(todo, masker.propose(attr[todo], feats), strict=True):
-                proposals[i] = props
-                payload = cachelib.encode_arrays({"masks": props.numpy().astype(np.uint8)})
-                cache.put("proposals", pkeys[i], payload)
-    fg, bg = zip(*(masks.select_masks(proposals[i], attr[i]) for i in range(n)), strict=True)
-    return torch.stack(fg), torch.stack(bg)
+    """fg, bg (N, S, S) bool masks at the support image's resolution (REFERENCE 3).
+
+    Args:
+        images: (N, 3, S, S) float32 in [0, 1] on the models' device.
+        attr: (N, S, S) float32 attribution maps at the image resolution.
+
+    Proposals of proposal-based maskers are cached per image (bit-packed).
+    """
+    masker = build_class_masker(opts, models)
+    if not masker.proposal_based:
+        return masker.masks(attr)
+    size = tuple(attr.shape[1:])
+    fields = _masker_fields(models, masker)
+    pkeys = [cachelib.make_key("proposals", PROPOSALS_VERSION, support=k, **fields) for k in keys]
+    proposals: list[torch.Tensor | None] = [None] * len(keys)
+    for i, k in enumerate(pkeys):
+        payload = cache.get("proposals", k)
+        if payload is not None:
+            proposals[i] = _unpack_masks(payload, size)
+    todo = [i for i in range(len(keys)) if proposals[i] is None]
+    if todo:
+        feats = None
+        if masker.needs_features:
+            feats = _batched(images[todo], build_extractor("dino", models).maskcut_keys, opts.batch_size)
+        for i, props in zip(todo, masker.propose(attr[todo], feats, images[todo]), strict=True):
+            proposals[i] = props.cpu()
+            packed = np.packbits(props.cpu().numpy().astype(bool).reshape(-1))
+            cache.put("proposals", pkeys[i], cachelib.encode_arrays({"masks": packed}, {"count": len(props)}))
+    pairs = [masks.select_masks(p, a) for p, a in zip(proposals, attr, strict=True)]
+    return masks.stack_masks(pairs, attr)
+
+
+def _unpack_masks(payload: bytes, size: tuple[int, int]) -> torch.Tensor:
+    """A cached proposals entry -> (R, *size) bool."""
+    arrays, meta = cachelib.decode_arrays(payload)
+    count = int(meta["count"])
+    bits = np.unpackbits(arrays["masks"])[: count * size[0] * size[1]]
+    return torch.from_numpy(bits.astype(bool).reshape(count, *size))
 
 
 def build_class_bank(
@@ -262,23 +324,22 @@ def build_class_bank(
     """Masks, features and prototypes of one class from its cached support images."""
     loaded = [load_support(cache, k) for k in keys]
     images = torch.from_numpy(np.stack([img for img, _ in loaded])).permute(0, 3, 1, 2).float() / 255
-    attr = torch.from_numpy(np.stack([a for _, a in loaded]))
+    attr = attribution.at_image_size(torch.from_numpy(np.stack([a for _, a in loaded])), images.shape[-1])
     images = images.to(models.device)
     fg, bg = support_masks(cache, models, keys, images, attr, opts)
-    grid = tuple(attr.shape[1:])
-    features = {
-        name: to_grid(_batched(images, build_extractor(name, models), opts.batch_size), grid).to(models.device)
-        for name in opts.extractors
-    }
+    features = {}
+    for name in opts.extractors:
+        ext = build_extractor(name, models)
+        features[name] = _batched(images, lambda x, ext=ext: ext(x, support=True), opts.batch_size).to(models.device)
     return prototypes.build_bank(
         class_name,
         features,
-        fg.to(models.device),
-        bg.to(models.device),
+        fg,
+        bg,
         k=opts.k,
         seed=D.KMEANS_SEED,
         support_keys=keys,
-        meta={"model_set": models.spec.name, "masker": opts.masker, "n": opts.n, "seed": opts.seed},
+        meta={"model_set": models.spec.name, "masker": effective_masker(opts, models), "n": opts.n, "seed": opts.seed},
     )
 
 
@@ -339,6 +400,8 @@ def segment_roles(
         roles.add("clip")
     if missing_banks(classes, synth_opts, models, cache):
         roles |= {"sd", "dino", "clip"}
+        if effective_masker(synth_opts, models) == "cutler":
+            roles.add("cutler")
     return sorted(roles)
 
 
@@ -360,9 +423,11 @@ def build_segmenter(
     extractors = {name: build_extractor(name, models) for name in synth_opts.extractors}
     prefilter = None
     if seg_opts.prefilter and len(classes) > 1:
-        prefilter = ClipPrefilter(models.get("clip"), [c.name for c in classes], seg_opts.eta)
+        names, stuff = [c.name for c in classes], [c.stuff for c in classes]
+        prefilter = ClipPrefilter(models.get("clip"), names, seg_opts.eta, stuff)
     sync = torch.cuda.synchronize if models.device.type == "cuda" else None
-    return Segmenter(protoset, extractors, seg_opts, prefilter, models.device, Timings(sync), compile)
+    sim_dtype = torch.float32 if models.precision == "fp32" else None  # --precision fp32: the reference's numerics
+    return Segmenter(protoset, extractors, seg_opts, prefilter, models.device, Timings(sync), compile, sim_dtype)
 
 
 @dataclass
@@ -663,12 +728,19 @@ def evaluate_seeds(
     return confusions, failed, False
 
 
-def eval_context(models: Models, synth: SynthOptions, seg: SegmentOptions) -> dict:
-    """What an eval result records about how it was made (and what shards must share to be merged)."""
+def eval_context(models: Models, synth: SynthOptions, seg: SegmentOptions, classes: list[ClassSpec]) -> dict:
+    """What an eval result records about how it was made (and what shards must share to be merged): the models
+    and their precision, every option, and the prompts and thing/stuff types the classes were segmented with."""
     return {
-        "models": {"name": models.spec.name, "hashes": models.hashes, "meaningful": models.spec.meaningful},
+        "models": {
+            "name": models.spec.name,
+            "hashes": models.hashes,
+            "meaningful": models.spec.meaningful,
+            "precision": models.precision,
+        },
         "options": {
             "synth": {k: v for k, v in asdict(synth).items() if k != "seed"},
             "segment": asdict(seg),
+            "prompts": [{"name": c.name, "stuff": c.stuff, "type_from": c.stuff_from} for c in classes],
         },
     }

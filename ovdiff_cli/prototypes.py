@@ -1,16 +1,18 @@
-"""Prototype aggregation (paper section 3.3, eq. 2 and 3; design step 4).
+"""Prototype aggregation (paper section 3.3, eq. 2 and 3), per extractor as the authors' code does it
+(REFERENCE 5).
 
-For one class, the support images' dense features (several extractors, resampled to one common grid) and the
-per-image foreground/background masks become a :class:`PrototypeBank`: for each region g in (fg, bg)
+For one class and each extractor on its own, the support images' raw dense features (on that extractor's grid)
+and the foreground/background masks (made at the support image's resolution, resized bilinear to the grid and
+binarised) become an :class:`ExtractorPrototypes`: for each region g in (fg, bg)
 
-* one *class* prototype, the mask-size-weighted mean of the instance prototypes (eq. 3),
-* one *instance* prototype per support image whose mask in g is not empty, the masked mean (eq. 2),
-* up to K *part* prototypes, the member means of a K-means clustering of all masked pixels.
+* one *class* prototype, the mean of all masked features (so mask-size weighted, eq. 3),
+* one *instance* prototype per support image whose mask in g is not empty on the grid, the masked mean (eq. 2),
+* up to K *part* prototypes, the member means of a K-means clustering of that extractor's masked features.
 
-K-means runs once per region on the concatenation of every extractor's (L2-normalised) features, so each part
-exists in every extractor's space. Every prototype keeps its provenance (kind, region, image or cluster) and
-the bank keeps the masks and cluster maps on the grid, so :meth:`PrototypeBank.support_pixels` can say exactly
-which support pixels a prototype was pooled from (``ovdiff explain`` needs this).
+A :class:`PrototypeBank` holds one of these per extractor. Every prototype keeps its provenance (kind, region,
+image or cluster) and each extractor keeps its masks and cluster maps on its grid, so
+:meth:`ExtractorPrototypes.support_pixels` says exactly which support cells a prototype was pooled from
+(``ovdiff explain`` needs this).
 
 Banks serialise to safetensors bytes (never pickle), deterministically, so the digest of a bank is stable.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ovdiff_cli.defaults import K_PARTS, KMEANS_ITERS, KMEANS_SEED
+from ovdiff_cli.defaults import K_PARTS, KMEANS_ITERS, KMEANS_SEED, MASK_GRID_THRESHOLD
 
 __all__ = [
     "BG",
@@ -39,9 +42,11 @@ __all__ = [
     "KIND_NAMES",
     "KIND_PART",
     "REGION_NAMES",
+    "ExtractorPrototypes",
     "PrototypeBank",
     "build_bank",
     "kmeans",
+    "masks_on_grid",
 ]
 
 # Prototype kinds, as stored in PrototypeBank.kind (int8).
@@ -56,10 +61,9 @@ BG = 1
 REGION_NAMES: tuple[str, ...] = ("fg", "bg")
 
 FORMAT = "ovdiff-prototype-bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-# Names of the tensors in the safetensors payload (prototypes are stored as _PROTO_PREFIX + extractor name).
-_PROTO_PREFIX = "prototypes/"
+# Tensors in the safetensors payload are named "<extractor>/<field>".
 _INT_FIELDS: dict[str, torch.dtype] = {
     "kind": torch.int8,
     "region": torch.int8,
@@ -101,7 +105,8 @@ def _cluster_means(x: torch.Tensor, assign: torch.Tensor, k: int) -> tuple[torch
 def kmeans(
     x: torch.Tensor, k: int, seed: int = KMEANS_SEED, iters: int = KMEANS_ITERS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic K-means (k-means++ init, then Lloyd iterations) on the rows of ``x``, on x's device.
+    """Deterministic K-means (greedy k-means++ init, one run, then Lloyd iterations) on the rows of ``x``, on x's
+    device.
 
     Args:
         x: (M, D) float32 points.
@@ -138,7 +143,9 @@ def kmeans(
     # centroid (a duplicate), so they are never drawn as new seeds.
     tol = 1e-6 * max(1.0, float(x_sq.max()))
 
-    # k-means++: first centre uniform, then each next one with probability proportional to D(x)^2.
+    # Greedy k-means++ (scikit-learn's init, which the reference's KMeans uses): each next centre is the best, by
+    # the resulting potential, of 2 + log(k) candidates drawn with probability proportional to D(x)^2.
+    trials = 2 + int(math.log(k))
     first = int(torch.randint(m, (1,), generator=gen).item())
     centroids = x[first : first + 1].clone()
     min_d2 = _sq_dists(x, x_sq, centroids)[:, 0]
@@ -146,9 +153,13 @@ def kmeans(
         w = torch.where(min_d2 > tol, min_d2, torch.zeros_like(min_d2)).double().cpu()
         if float(w.sum()) <= 0.0:
             break  # every point coincides with a centre: no further distinct centres exist
-        idx = int(torch.multinomial(w, 1, generator=gen).item())
-        centroids = torch.cat([centroids, x[idx : idx + 1]])
-        min_d2 = torch.minimum(min_d2, _sq_dists(x, x_sq, x[idx : idx + 1])[:, 0])
+        cumulative = torch.cumsum(w, 0)
+        draws = torch.rand(trials, generator=gen, dtype=torch.float64) * cumulative[-1]
+        cand = torch.searchsorted(cumulative, draws, right=True).clamp_max(m - 1)
+        d2 = torch.minimum(min_d2[None], _sq_dists(x, x_sq, x[cand.to(device)]).T)  # (trials, M)
+        best = int(d2.sum(1).argmin())
+        centroids = torch.cat([centroids, x[int(cand[best]) : int(cand[best]) + 1]])
+        min_d2 = d2[best]
     k = centroids.shape[0]
 
     assign = _sq_dists(x, x_sq, centroids).argmin(1)
@@ -198,33 +209,25 @@ def _canonical_json(obj: Any) -> str:
 
 
 @dataclass(eq=False)
-class PrototypeBank:
-    """The prototypes of one class, with full provenance.
+class ExtractorPrototypes:
+    """One extractor's prototypes of one class, with full provenance on that extractor's feature grid.
 
-    P = number of prototypes, N = number of support images, (G_h, G_w) = the common feature grid.
+    P = number of prototypes, N = number of support images, (h, w) = the extractor's feature grid.
 
     Attributes:
-        class_name: the class (prompt text) the bank belongs to.
-        extractors: sorted extractor names; the keys of ``prototypes`` in this order.
-        prototypes: extractor -> (P, D_e) float32 CPU tensor. Rows are L2-normalised and rounded to float16
-            precision (see :func:`build_bank`), so their norms are 1 up to ~1e-3 (an all-zero row only if a
-            pooled mean was exactly 0).
+        prototypes: (P, D) float32 CPU tensor. Rows are pooled from raw features, then L2-normalised and rounded
+            to float16 precision (see :func:`build_bank`), so their norms are 1 up to ~1e-3.
         kind: (P,) int8, KIND_CLASS / KIND_INSTANCE / KIND_PART.
         region: (P,) int8, FG / BG.
         image: (P,) int16, support image index in [0, N) for instance prototypes, -1 otherwise.
         part: (P,) int16, cluster index for part prototypes, -1 otherwise.
-        fg_masks, bg_masks: (N, G_h, G_w) bool support masks on the grid.
-        part_fg, part_bg: (N, G_h, G_w) int16, the part cluster of each pixel of the fg (bg) mask, -1
-            elsewhere.
-        support_keys: the N support images' cache keys (opaque strings).
-        meta: JSON-able dict provided by the caller (e.g. the parameters that produced the bank).
+        fg_masks, bg_masks: (N, h, w) bool support masks on the grid.
+        part_fg, part_bg: (N, h, w) int16, the part cluster of each cell of the fg (bg) mask, -1 elsewhere.
 
     Order of prototypes: fg class, fg instances (by image), fg parts (by cluster), then the same for bg.
     """
 
-    class_name: str
-    extractors: tuple[str, ...]
-    prototypes: dict[str, torch.Tensor]
+    prototypes: torch.Tensor
     kind: torch.Tensor
     region: torch.Tensor
     image: torch.Tensor
@@ -233,91 +236,58 @@ class PrototypeBank:
     bg_masks: torch.Tensor
     part_fg: torch.Tensor
     part_bg: torch.Tensor
-    support_keys: list[str]
-    meta: dict = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.extractors = tuple(self.extractors)
-        self.support_keys = list(self.support_keys)
-        self._validate()
-
-    # -- validation ------------------------------------------------------------------------------------------
-
-    def _validate(self) -> None:
-        """Raise ValueError (one line) unless names, dtypes, shapes and index ranges are consistent."""
-        if not isinstance(self.class_name, str):
-            raise ValueError("class_name must be a string")
-        if not self.extractors:
-            raise ValueError("a prototype bank needs at least one extractor")
-        if list(self.extractors) != sorted(set(self.extractors)):
-            raise ValueError(f"extractors must be sorted and unique, got {list(self.extractors)}")
-        if set(self.prototypes) != set(self.extractors):
-            raise ValueError(f"prototype extractors {sorted(self.prototypes)} != extractors {list(self.extractors)}")
-        for name in ("kind", "region", "image", "part"):
-            t = getattr(self, name)
-            if not isinstance(t, torch.Tensor) or t.dtype != _INT_FIELDS[name] or t.dim() != 1:
-                raise ValueError(f"{name} must be a 1-d {_INT_FIELDS[name]} tensor")
+    def validate(self, n: int, name: str) -> None:
+        """Raise ValueError (one line, naming extractor ``name``) unless dtypes, shapes and index ranges are
+        consistent with ``n`` support images."""
+        for field_name in _INT_FIELDS:
+            t = getattr(self, field_name)
+            if not isinstance(t, torch.Tensor) or t.dtype != _INT_FIELDS[field_name] or t.dim() != 1:
+                raise ValueError(f"{name}: {field_name} must be a 1-d {_INT_FIELDS[field_name]} tensor")
         p = self.kind.shape[0]
-        for name in ("region", "image", "part"):
-            if getattr(self, name).shape[0] != p:
-                raise ValueError(f"{name} has length {getattr(self, name).shape[0]}, expected P={p}")
-        for e in self.extractors:
-            t = self.prototypes[e]
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] != p:
-                raise ValueError(f"prototypes[{e!r}] must be a (P={p}, D) float32 tensor")
-        for name in ("fg_masks", "bg_masks", "part_fg", "part_bg"):
-            t = getattr(self, name)
-            if not isinstance(t, torch.Tensor) or t.dtype != _GRID_FIELDS[name] or t.dim() != 3:
-                raise ValueError(f"{name} must be a 3-d (N, G_h, G_w) {_GRID_FIELDS[name]} tensor")
-            if t.shape != self.fg_masks.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(self.fg_masks.shape)}")
-        n = self.fg_masks.shape[0]
-        if len(self.support_keys) != n or not all(isinstance(s, str) for s in self.support_keys):
-            raise ValueError(f"support_keys must be {n} strings, got {len(self.support_keys)} entries")
-        if not isinstance(self.meta, dict):
-            raise ValueError("meta must be a dict")
-        try:
-            _canonical_json(self.meta)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"meta is not JSON-serialisable: {exc}") from None
+        for field_name in ("region", "image", "part"):
+            if getattr(self, field_name).shape[0] != p:
+                raise ValueError(f"{name}: {field_name} has length {getattr(self, field_name).shape[0]}, expected {p}")
+        t = self.prototypes
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] != p:
+            raise ValueError(f"{name}: prototypes must be a (P={p}, D) float32 tensor")
+        for field_name, dtype in _GRID_FIELDS.items():
+            t = getattr(self, field_name)
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 3:
+                raise ValueError(f"{name}: {field_name} must be a 3-d (N, h, w) {dtype} tensor")
+            if t.shape != self.fg_masks.shape or t.shape[0] != n:
+                raise ValueError(f"{name}: {field_name} has shape {tuple(t.shape)}, expected ({n}, h, w)")
         if p:
             if int(self.kind.min()) < 0 or int(self.kind.max()) >= len(KIND_NAMES):
-                raise ValueError("kind values out of range")
+                raise ValueError(f"{name}: kind values out of range")
             if int(self.region.min()) < 0 or int(self.region.max()) >= len(REGION_NAMES):
-                raise ValueError("region values out of range")
+                raise ValueError(f"{name}: region values out of range")
         inst = self.kind == KIND_INSTANCE
         if bool(((self.image >= 0) != inst).any()) or bool((self.image[inst] >= n).any()):
-            raise ValueError("image must be in [0, N) exactly for instance prototypes and -1 otherwise")
+            raise ValueError(f"{name}: image must be in [0, N) exactly for instance prototypes and -1 otherwise")
         parts = self.kind == KIND_PART
         if bool(((self.part >= 0) != parts).any()):
-            raise ValueError("part must be >= 0 exactly for part prototypes and -1 otherwise")
+            raise ValueError(f"{name}: part must be >= 0 exactly for part prototypes and -1 otherwise")
         if bool((self.fg_masks & self.bg_masks).any()):
-            raise ValueError("fg_masks and bg_masks overlap")
+            raise ValueError(f"{name}: fg_masks and bg_masks overlap")
         for g, mask, pmap in ((FG, self.fg_masks, self.part_fg), (BG, self.bg_masks, self.part_bg)):
             if bool(((pmap >= 0) != mask).any()):
-                raise ValueError(f"part_{REGION_NAMES[g]} must be >= 0 exactly on the {REGION_NAMES[g]} mask")
+                raise ValueError(f"{name}: part_{REGION_NAMES[g]} must be >= 0 exactly on the {REGION_NAMES[g]} mask")
             n_parts = int((parts & (self.region == g)).sum())
             if bool((pmap >= n_parts).any()):
-                raise ValueError(f"part_{REGION_NAMES[g]} names a cluster without a prototype")
-
-    # -- queries ---------------------------------------------------------------------------------------------
+                raise ValueError(f"{name}: part_{REGION_NAMES[g]} names a cluster without a prototype")
 
     def __len__(self) -> int:
         """Number of prototypes P."""
         return int(self.kind.shape[0])
 
     @property
-    def num_images(self) -> int:
-        """Number of support images N."""
-        return int(self.fg_masks.shape[0])
-
-    @property
     def grid(self) -> tuple[int, int]:
-        """The feature grid (G_h, G_w) the masks and part maps live on."""
+        """The feature grid (h, w) the masks and part maps live on."""
         return int(self.fg_masks.shape[1]), int(self.fg_masks.shape[2])
 
     def counts(self) -> dict[str, int]:
-        """Kind name -> number of prototypes of that kind, fg and bg together (for the CLI summary)."""
+        """Kind name -> number of prototypes of that kind, fg and bg together."""
         return {name: int((self.kind == i).sum()) for i, name in enumerate(KIND_NAMES)}
 
     def select(
@@ -343,13 +313,13 @@ class PrototypeBank:
         return torch.nonzero(keep).flatten()
 
     def support_pixels(self, p: int) -> torch.Tensor:
-        """(N, G_h, G_w) bool: exactly the support pixels prototype ``p`` was pooled from.
+        """(N, h, w) bool: exactly the support cells prototype ``p`` was pooled from.
 
-        Class prototype: every pixel of its region's masks; instance prototype of image n: image n's mask of
-        its region; part prototype j: the pixels of its region whose cluster is j.
+        Class prototype: every cell of its region's masks; instance prototype of image n: image n's mask of
+        its region; part prototype j: the cells of its region whose cluster is j.
         """
         if not -len(self) <= p < len(self):
-            raise IndexError(f"prototype index {p} out of range for a bank of {len(self)}")
+            raise IndexError(f"prototype index {p} out of range for {len(self)} prototypes")
         g = int(self.region[p])
         mask = self.fg_masks if g == FG else self.bg_masks
         kd = int(self.kind[p])
@@ -362,6 +332,59 @@ class PrototypeBank:
             return out
         pmap = self.part_fg if g == FG else self.part_bg
         return pmap == int(self.part[p])
+
+
+@dataclass(eq=False)
+class PrototypeBank:
+    """The prototypes of one class: one :class:`ExtractorPrototypes` per extractor, with full provenance.
+
+    Attributes:
+        class_name: the class (prompt text) the bank belongs to.
+        extractors: extractor name -> its prototypes, keys sorted.
+        support_keys: the N support images' cache keys (opaque strings).
+        meta: JSON-able dict provided by the caller (e.g. the parameters that produced the bank).
+    """
+
+    class_name: str
+    extractors: dict[str, ExtractorPrototypes]
+    support_keys: list[str]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.extractors = {e: self.extractors[e] for e in sorted(self.extractors)}
+        self.support_keys = list(self.support_keys)
+        if not isinstance(self.class_name, str):
+            raise ValueError("class_name must be a string")
+        if not self.extractors:
+            raise ValueError("a prototype bank needs at least one extractor")
+        n = len(self.support_keys)
+        if not all(isinstance(s, str) for s in self.support_keys):
+            raise ValueError("support_keys must be strings")
+        for name, protos in self.extractors.items():
+            protos.validate(n, name)
+        if not isinstance(self.meta, dict):
+            raise ValueError("meta must be a dict")
+        try:
+            _canonical_json(self.meta)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"meta is not JSON-serialisable: {exc}") from None
+
+    def __getitem__(self, extractor: str) -> ExtractorPrototypes:
+        return self.extractors[extractor]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The extractor names, sorted."""
+        return tuple(self.extractors)
+
+    @property
+    def num_images(self) -> int:
+        """Number of support images N."""
+        return len(self.support_keys)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Extractor -> kind name -> number of prototypes (for the CLI summary)."""
+        return {e: p.counts() for e, p in self.extractors.items()}
 
     # -- serialisation ---------------------------------------------------------------------------------------
 
@@ -379,11 +402,8 @@ class PrototypeBank:
 
     def to_bytes(self) -> bytes:
         """Safetensors bytes of the bank: prototypes as float16, provenance arrays in their own dtypes, names
-        and ``meta`` as one canonical JSON string in the metadata.
-
-        Deterministic: the same bank gives the same bytes.
-
-        Raises ValueError if ``meta`` is not JSON-able.
+        and ``meta`` as one canonical JSON string in the metadata. Deterministic: the same bank gives the same
+        bytes. Raises ValueError if ``meta`` is not JSON-able.
         """
         from safetensors.torch import save
 
@@ -391,11 +411,11 @@ class PrototypeBank:
             header = self._header()
         except (TypeError, ValueError) as exc:
             raise ValueError(f"bank metadata is not JSON-serialisable: {exc}") from None
-        tensors: dict[str, torch.Tensor] = {
-            _PROTO_PREFIX + e: self.prototypes[e].detach().cpu().to(torch.float16).contiguous() for e in self.extractors
-        }
-        for name in (*_INT_FIELDS, *_GRID_FIELDS):
-            tensors[name] = getattr(self, name).detach().cpu().contiguous()
+        tensors: dict[str, torch.Tensor] = {}
+        for e, protos in self.extractors.items():
+            tensors[f"{e}/prototypes"] = protos.prototypes.detach().cpu().to(torch.float16).contiguous()
+            for name in (*_INT_FIELDS, *_GRID_FIELDS):
+                tensors[f"{e}/{name}"] = getattr(protos, name).detach().cpu().contiguous()
         return save(tensors, metadata={_META_KEY: header})
 
     @classmethod
@@ -436,7 +456,8 @@ class PrototypeBank:
         extractors = info["extractors"]
         if not isinstance(extractors, list) or not all(isinstance(e, str) for e in extractors):
             raise ValueError("prototype bank extractors must be a list of strings")
-        expected = {_PROTO_PREFIX + e: torch.float16 for e in extractors} | _INT_FIELDS | _GRID_FIELDS
+        fields_ = {"prototypes": torch.float16} | _INT_FIELDS | _GRID_FIELDS
+        expected = {f"{e}/{name}": dtype for e in extractors for name, dtype in fields_.items()}
         missing = sorted(set(expected) - set(tensors))
         if missing:
             raise ValueError(f"prototype bank lacks tensor {missing[0]!r}")
@@ -450,9 +471,13 @@ class PrototypeBank:
             raise ValueError("prototype bank support_keys must be a list")
         return cls(
             class_name=info["class_name"],
-            extractors=tuple(extractors),
-            prototypes={e: tensors[_PROTO_PREFIX + e].float() for e in extractors},
-            **{name: tensors[name] for name in (*_INT_FIELDS, *_GRID_FIELDS)},
+            extractors={
+                e: ExtractorPrototypes(
+                    prototypes=tensors[f"{e}/prototypes"].float(),
+                    **{name: tensors[f"{e}/{name}"] for name in (*_INT_FIELDS, *_GRID_FIELDS)},
+                )
+                for e in extractors
+            },
             support_keys=info["support_keys"],
             meta=info["meta"],
         )
@@ -476,19 +501,28 @@ def _normalise(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t, dim=-1).to(torch.float16).float().cpu()
 
 
+def masks_on_grid(masks: torch.Tensor, grid: tuple[int, int], threshold: float = MASK_GRID_THRESHOLD) -> torch.Tensor:
+    """(N, S, S) bool masks at the support image's resolution -> (N, h, w) bool on a feature grid: resized
+    bilinear (as F.interpolate samples, no antialiasing) and kept where the value is above ``threshold``."""
+    if tuple(masks.shape[-2:]) == tuple(grid):
+        return masks.clone()
+    resized = F.interpolate(masks[:, None].float(), size=grid, mode="bilinear", align_corners=False)[:, 0]
+    return resized > threshold
+
+
 def _region_prototypes(
-    feats: Mapping[str, torch.Tensor], mask: torch.Tensor, k: int, seed: int
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class, instance and part prototypes of one region.
+    feats: torch.Tensor, mask: torch.Tensor, k: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class, instance and part prototypes of one region of one extractor.
 
     Args:
-        feats: sorted extractor -> (N, G_h, G_w, D_e) float32 features on the computation device.
-        mask: (N, G_h, G_w) bool on the same device.
+        feats: (N, h, w, D) float32 raw features on the computation device.
+        mask: (N, h, w) bool on the same device.
 
     Returns:
-        (prototypes extractor -> (P_g, D_e) normalised CPU float32, kind (P_g,) int8, image (P_g,) int16,
-        part map (N, G_h, G_w) int16 CPU with the cluster of each masked pixel and -1 elsewhere); P_g = 0 and
-        an all -1 part map when the mask is empty everywhere.
+        (prototypes (P_g, D) normalised CPU float32, kind (P_g,) int8, image (P_g,) int16, part map (N, h, w)
+        int16 CPU with the cluster of each masked cell and -1 elsewhere); P_g = 0 and an all -1 part map when the
+        mask is empty everywhere.
     """
     n = mask.shape[0]
     sizes = mask.flatten(1).sum(1)  # m_n, (N,)
@@ -496,34 +530,64 @@ def _region_prototypes(
     present = torch.nonzero(sizes).flatten()
     part_map = torch.full(mask.shape, -1, dtype=torch.int16)
     if present.numel() == 0:
-        empty = {e: torch.zeros(0, f.shape[-1]) for e, f in feats.items()}
-        return empty, torch.zeros(0, dtype=torch.int8), torch.zeros(0, dtype=torch.int16), part_map
-
+        return (
+            torch.zeros(0, feats.shape[-1]),
+            torch.zeros(0, dtype=torch.int8),
+            torch.zeros(0, dtype=torch.int16),
+            part_map,
+        )
     m = sizes[present].to(torch.float32)  # (N',)
-    w = mask.flatten(1).to(torch.float32)  # (N, HW) mask weights
-
-    # K-means once, on the concatenation of all extractors' features of the masked pixels (sorted names, so
-    # the clustering does not depend on dict order): every cluster then has members in every extractor's
-    # space.
-    pix = {e: f[mask] for e, f in feats.items()}  # (M, D_e) each, masked pixels in row-major (n, y, x) order
-    _, assign = kmeans(torch.cat([pix[e] for e in feats], dim=1), k, seed=seed)
+    w = mask.flatten(1).to(torch.float32)  # (N, hw) mask weights
+    pix = feats[mask]  # (M, D), masked cells in row-major (n, y, x) order
+    _, assign = kmeans(pix, k, seed=seed)
     n_parts = int(assign.max()) + 1
     part_map[mask.cpu()] = assign.to(torch.int16).cpu()
-
-    protos: dict[str, torch.Tensor] = {}
-    for e, f in feats.items():
-        # eq. 2: P_n = M_n^T Phi(S_n) / m_n (the masked sum over all images first, so no feature copy is made)
-        sums = torch.einsum("nh,nhd->nd", w, f.reshape(n, -1, f.shape[-1]))[present]
-        inst = sums / m[:, None]
-        cls = (m[:, None] * inst).sum(0, keepdim=True) / m.sum()  # eq. 3: sum_n m_n P_n / sum_n m_n
-        parts, _ = _cluster_means(pix[e], assign, n_parts)  # member means in this extractor's space
-        protos[e] = _normalise(torch.cat([cls, inst, parts]))
-
+    # eq. 2: P_n = M_n^T Phi(S_n) / m_n (the masked sum over all images first, so no feature copy is made)
+    sums = torch.einsum("nh,nhd->nd", w, feats.reshape(n, -1, feats.shape[-1]))[present]
+    inst = sums / m[:, None]
+    cls = sums.sum(0, keepdim=True) / m.sum()  # eq. 3: sum_n m_n P_n / sum_n m_n, the mean of every masked cell
+    parts, _ = _cluster_means(pix, assign, n_parts)
     kind = torch.tensor([KIND_CLASS] + [KIND_INSTANCE] * len(present) + [KIND_PART] * n_parts, dtype=torch.int8)
-    image = torch.cat([torch.tensor([-1]), present.cpu(), torch.full((n_parts,), -1, dtype=torch.int64)]).to(
-        torch.int16
+    image = torch.cat([torch.tensor([-1]), present.cpu(), torch.full((n_parts,), -1, dtype=torch.int64)])
+    return _normalise(torch.cat([cls, inst, parts])), kind, image.to(torch.int16), part_map
+
+
+def extractor_prototypes(
+    features: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, *, k: int = K_PARTS, seed: int = KMEANS_SEED
+) -> ExtractorPrototypes:
+    """One extractor's prototypes of one class (paper eq. 2 and 3 plus K-means parts), fg and bg separately.
+
+    Args:
+        features: (N, h, w, D) float raw features on the extractor's grid, on the computation device.
+        fg, bg: (N, h, w) bool disjoint masks on that grid.
+        k: part clusters per region (fewer if a region has fewer distinct masked cells).
+        seed: K-means seed (both regions).
+    """
+    features = features.float()
+    fg, bg = fg.to(features.device), bg.to(features.device)
+    protos, kinds, regions, images, parts, part_maps = [], [], [], [], [], []
+    for g, mask in ((FG, fg), (BG, bg)):
+        pr, kind, image, part_map = _region_prototypes(features, mask, k, seed)
+        protos.append(pr)
+        kinds.append(kind)
+        regions.append(torch.full(kind.shape, g, dtype=torch.int8))
+        images.append(image)
+        is_part = kind == KIND_PART
+        part_idx = torch.full(kind.shape, -1, dtype=torch.int16)
+        part_idx[is_part] = torch.arange(int(is_part.sum()), dtype=torch.int16)
+        parts.append(part_idx)
+        part_maps.append(part_map)
+    return ExtractorPrototypes(
+        prototypes=torch.cat(protos),
+        kind=torch.cat(kinds),
+        region=torch.cat(regions),
+        image=torch.cat(images),
+        part=torch.cat(parts),
+        fg_masks=fg.cpu().clone(),
+        bg_masks=bg.cpu().clone(),
+        part_fg=part_maps[0],
+        part_bg=part_maps[1],
     )
-    return protos, kind, image, part_map
 
 
 def build_bank(
@@ -537,83 +601,38 @@ def build_bank(
     support_keys: list[str],
     meta: dict | None = None,
 ) -> PrototypeBank:
-    """Build one class's prototype bank (paper eq. 2 and 3 plus K-means parts), fg and bg separately.
+    """Build one class's prototype bank: every extractor on its own, from its raw features (REFERENCE 5).
 
     Args:
         class_name: the class.
-        features: extractor name -> (N, G_h, G_w, D_e) float32 support features on one common grid, each pixel
-            L2-normalised; all on the same device, where the computation runs.
-        fg, bg: (N, G_h, G_w) bool foreground / background masks on that grid, disjoint.
-        k: number of part clusters per region (fewer if a region has fewer masked pixels).
-        seed: K-means seed (used for both regions).
+        features: extractor name -> (N, h_e, w_e, D_e) float raw support features on that extractor's grid.
+        fg, bg: (N, S, S) bool foreground / background masks at the support image's resolution, disjoint; each
+            extractor sees them resized to its grid (:func:`masks_on_grid`).
+        k: number of part clusters per extractor and region.
+        seed: K-means seed.
         support_keys: the N support images' cache keys.
         meta: JSON-able dict stored with the bank.
 
-    Returns:
-        A :class:`PrototypeBank` on the CPU, prototypes ordered fg class, fg instances (by image), fg parts
-        (by cluster), then the same for bg. Images with an empty mask in a region get no instance prototype
-        there; a region with no masked pixels at all contributes no prototypes.
-
     Raises:
-        ValueError: on inconsistent shapes, dtypes or devices, overlapping masks, or a wrong number of
-            support keys.
+        ValueError: on inconsistent shapes or dtypes, overlapping masks, or a wrong number of support keys.
     """
     if not features:
         raise ValueError("build_bank needs features from at least one extractor")
-    names = sorted(features)
-    first = features[names[0]]
-    if first.dim() != 4:
-        raise ValueError(f"features[{names[0]!r}] must be (N, G_h, G_w, D), got shape {tuple(first.shape)}")
-    n, gh, gw = first.shape[:3]
-    device = first.device
-    feats: dict[str, torch.Tensor] = {}
-    for e in names:
-        f = features[e]
-        if f.dim() != 4 or tuple(f.shape[:3]) != (n, gh, gw):
-            raise ValueError(f"features[{e!r}] has shape {tuple(f.shape)}, expected ({n}, {gh}, {gw}, D)")
-        if f.device != device:
-            raise ValueError(f"features[{e!r}] is on {f.device}, expected {device} like {names[0]!r}")
-        if not f.is_floating_point():
-            raise ValueError(f"features[{e!r}] must be floating point, got {f.dtype}")
-        feats[e] = f.float()
+    n = len(support_keys)
     for name, mask in (("fg", fg), ("bg", bg)):
-        if mask.dtype != torch.bool or tuple(mask.shape) != (n, gh, gw):
-            raise ValueError(f"{name} mask must be ({n}, {gh}, {gw}) bool, got {tuple(mask.shape)} {mask.dtype}")
-    fg = fg.to(device)
-    bg = bg.to(device)
+        if mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[0] != n:
+            raise ValueError(f"{name} mask must be ({n}, S, S) bool, got {tuple(mask.shape)} {mask.dtype}")
+    if fg.shape != bg.shape:
+        raise ValueError(f"fg {tuple(fg.shape)} and bg {tuple(bg.shape)} masks differ in shape")
     if bool((fg & bg).any()):
         raise ValueError("fg and bg masks overlap")
-    if len(support_keys) != n:
-        raise ValueError(f"got {len(support_keys)} support keys for {n} support images")
-
-    protos: dict[str, list[torch.Tensor]] = {e: [] for e in names}
-    kinds, regions, images, parts = [], [], [], []
-    part_maps = []
-    for g, mask in ((FG, fg), (BG, bg)):
-        pr, kind, image, part_map = _region_prototypes(feats, mask, k, seed)
-        for e in names:
-            protos[e].append(pr[e])
-        kinds.append(kind)
-        regions.append(torch.full(kind.shape, g, dtype=torch.int8))
-        images.append(image)
-        is_part = kind == KIND_PART
-        part_idx = torch.full(kind.shape, -1, dtype=torch.int16)
-        part_idx[is_part] = torch.arange(int(is_part.sum()), dtype=torch.int16)
-        parts.append(part_idx)
-        part_maps.append(part_map)
-
-    return PrototypeBank(
-        class_name=class_name,
-        extractors=tuple(names),
-        prototypes={e: torch.cat(protos[e]) for e in names},
-        kind=torch.cat(kinds),
-        region=torch.cat(regions),
-        image=torch.cat(images),
-        part=torch.cat(parts),
-        fg_masks=fg.cpu().clone(),
-        bg_masks=bg.cpu().clone(),
-        part_fg=part_maps[0],
-        part_bg=part_maps[1],
-        support_keys=list(support_keys),
-        meta=dict(meta) if meta is not None else {},
-    )
+    per: dict[str, ExtractorPrototypes] = {}
+    for e in sorted(features):
+        f = features[e]
+        if f.dim() != 4 or f.shape[0] != n:
+            raise ValueError(f"features[{e!r}] has shape {tuple(f.shape)}, expected ({n}, h, w, D)")
+        if not f.is_floating_point():
+            raise ValueError(f"features[{e!r}] must be floating point, got {f.dtype}")
+        grid = (int(f.shape[1]), int(f.shape[2]))
+        per[e] = extractor_prototypes(f, masks_on_grid(fg, grid), masks_on_grid(bg, grid), k=k, seed=seed)
+    return PrototypeBank(class_name, per, list(support_keys), dict(meta) if meta is not None else {})

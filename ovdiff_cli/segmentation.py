@@ -1,12 +1,15 @@
-"""Paper 3.4, eq. 4: each pixel takes the class whose best prototype is most similar to its features.
+"""Paper 3.4, eq. 4: each pixel takes the class whose best prototype is most similar to its features, computed
+as the authors' code computes it (REFERENCE 6).
 
 The vocabulary is the user's classes 1..C plus the background class 0, whose prototypes are the background
 prototypes of the classes the pre-filter kept (paper: P_bg^fg = union of the classes' P^bg). Images are resized
-so their short side is ``short_side``; square windows of each size in ``scales`` slide over it with ``stride``.
-For every window, each extractor's dense features are compared to every prototype by cosine similarity, the
-similarities are averaged over extractors (the ensemble), and each class scores the max over its prototypes.
-Window scores are averaged where windows overlap and then over scales, optionally refined by PAMR, upsampled to
-the input size and arg-maxed.
+(Lanczos) so their short side is ``short_side``; square windows of each size in ``scales`` slide over it with
+``stride`` on mmseg's grid, and the whole resized image is one more window. For every extractor and every window,
+each pixel feature is compared to that extractor's prototypes by cosine similarity, each class scores the max
+over its prototypes (prototypes of classes the pre-filter removed score -1), and the class maps are upsampled
+bilinear to the window. A pixel's score is the mean over every (extractor, window) pair covering it. Optionally
+PAMR refines the scores; they are upsampled to the input size, scores <= 0 are zeroed, and the arg-max (ties to
+the lowest id, so to background) is the label.
 """
 
 from __future__ import annotations
@@ -23,18 +26,17 @@ import torch.nn.functional as F
 from . import defaults as D
 from . import filters
 from .classes import ClassSpec
-from .extractors.base import Extractor, to_grid
+from .extractors.base import Extractor, l2n
 from .prototypes import BG, FG, PrototypeBank
 from .timing import Timings
 
 BACKGROUND_ID = 0
 BACKGROUND_NAME = "background"
-# Score of a class with no usable prototype in a window (removed by the pre-filter, or the background class
-# under the no-background protocol): below any cosine similarity, so it never wins, and finite, so averaging
-# and interpolation stay well defined.
-EXCLUDED_SCORE = -2.0
-# Window sizes must be multiples of this (the ViT extractors' patch size) so every extractor tiles a window
-# exactly and all feature grids line up with the pixels.
+# Score of a class with no usable prototype (removed by the pre-filter, or a channel without prototypes such as
+# the background under the no-background protocol): the lowest cosine similarity, as the reference scores a
+# removed class's prototypes. It is zeroed with every other score <= 0 before the arg-max.
+EXCLUDED_SCORE = -1.0
+# Window sizes must be multiples of this (the ViT extractors' patch size).
 WINDOW_MULTIPLE = 16
 
 
@@ -58,6 +60,7 @@ class SegmentOptions:
 
     scales: tuple[int, ...] = D.SCALES
     stride: int = D.STRIDE
+    whole_image: bool = D.WHOLE_IMAGE
     short_side: int = D.SHORT_SIDE
     background: bool = D.BACKGROUND
     prefilter: bool = D.PREFILTER
@@ -93,36 +96,29 @@ class SegmentOptions:
 
 
 @dataclass
-class PrototypeSet:
-    """Every prototype eq. 4 compares against, grouped by score channel, with provenance.
+class ExtractorSet:
+    """One extractor's prototypes for eq. 4, grouped by score channel, with provenance.
 
-    P = number of prototypes, K = C + 1 channels: 0 is the background class, i the i-th class of ``classes``.
-    Prototypes are ordered by channel, so channel k owns rows ``bounds[k]:bounds[k + 1]``.
+    P = number of prototypes, K = C + 1 channels: 0 is the background class, i the i-th class. Prototypes are
+    ordered by channel, so channel k owns rows ``bounds[k]:bounds[k + 1]``.
 
     Attributes:
-        classes: the vocabulary in the user's order (channel i = classes[i - 1]).
-        prototypes: extractor -> (P, D_e) float32 unit rows.
+        prototypes: (P, D) float32 unit rows.
         channel: (P,) int64 in [0, K), non-decreasing.
         source: (P,) int64 in [1, C], the class whose bank the prototype came from (for background prototypes,
             the class whose support images' backgrounds it was pooled from).
-        index: (P,) int64, the prototype's row in that class's bank (its provenance: see PrototypeBank).
-        background: whether the background class has prototypes by design (False = no-background protocol).
-        dropped: how many thing-class background prototypes the stuff filter removed.
-        banks: the classes' banks, in class order, when built from banks (explain follows provenance there).
+        index: (P,) int64, the prototype's row in that class's bank for this extractor.
+        num_channels: K.
     """
 
-    classes: list[ClassSpec]
-    prototypes: dict[str, torch.Tensor]
+    prototypes: torch.Tensor
     channel: torch.Tensor
     source: torch.Tensor
     index: torch.Tensor
-    background: bool = True
-    dropped: int = 0
-    banks: list[PrototypeBank] = field(default_factory=list, repr=False)
+    num_channels: int
 
-    @property
-    def num_channels(self) -> int:
-        return len(self.classes) + 1
+    def __len__(self) -> int:
+        return int(self.channel.shape[0])
 
     @property
     def bounds(self) -> list[int]:
@@ -134,17 +130,45 @@ class PrototypeSet:
         """(P,) bool: the prototypes of the classes in ``kept`` (1-based ids), fg and bg."""
         return torch.isin(self.source, torch.as_tensor(list(kept), dtype=torch.int64, device=self.source.device))
 
-    def to(self, device: torch.device | str) -> PrototypeSet:
-        return PrototypeSet(
-            self.classes,
-            {e: p.to(device) for e, p in self.prototypes.items()},
+    def to(self, device: torch.device | str) -> ExtractorSet:
+        return ExtractorSet(
+            self.prototypes.to(device),
             self.channel.to(device),
             self.source.to(device),
             self.index.to(device),
-            self.background,
-            self.dropped,
-            self.banks,
+            self.num_channels,
         )
+
+
+@dataclass
+class PrototypeSet:
+    """Every prototype eq. 4 compares against: one :class:`ExtractorSet` per extractor.
+
+    Attributes:
+        classes: the vocabulary in the user's order (channel i = classes[i - 1]).
+        sets: extractor -> its prototypes.
+        background: whether the background class has prototypes by design (False = no-background protocol).
+        dropped: extractor -> how many thing-class background prototypes the stuff filter removed.
+        banks: the classes' banks, in class order, when built from banks (explain follows provenance there).
+    """
+
+    classes: list[ClassSpec]
+    sets: dict[str, ExtractorSet]
+    background: bool = True
+    dropped: dict[str, int] = field(default_factory=dict)
+    banks: list[PrototypeBank] = field(default_factory=list, repr=False)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.classes) + 1
+
+    def allowed(self, kept: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Extractor -> (P_e,) bool, the prototypes of the classes in ``kept`` (1-based ids)."""
+        return {e: s.allowed(kept) for e, s in self.sets.items()}
+
+    def to(self, device: torch.device | str) -> PrototypeSet:
+        sets = {e: s.to(device) for e, s in self.sets.items()}
+        return PrototypeSet(self.classes, sets, self.background, self.dropped, self.banks)
 
 
 def build_prototype_set(
@@ -153,11 +177,12 @@ def build_prototype_set(
     background: bool = D.BACKGROUND,
     stuff_threshold: float = D.STUFF_THRESHOLD,
 ) -> PrototypeSet:
-    """Assemble eq. 4's prototypes from the classes' banks, applying the stuff filter.
+    """Assemble eq. 4's prototypes from the classes' banks, applying the stuff filter per extractor.
 
     Class i (1-based) contributes its fg prototypes to channel i. With ``background``, thing classes also
-    contribute their bg prototypes to channel 0, except those the stuff filter drops (similarity above
-    ``stuff_threshold`` to any stuff class's prototype); stuff classes contribute fg prototypes only.
+    contribute their bg prototypes to channel 0, except those the stuff filter drops (cosine above
+    ``stuff_threshold`` to any stuff class's fg prototype of the same extractor); stuff classes contribute fg
+    prototypes only.
 
     Args:
         banks: one bank per class, in the order of ``classes``, all with the same extractors.
@@ -170,57 +195,53 @@ def build_prototype_set(
     """
     if len(banks) != len(classes) or not banks:
         raise ValueError(f"need one prototype bank per class, got {len(banks)} for {len(classes)} classes")
-    extractors = banks[0].extractors
+    names = banks[0].names
     for bank in banks:
-        if bank.extractors != extractors:
-            raise ValueError(f"banks use different extractors: {extractors} and {bank.extractors}")
-    rows: list[tuple[int, int, int, bool, bool]] = []  # (channel, source, index, thing-bg, stuff)
-    for cid, (bank, spec) in enumerate(zip(banks, classes, strict=True), start=1):
-        rows += [(cid, cid, int(i), False, spec.stuff) for i in bank.select(FG)]
-        if background and not spec.stuff:
-            rows += [(BACKGROUND_ID, cid, int(i), True, False) for i in bank.select(BG)]
-    rows.sort(key=lambda r: r[:3])
-    channel, source, index = (torch.tensor([r[j] for r in rows], dtype=torch.int64) for j in range(3))
-    # One gather per extractor from all banks' rows stacked (row of bank s, index i = offset[s - 1] + i).
-    offset = torch.tensor([0, *itertools.accumulate(len(b) for b in banks)][:-1], dtype=torch.int64)
-    rows_all = offset[source - 1] + index if rows else torch.zeros(0, dtype=torch.int64)
-    protos = {e: torch.cat([b.prototypes[e] for b in banks])[rows_all] for e in extractors}
-    keep = filters.stuff_filter(
-        protos,
-        torch.tensor([r[3] for r in rows], dtype=torch.bool),
-        torch.tensor([r[4] for r in rows], dtype=torch.bool),
-        stuff_threshold,
-    )
-    return PrototypeSet(
-        list(classes),
-        {e: p[keep] for e, p in protos.items()},
-        channel[keep],
-        source[keep],
-        index[keep],
-        background,
-        int((~keep).sum()),
-        list(banks),
-    )
+        if bank.names != names:
+            raise ValueError(f"banks use different extractors: {names} and {bank.names}")
+    sets, dropped = {}, {}
+    for e in names:
+        rows: list[tuple[int, int, int, bool, bool]] = []  # (channel, source, index, thing-bg, stuff-fg)
+        for cid, (bank, spec) in enumerate(zip(banks, classes, strict=True), start=1):
+            rows += [(cid, cid, int(i), False, spec.stuff) for i in bank[e].select(FG)]
+            if background and not spec.stuff:
+                rows += [(BACKGROUND_ID, cid, int(i), True, False) for i in bank[e].select(BG)]
+        rows.sort(key=lambda r: r[:3])
+        channel, source, index = (torch.tensor([r[j] for r in rows], dtype=torch.int64) for j in range(3))
+        # One gather from all banks' rows stacked (row of bank s, index i = offset[s - 1] + i).
+        offset = torch.tensor([0, *itertools.accumulate(len(b[e]) for b in banks)][:-1], dtype=torch.int64)
+        rows_all = offset[source - 1] + index if rows else torch.zeros(0, dtype=torch.int64)
+        protos = torch.cat([b[e].prototypes for b in banks])[rows_all]
+        keep = filters.stuff_filter(
+            protos,
+            torch.tensor([r[3] for r in rows], dtype=torch.bool),
+            torch.tensor([r[4] for r in rows], dtype=torch.bool),
+            stuff_threshold,
+        )
+        sets[e] = ExtractorSet(protos[keep], channel[keep], source[keep], index[keep], len(classes) + 1)
+        dropped[e] = int((~keep).sum())
+    return PrototypeSet(list(classes), sets, background, dropped, list(banks))
 
 
 def class_scores(sims: torch.Tensor, bounds: Sequence[int], allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 4's inner max: each channel's best prototype similarity.
+    """Eq. 4's inner max for one extractor: each channel's best prototype similarity.
 
     Args:
         sims: (..., P) float similarities, prototypes ordered by channel.
-        bounds: K + 1 offsets of the channels' prototype ranges (PrototypeSet.bounds).
-        allowed: optional bool, broadcastable to ``sims``: prototypes that may vote (False = ignored).
+        bounds: K + 1 offsets of the channels' prototype ranges (ExtractorSet.bounds).
+        allowed: optional bool, broadcastable to ``sims``: prototypes that may vote; the others score
+            EXCLUDED_SCORE, as the reference scores the prototypes of removed classes.
 
     Returns:
-        (..., K) float: the max over each channel's allowed prototypes, EXCLUDED_SCORE where it has none.
+        (..., K) float: the max over each channel's prototypes, EXCLUDED_SCORE for a channel without any.
     """
     if allowed is not None:
-        sims = sims.masked_fill(~allowed, -math.inf)
-    out = sims.new_full((*sims.shape[:-1], len(bounds) - 1), -math.inf)
+        sims = sims.masked_fill(~allowed, EXCLUDED_SCORE)
+    out = sims.new_full((*sims.shape[:-1], len(bounds) - 1), EXCLUDED_SCORE)
     for k, (a, b) in enumerate(itertools.pairwise(bounds)):
         if b > a:
             out[..., k] = sims[..., a:b].amax(-1)
-    return out.clamp_min(EXCLUDED_SCORE)
+    return out
 
 
 # --- geometry -----------------------------------------------------------------------------------------------------
@@ -237,14 +258,6 @@ def window_offsets(length: int, window: int, stride: int) -> list[int]:
     back to end exactly at ``length`` (windows never leave the image). ``length`` >= ``window``."""
     n = max(0, math.ceil((length - window) / stride)) + 1
     return [min(i * stride, length - window) for i in range(n)]
-
-
-def coverage(length: int, window: int, offsets: Sequence[int]) -> torch.Tensor:
-    """(length,) float32: how many of the windows cover each position."""
-    counts = torch.zeros(length)
-    for o in offsets:
-        counts[o : o + window] += 1
-    return counts
 
 
 def interpolation_matrix(out_len: int, in_len: int) -> torch.Tensor:
@@ -279,8 +292,8 @@ class Segmentation:
     """The segmentation of one image.
 
     Attributes:
-        scores: (K, h, w) float32 CPU class scores at the working resolution (short side ``short_side``),
-            channel 0 = background; classes the pre-filter removed hold EXCLUDED_SCORE.
+        scores: (K, h, w) float32 CPU class scores in [-1, 1] at the working resolution (short side
+            ``short_side``), channel 0 = background; classes the pre-filter removed hold EXCLUDED_SCORE.
         size: (H, W) of the input image.
         kept: 1-based ids of the classes the pre-filter kept (all of them when it is off).
         background: whether channel 0 is a real class (False under the no-background protocol).
@@ -292,20 +305,27 @@ class Segmentation:
     background: bool = True
 
     def labels(self) -> np.ndarray:
-        """(H, W) int64 label ids at the input size: 0 = background, i = i-th class (argmax; ties: lowest id)."""
+        """(H, W) int64 label ids at the input size: 0 = background, i = i-th class.
+
+        As the reference: scores upsampled bilinear to the input size, scores <= 0 zeroed, then the arg-max with
+        ties to the lowest id (so a pixel where no class scores above 0 is background). Without background,
+        channel 0 takes no part and ties go to the first class.
+        """
+        first = 0 if self.background else 1
         best = labels = None
-        for k0, _, up in _upsampled_chunks(self.scores, self.size):
-            value, index = up.max(0)
+        for k0, _, up in _upsampled_chunks(self.scores[first:], self.size):
+            value, index = up.clamp_min(0).max(0)
             if best is None:
                 best, labels = value, index
             else:
                 better = value > best  # strict: an earlier class keeps a tie, as argmax does
                 best = torch.where(better, value, best)
                 labels = torch.where(better, index + k0, labels)
-        return labels.numpy().astype(np.int64)
+        return labels.numpy().astype(np.int64) + first
 
     def pixel_scores(self, x: int, y: int) -> torch.Tensor:
-        """(K,) float32 class scores at input pixel (x, y), interpolated exactly as :meth:`labels` does."""
+        """(K,) float32 class scores at input pixel (x, y), interpolated exactly as :meth:`labels` does (before
+        the zeroing)."""
         h, w = self.scores.shape[-2:]
         rh = interpolation_matrix(self.size[0], h)[y]
         rw = interpolation_matrix(self.size[1], w)[x]
@@ -320,8 +340,14 @@ class Segmentation:
         return out
 
 
+# (top, left, height, width) of one window of a working image.
+Window = tuple[int, int, int, int]
+# reduce(extractor name, features (B, h, w, D) raw, allowed (B, P_e)) -> (B, C, h, w) maps, or None to skip.
+Reduce = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor | None]
+
+
 class Segmenter:
-    """Eq. 4 with the paper's sliding windows, ensemble and filters, for batches of images.
+    """Eq. 4 with the reference's windows, per-extractor scores and filters, for batches of images.
 
     Args:
         protoset: the prototypes (moved to ``device``).
@@ -330,8 +356,10 @@ class Segmenter:
         prefilter: the CLIP pre-filter, or None to keep every class.
         device: where the computation runs.
         timings: optional accumulator of seconds per phase.
-        compile: run the extractors through ``torch.compile``. Window batches have one fixed shape per scale, so
-            each extractor compiles once per window size, not per image.
+        compile: run the extractors' networks through ``torch.compile``. Sliding windows come in one fixed shape
+            per scale, so each extractor compiles once per window size (and once per whole-image shape).
+        sim_dtype: dtype of the matching matmul; None = fp16 on CUDA (fast, ~3 significant digits, the
+            prototypes are stored at fp16 precision anyway), fp32 elsewhere.
     """
 
     def __init__(
@@ -343,33 +371,36 @@ class Segmenter:
         device: torch.device | str = "cpu",
         timings: Timings | None = None,
         compile: bool = False,
+        sim_dtype: torch.dtype | None = None,
     ) -> None:
-        if set(extractors) != set(protoset.prototypes):
-            raise ValueError(f"extractors {sorted(extractors)} != the prototypes' {sorted(protoset.prototypes)}")
+        if set(extractors) != set(protoset.sets):
+            raise ValueError(f"extractors {sorted(extractors)} != the prototypes' {sorted(protoset.sets)}")
         self.device = torch.device(device)
         self.protoset = protoset.to(self.device)
-        # On CUDA the matching matmul (features x every prototype, D up to 7680 for SD) costs as much as a
-        # network forward in fp32. fp16 keeps ~3 significant digits of a cosine in [-1, 1], and the prototypes
-        # are stored at fp16 precision anyway.
-        self.sim_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self._protos = {e: p.to(self.sim_dtype) for e, p in self.protoset.prototypes.items()}
-        self.bounds = self.protoset.bounds
-        self.extractors = {
-            name: torch.compile(ext.__call__, dynamic=False) if compile else ext for name, ext in extractors.items()
-        }
+        if sim_dtype is None:
+            sim_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.sim_dtype = sim_dtype
+        self._protos = {e: s.prototypes.to(sim_dtype) for e, s in self.protoset.sets.items()}
+        self.bounds = {e: s.bounds for e, s in self.protoset.sets.items()}
+        if compile:
+            for ext in extractors.values():
+                ext.forward = torch.compile(ext.forward, dynamic=False)
+        self.extractors = dict(extractors)
         self.options = options or SegmentOptions()
         self.prefilter = prefilter
         self.timings = timings or Timings()
 
-    def windows(self, height: int, width: int) -> list[tuple[int, int, int]]:
-        """(size, top, left) of every window over an input of (height, width) after resizing."""
+    def windows(self, height: int, width: int) -> list[Window]:
+        """(top, left, height, width) of every window over an input of (height, width) after resizing: the
+        sliding windows of each scale, then the whole image (with ``whole_image``)."""
         h, w = resized_size(height, width, self.options.short_side)
-        return [
-            (s, y, x)
+        out = [
+            (y, x, s, s)
             for s in self.options.scales
             for y in window_offsets(h, s, self.options.stride)
             for x in window_offsets(w, s, self.options.stride)
         ]
+        return [*out, (0, 0, h, w)] if self.options.whole_image else out
 
     def kept_classes(self, images: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
         """Per image, the 1-based ids of the classes the pre-filter keeps (all when it is off)."""
@@ -380,122 +411,135 @@ class Segmenter:
             emb = self.prefilter.image_embeddings(images)
             return [tuple(i + 1 for i in self.prefilter(e)) for e in emb]
 
-    def features(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """windows (B, 3, s, s) in [0, 1] -> extractor -> (B, g, g, D_e) unit features on one common grid (the
-        finest any extractor produces)."""
-        with self.timings("forward"):
-            feats = {name: ext(windows) for name, ext in self.extractors.items()}
-        grid = max((tuple(f.shape[1:3]) for f in feats.values()), key=lambda hw: hw[0] * hw[1])
-        return {name: to_grid(f, grid) for name, f in feats.items()}
-
-    def similarities(self, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The ensemble: features (B, g, g, D_e) per extractor -> (B, g, g, P) cosine similarity to every
-        prototype, averaged over extractors."""
+    def similarities(self, name: str, feats: torch.Tensor) -> torch.Tensor:
+        """Raw features (B, h, w, D) of extractor ``name`` -> (B, h, w, P_e) cosine similarity to its prototypes
+        (features are L2-normalised here, at matching time, as the reference does)."""
         with self.timings("similarity"):
-            sims = sum((f.to(self.sim_dtype) @ self._protos[name].T).float() for name, f in feats.items())
-            return sims / len(feats)
+            return (l2n(feats).to(self.sim_dtype) @ self._protos[name].T).float()
 
-    def eq4(self, feats: Mapping[str, torch.Tensor], allowed: torch.Tensor) -> torch.Tensor:
-        """Eq. 4's class scores of a batch of windows.
+    def eq4(self, name: str, feats: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Eq. 4's class scores of a batch of windows for one extractor.
 
         Args:
-            feats: extractor -> (B, g, g, D_e) unit features on the common grid (see :meth:`features`).
-            allowed: (B, P) bool, the prototypes each window may use.
+            name: the extractor.
+            feats: (B, h, w, D) raw features.
+            allowed: (B, P_e) bool, the prototypes each window may use.
 
         Returns:
-            (B, K, g, g) float32 scores: per class, its best allowed prototype's ensemble similarity.
+            (B, K, h, w) float32 scores: per class, its best prototype's similarity (EXCLUDED_SCORE for removed
+            classes and empty channels).
         """
-        sims = self.similarities(feats)
+        sims = self.similarities(name, feats)
         with self.timings("similarity"):
-            return class_scores(sims, self.bounds, allowed[:, None, None]).permute(0, 3, 1, 2)
-
-    def window_scores(self, windows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """(B, 3, s, s) windows in [0, 1] and (B, P) allowed prototypes -> (B, K, g, g) eq. 4 scores."""
-        return self.eq4(self.features(windows), allowed)
+            return class_scores(sims, self.bounds[name], allowed[:, None, None]).permute(0, 3, 1, 2)
 
     def working_image(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) uint8 or [0, 1] float image -> (3, h, w) float32 on the device, short side ``short_side``."""
-        x = image.to(self.device)
-        x = x.float() / 255 if not x.is_floating_point() else x.float()
-        size = resized_size(*x.shape[-2:], self.options.short_side)
-        if tuple(x.shape[-2:]) == size:
-            return x
-        return F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+        """(3, H, W) uint8 or [0, 1] float image -> (3, h, w) float32 on the device, short side ``short_side``,
+        resized with Lanczos as the reference (PIL; a uint8 image is resized as 8-bit RGB, as PIL does it)."""
+        from PIL import Image
 
-    def _padded(self, crops: torch.Tensor) -> torch.Tensor:
-        # A fixed batch shape: results never depend on which windows share a batch.
-        pad = self.options.batch_size - crops.shape[0]
+        size = resized_size(*image.shape[-2:], self.options.short_side)
+        if tuple(image.shape[-2:]) != size:
+            with torch.no_grad():
+                arr = image.detach().cpu()
+                if arr.is_floating_point():
+                    planes = [Image.fromarray(c.float().numpy()).resize(size[::-1], Image.LANCZOS) for c in arr]
+                    image = torch.from_numpy(np.stack([np.asarray(p) for p in planes])).clamp(0, 1)
+                else:
+                    rgb = Image.fromarray(arr.permute(1, 2, 0).numpy()).resize(size[::-1], Image.LANCZOS)
+                    image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+        x = image.to(self.device)
+        return x.float() / 255 if not x.is_floating_point() else x.float()
+
+    def _batches(self, work: Sequence[torch.Tensor]) -> list[tuple[list[tuple[int, Window]], int]]:
+        """The windows of all working images in fixed-shape batches, each with the batch size it is padded to:
+        sliding windows of one scale together, ``batch_size`` at a time (the last batch padded), and each
+        whole-image window alone, so results never depend on which windows share a batch."""
+        opts = self.options
+        batches: list[tuple[list[tuple[int, Window]], int]] = []
+        for s in opts.scales:
+            jobs = [
+                (i, (y, x, s, s))
+                for i, im in enumerate(work)
+                for y in window_offsets(im.shape[-2], s, opts.stride)
+                for x in window_offsets(im.shape[-1], s, opts.stride)
+            ]
+            batches += [(jobs[a : a + opts.batch_size], opts.batch_size) for a in range(0, len(jobs), opts.batch_size)]
+        if opts.whole_image:
+            batches += [([(i, (0, 0, *im.shape[-2:]))], 1) for i, im in enumerate(work)]
+        return batches
+
+    @staticmethod
+    def _crops(work: Sequence[torch.Tensor], chunk: list[tuple[int, Window]], size: int) -> torch.Tensor:
+        crops = torch.stack([work[i][:, y : y + h, x : x + w] for i, (y, x, h, w) in chunk])
+        pad = size - crops.shape[0]
         return torch.cat([crops, crops.new_zeros(pad, *crops.shape[1:])]) if pad > 0 else crops
 
     def accumulate(
         self,
         work: Sequence[torch.Tensor],
-        allowed: torch.Tensor,
-        reduce: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+        allowed: Mapping[str, torch.Tensor],
+        reduce: Reduce,
         channels: int,
+        extractors: Sequence[str] | None = None,
     ) -> list[torch.Tensor]:
-        """Slide the windows over working images and average what ``reduce`` makes of each window.
+        """Run every window through every extractor and average what ``reduce`` makes of it.
 
         Args:
             work: working images, each (3, h, w) float32 in [0, 1] on the device.
-            allowed: (len(work), P) bool, the prototypes each image may use.
-            reduce: (window features as from :meth:`features`, (B, P) allowed) -> (B, channels, g, g) maps.
+            allowed: extractor -> (len(work), P_e) bool, the prototypes each image may use.
+            reduce: (extractor, window features, (B, P_e) allowed) -> (B, channels, h_e, w_e) maps, or None to
+                skip that extractor.
             channels: how many maps ``reduce`` makes per window.
+            extractors: which extractors to run (default: all).
 
         Returns:
-            Per image, (channels, h, w) float32: the maps bilinearly upsampled to the window's pixels, averaged
-            over the windows covering each pixel, then over scales.
+            Per image, (channels, h, w) float32: each (extractor, window) pair's maps upsampled bilinear to the
+            window's pixels and clamped to [-1, 1], averaged over the pairs covering each pixel.
         """
-        opts = self.options
+        names = list(extractors) if extractors is not None else list(self.extractors)
         canvases = [torch.zeros(channels, *im.shape[-2:], device=self.device) for im in work]
-        for s in opts.scales:
-            # Each window's weight makes the sum over windows the mean over covering windows, then over scales.
-            jobs, weights = [], []
-            for i, im in enumerate(work):
-                h, w = im.shape[-2:]
-                ys, xs = window_offsets(h, s, opts.stride), window_offsets(w, s, opts.stride)
-                cover = coverage(h, s, ys)[:, None] * coverage(w, s, xs)[None]
-                weights.append((1.0 / (len(opts.scales) * cover)).to(self.device))
-                jobs += [(i, y, x) for y in ys for x in xs]
-            for start in range(0, len(jobs), opts.batch_size):
-                chunk = jobs[start : start + opts.batch_size]
-                crops = self._padded(torch.stack([work[i][:, y : y + s, x : x + s] for i, y, x in chunk]))
-                allow = allowed[[i for i, _, _ in chunk] + [0] * (crops.shape[0] - len(chunk))]
-                maps = reduce(self.features(crops), allow)[: len(chunk)]
+        counts = [torch.zeros(im.shape[-2:], device=self.device) for im in work]
+        for chunk, size in self._batches(work):
+            crops = self._crops(work, chunk, size)
+            index = [i for i, _ in chunk] + [0] * (crops.shape[0] - len(chunk))
+            for name in names:
+                with self.timings("forward"):
+                    feats = self.extractors[name](crops)
+                maps = reduce(name, feats, allowed[name][index])
+                if maps is None:
+                    continue
                 with self.timings("accumulate"):
-                    if maps.shape[-1] != s:
-                        maps = F.interpolate(maps, size=(s, s), mode="bilinear", align_corners=False)
-                    for (i, y, x), m in zip(chunk, maps, strict=True):
-                        canvases[i][:, y : y + s, x : x + s] += m * weights[i][y : y + s, x : x + s]
-        return canvases
+                    for (i, (y, x, h, w)), m in zip(chunk, maps, strict=False):
+                        up = F.interpolate(m[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+                        canvases[i][:, y : y + h, x : x + w] += up.clamp_(-1, 1)
+                        counts[i][y : y + h, x : x + w] += 1
+        return [c / n.clamp_min(1) for c, n in zip(canvases, counts, strict=True)]
 
     @torch.no_grad()
     def pixel_similarities(self, work: torch.Tensor, y: int, x: int) -> dict[str, torch.Tensor]:
         """Every prototype's similarity to one pixel of a working image, per extractor, averaged over the
-        windows and scales that cover the pixel exactly as :meth:`accumulate` averages.
+        windows that cover the pixel exactly as :meth:`accumulate` averages one extractor's maps.
 
-        Features are interpolated to the pixel as the window maps are upsampled (bilinear, the same weights);
-        similarity is linear in the features, so this equals the upsampled per-prototype similarity maps.
+        Normalised features are interpolated to the pixel as the window maps are upsampled (bilinear, the same
+        weights); similarity is linear in them, so this equals the upsampled per-prototype similarity maps.
 
         Returns:
-            extractor -> (P,) float32 CPU similarities.
+            extractor -> (P_e,) float32 CPU similarities.
         """
-        opts = self.options
-        h, w = work.shape[-2:]
-        total = {e: torch.zeros(len(self.protoset.channel), device=self.device) for e in self.extractors}
-        for s in opts.scales:
-            ys = [o for o in window_offsets(h, s, opts.stride) if o <= y < o + s]
-            xs = [o for o in window_offsets(w, s, opts.stride) if o <= x < o + s]
-            windows = [(wy, wx) for wy in ys for wx in xs]
-            for start in range(0, len(windows), opts.batch_size):
-                chunk = windows[start : start + opts.batch_size]
-                feats = self.features(self._padded(torch.stack([work[:, a : a + s, b : b + s] for a, b in chunk])))
-                g = next(iter(feats.values())).shape[1]
-                rows = interpolation_matrix(s, g).to(self.device)
-                for j, (wy, wx) in enumerate(chunk):
-                    for e, f in feats.items():
-                        cell = torch.einsum("h,w,hwd->d", rows[y - wy], rows[x - wx], f[j])
-                        total[e] += cell @ self.protoset.prototypes[e].T / (len(opts.scales) * len(windows))
+        total = {e: torch.zeros(len(s), device=self.device) for e, s in self.protoset.sets.items()}
+        chunks = [([job for job in chunk if _covers(job[1], y, x)], size) for chunk, size in self._batches([work])]
+        chunks = [(c, size) for c, size in chunks if c]
+        n = sum(len(c) for c, _ in chunks)
+        for chunk, size in chunks:
+            crops = self._crops([work], chunk, size)
+            for e, ext in self.extractors.items():
+                feats = l2n(ext(crops))
+                for j, (_, (wy, wx, h, w)) in enumerate(chunk):
+                    rows = interpolation_matrix(h, feats.shape[1]).to(self.device)[y - wy]
+                    cols = interpolation_matrix(w, feats.shape[2]).to(self.device)[x - wx]
+                    cell = torch.einsum("h,w,hwd->d", rows, cols, feats[j])
+                    total[e] += cell @ self.protoset.sets[e].prototypes.T / n
         return {e: t.cpu() for e, t in total.items()}
 
     @torch.no_grad()
@@ -512,7 +556,7 @@ class Segmenter:
         with self.timings("resize"):
             work = [self.working_image(im) for im in images]
         kept = self.kept_classes(work)
-        allowed = torch.stack([self.protoset.allowed(k) for k in kept])
+        allowed = {e: torch.stack([s.allowed(k) for k in kept]) for e, s in self.protoset.sets.items()}
         canvases = self.accumulate(work, allowed, self.eq4, self.protoset.num_channels)
         if opts.pamr:
             with self.timings("pamr"):
@@ -524,3 +568,8 @@ class Segmenter:
             Segmentation(c.cpu(), tuple(im.shape[-2:]), kp, self.protoset.background)
             for c, im, kp in zip(canvases, images, kept, strict=True)
         ]
+
+
+def _covers(window: Window, y: int, x: int) -> bool:
+    top, left, h, w = window
+    return top <= y < top + h and left <= x < left + w

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import attribution
-from .defaults import GUIDANCE, NEGATIVE_PROMPT, PROMPT_TEMPLATE
+from .defaults import GUIDANCE, NEGATIVE_PROMPT, PROMPT_TEMPLATE, SCHEDULER, SCHEDULERS
 from .models.loading import Generator
 
 
@@ -59,13 +59,30 @@ def prompt_notes(class_names: list[str]) -> list[str]:
     return notes
 
 
+def make_scheduler(name: str, config: dict):
+    """The sampler ``name`` built from SD's own scheduler config (as the authors' code builds it).
+
+    ``dpmsolver++``: DPM-Solver++ multistep, second order (the reference, REFERENCE 1). ``ddim``: DDIM with eta
+    0. Both are deterministic given the initial noise, so per-image seeds still fix every image. Raises
+    ValueError naming the accepted names.
+    """
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    raise ValueError(f"--scheduler {name!r}: expected one of {', '.join(SCHEDULERS)}")
+
+
 @dataclass
 class SupportImage:
     """One generated support image.
 
     Attributes:
         image: (H, W, 3) uint8 RGB.
-        attribution: (G, G) float32 in [0, 1], min-max normalised class-token attribution on the latent grid.
+        attribution: (G, G) float32 in [0, 1], min-max normalised class-token attribution on the latent grid
+            (:func:`attribution.at_image_size` gives the image-resolution map the masks are chosen on).
     """
 
     image: np.ndarray
@@ -86,6 +103,7 @@ def generate(
     steps: int,
     guidance: float = GUIDANCE,
     negative_prompt: str = NEGATIVE_PROMPT,
+    scheduler: str = SCHEDULER,
     image_size: int,
     capture: bool = True,
 ) -> list[SupportImage]:
@@ -93,33 +111,32 @@ def generate(
 
     Args:
         seeds: one seed per batch slot (the batch shape is ``len(seeds)``).
-        steps: DDIM denoising steps (eta 0, so the initial noise alone determines the image).
+        steps: denoising steps of ``scheduler`` (a deterministic sampler: the initial noise fixes the image).
+        scheduler: "dpmsolver++" (the reference) or "ddim".
         image_size: output side in pixels (a multiple of the VAE's scale factor).
         capture: record the attribution maps; False gives the same images with all-zero maps (to measure
             what capturing costs).
     Returns:
         ``len(seeds)`` :class:`SupportImage`, in seed order.
     """
-    from diffusers import DDIMScheduler
-
     prompt = prompt_for(class_name)
     tokens = attribution.class_token_positions(gen.tokenizer, prompt, class_name)
     b = len(seeds)
     g = image_size // gen.vae_scale
-    scheduler = DDIMScheduler.from_config(gen.scheduler_config)
-    scheduler.set_timesteps(steps)
+    sampler = make_scheduler(scheduler, gen.scheduler_config)
+    sampler.set_timesteps(steps)
     emb = gen.encode_text([negative_prompt, prompt])  # (2, 77, D): unconditional first, as in diffusers
     context = torch.cat([emb[:1].expand(b, -1, -1), emb[1:].expand(b, -1, -1)])
     latents = _initial_noise(seeds, (gen.unet.config.in_channels, g, g)).to(gen.device, gen.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * sampler.init_noise_sigma
     tap = attribution.install(gen.unet)
     with attribution.capturing(tap, tokens, slice(b, 2 * b), (g, g)) if capture else nullcontext():
-        for t in scheduler.timesteps:
-            inp = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        for t in sampler.timesteps:
+            inp = sampler.scale_model_input(torch.cat([latents, latents]), t)
             eps_u, eps_c = gen.unet(inp, t, encoder_hidden_states=context).sample.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
-            latents = scheduler.step(eps, t, latents).prev_sample
-        maps = attribution.minmax(attribution.aggregate(tap.maps, (g, g))) if capture else torch.zeros(b, g, g)
+            latents = sampler.step(eps, t, latents).prev_sample
+        maps = attribution.minmax(attribution.aggregate(tap)) if capture else torch.zeros(b, g, g)
     decoded = gen.vae.decode(latents / gen.vae.config.scaling_factor).sample
     images = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
     return [SupportImage(images[i].numpy(), maps[i].cpu().numpy()) for i in range(b)]

@@ -1,16 +1,27 @@
-"""Built-in knowledge about class names: which are "stuff" (paper 3.4).
+"""Built-in knowledge about class names: which are "stuff" (paper 3.4), in two tables.
 
-The paper asked ChatGPT to sort each benchmark's classes into things (countable objects) and stuff (amorphous
-regions such as sky or water). This table does the same once, for the names of PASCAL Context, COCO-Stuff,
-ADE20K and Cityscapes (raw benchmark spellings and their readable forms). Where a benchmark calls an everyday
-object stuff (COCO-Stuff's "house", "light", "food"), the table keeps the everyday reading: a thing. Users
-override it per class with ``--stuff`` or a ``stuff``/``thing`` column in a classes file.
+* ``paper`` (the default): the authors' list (REFERENCE 8). Everything not in it is a thing, including building,
+  tree, sea, earth, field, sand and river. Benchmark numbers are made with this table.
+* ``extended``: ovdiff's broader list for everyday vocabularies: it also calls the amorphous regions of COCO-Stuff,
+  ADE20K and Cityscapes stuff (trees, buildings, sea, sand, ...), spelled raw or readable. Where a benchmark calls
+  an everyday object stuff (COCO-Stuff's "house", "light", "food"), it keeps the everyday reading: a thing.
+
+Users override either per class with ``--stuff`` or a ``stuff``/``thing`` column in a classes file.
 """
 
 from __future__ import annotations
 
+PAPER = "paper"
+EXTENDED = "extended"
+STUFF_TABLES = (PAPER, EXTENDED)
+
+_PAPER_STUFF = """
+background, bedclothes, ceiling, cloth, curtain, fence, floor, grass, ground, mountain, platform, road, rock,
+sidewalk, sky, snow, track, wall, water, wood, step, trade name, lake, blanket, tray, glass
+"""
+
 # Comma-separated names, grouped by what they are; matched through stuff_key (so "sky-other" = "sky other").
-_STUFF = """
+_EXTENDED_STUFF = """
 sky, sky other, clouds, fog
 wall, wall brick, wall concrete, wall other, wall panel, wall stone, wall tile, wall wood, brick wall
 floor, floor marble, floor other, floor stone, floor tile, floor wood, ceiling, ceiling other, ceiling tile
@@ -31,9 +42,18 @@ def stuff_key(name: str) -> str:
     return " ".join(name.replace("-", " ").replace("_", " ").casefold().split())
 
 
-STUFF_CLASSES: frozenset[str] = frozenset(stuff_key(n) for n in _STUFF.replace("\n", ",").split(",") if n.strip())
+def _table(text: str) -> frozenset[str]:
+    return frozenset(stuff_key(n) for n in text.replace("\n", ",").split(",") if n.strip())
 
 
-def is_stuff(name: str) -> bool:
-    """Whether the built-in table calls ``name`` a stuff class (``"sky-other"`` and ``"Sky"`` both are)."""
-    return stuff_key(name) in STUFF_CLASSES
+STUFF_CLASSES: dict[str, frozenset[str]] = {PAPER: _table(_PAPER_STUFF), EXTENDED: _table(_EXTENDED_STUFF)}
+
+
+def is_stuff(name: str, table: str = PAPER) -> bool:
+    """Whether stuff table ``table`` calls ``name`` a stuff class (``"Sky"`` and ``"sky"`` both are).
+
+    Raises ValueError for an unknown table, naming the accepted ones.
+    """
+    if table not in STUFF_CLASSES:
+        raise ValueError(f"--stuff-table {table!r}: expected one of {', '.join(STUFF_TABLES)}")
+    return stuff_key(name) in STUFF_CLASSES[table]

@@ -9,6 +9,7 @@ import pytest
 def isolated_env(tmp_path, monkeypatch):
     """No test reads or writes the user's cache or weights, or touches the network."""
     monkeypatch.setenv("OVDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OVDIFF_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,4 @@
-"""Stand-ins shared by the tests: a planted extractor and prototypes with known answers, and fast CLI options."""
+"""Stand-ins shared by the tests: planted extractors and prototypes with known answers, and fast CLI options."""
 
 from __future__ import annotations
 
@@ -17,18 +17,25 @@ class PixelExtractor(Extractor):
         self.weight = weight
         self.bias = bias if bias is not None else torch.zeros(weight.shape[1])
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         return l2n(images.permute(0, 2, 3, 1) @ self.weight + self.bias)
 
 
+class MeanColourExtractor(Extractor):
+    """A 1x1-grid extractor: the one feature of a window is its mean colour (so windows see different things)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(2, 3))[:, None, None, :]
+
+
 def protoset(rows: dict[str, list[list[float]]], channel: list[int], source: list[int], names=("a", "b")):
-    return S.PrototypeSet(
-        [ClassSpec(n) for n in names],
-        {e: l2n(torch.tensor(v)) for e, v in rows.items()},
-        torch.tensor(channel),
-        torch.tensor(source),
-        torch.arange(len(channel)),
-    )
+    """A PrototypeSet with the same channel/source layout for every extractor in ``rows``."""
+    k = len(names) + 1
+    sets = {
+        e: S.ExtractorSet(l2n(torch.tensor(v)), torch.tensor(channel), torch.tensor(source), torch.arange(len(v)), k)
+        for e, v in rows.items()
+    }
+    return S.PrototypeSet([ClassSpec(n) for n in names], sets)
 
 
 # The tiny models with small windows: every stage of the real pipeline, fast on a CPU.

@@ -58,16 +58,51 @@ def test_captured_maps_equal_manual_softmax(tiny_models):
     q = seen["q"][b:].view(b, g * g, heads, -1).transpose(1, 2)
     k = seen["k"][b:].view(b, 77, heads, -1).transpose(1, 2)
     probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
-    expected = probs[..., tokens].sum(dim=(1, 3)).view(b, g, g)
-    assert maps[0].shape == (b, g, g)
+    # REFERENCE 2: averaged over the class's tokens, per head; upsampled bicubic to the latent grid (here the
+    # layer is already at it, so the bicubic step is the identity), clamped at 0, summed over heads.
+    expected = probs[..., tokens].mean(dim=3).sum(dim=1).view(b, g, g)
+    assert maps[0].shape == (b, g, g) and tap.calls[0] == 1
     torch.testing.assert_close(maps[0], expected, rtol=1e-5, atol=1e-6)
-    # Summed over pixels, the captured map is the total probability mass of the class tokens.
-    torch.testing.assert_close(maps[0].sum(dim=(1, 2)), probs[..., tokens].sum(dim=(1, 2, 3)))
-    # Aggregation upsamples every layer to the latent grid and sums them.
-    total = attribution.aggregate(maps, (g, g))
-    assert total.shape == (b, g, g)
+    # A coarser layer (the mid block, 1x1 here) is upsampled bicubic per head and clamped at 0, head by head.
+    assert maps[6].shape == (b, g, g)
+    assert bool((maps[6] >= 0).all())
+    # Aggregation averages the layers (each divided by its number of steps), then min-max normalises.
+    total = attribution.aggregate(tap)
+    torch.testing.assert_close(total, sum(maps.values()) / 16)
     norm = attribution.minmax(total)
     assert norm.amin(dim=(1, 2)).tolist() == [0.0, 0.0] and norm.amax(dim=(1, 2)).tolist() == [1.0, 1.0]
+
+
+def test_bicubic_then_clamp_per_head_by_hand():
+    # Two heads on a 2x2 layer, upsampled to 4x4. Bicubic overshoots below 0 next to a step, so clamping each
+    # head before summing differs from clamping the sum.
+    tap = attribution.AttentionTap()
+    tap.latent_hw, tap.token_span, tap.cond_slice, tap.tokens = (4, 4), slice(0, 1), slice(None), [0]
+    proc = attribution._CrossAttnProcessor(0, tap)
+
+    class Attn:
+        scale = 1.0
+
+    # q k^T chosen so that the token's probability is 1 (logit 50) or ~0 (logit -50) per pixel and head.
+    logits = torch.tensor([[50.0, -50.0, -50.0, -50.0], [-50.0, 50.0, 50.0, 50.0]])  # (heads, pixels)
+    q = torch.zeros(1, 2, 4, 2)
+    q[0, :, :, 0] = logits
+    k = torch.zeros(1, 2, 2, 2)
+    k[0, :, 0, 0] = 1.0  # token 0 scores the logit, token 1 scores 0
+    proc._capture(Attn(), q, k, 4)
+    p = torch.softmax(torch.stack([logits, torch.zeros_like(logits)], -1), -1)[..., 0].view(2, 1, 2, 2)
+    up = torch.nn.functional.interpolate(p, size=(4, 4), mode="bicubic", align_corners=False)
+    assert float(up.min()) < 0  # the overshoot that the clamp removes
+    torch.testing.assert_close(tap.maps[0][0], up.clamp_min(0).sum(0)[0])
+    assert not torch.allclose(tap.maps[0][0], up.sum(0)[0].clamp_min(0))
+
+
+def test_maps_go_to_image_size_bilinear_and_renormalised():
+    m = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])
+    up = attribution.at_image_size(m, 4)
+    ref = torch.nn.functional.interpolate(m[:, None], size=(4, 4), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(up, (ref - ref.min()) / (ref.max() - ref.min()))
+    assert float(up.min()) == 0.0 and float(up.max()) == 1.0
 
 
 def test_capture_off_leaves_output_unchanged(tiny_models):

@@ -25,16 +25,38 @@ def test_names_in_user_order_normalised():
 
 
 def test_builtin_stuff_table_and_thing_override(tmp_path):
-    # The benchmark table decides when the user says nothing; a file's "thing" column overrides it.
-    assert _names(build_class_list(["cat", "Sky", "sky-other", "wall_brick"])) == [
+    # The paper's table (REFERENCE 8) decides when the user says nothing: tree, building, sea are things there.
+    names = ["cat", "Sky", "sky-other", "tree", "sea", "trade name", "glass", "wall_brick"]
+    assert _names(build_class_list(names)) == [
+        ("cat", False),
+        ("Sky", True),
+        ("sky-other", False),
+        ("tree", False),
+        ("sea", False),
+        ("trade name", True),
+        ("glass", True),
+        ("wall_brick", False),
+    ]
+    assert {c.stuff_from for c in build_class_list(names)} == {"paper"}
+    # ovdiff's extended table for everyday vocabularies.
+    extended = build_class_list(names, stuff_table="extended")
+    assert _names(extended) == [
         ("cat", False),
         ("Sky", True),
         ("sky-other", True),
+        ("tree", True),
+        ("sea", True),
+        ("trade name", False),
+        ("glass", False),
         ("wall_brick", True),
     ]
+    with pytest.raises(ValueError, match="--stuff-table 'mine'"):
+        build_class_list(names, stuff_table="mine")
     path = tmp_path / "c.txt"
-    path.write_text("tree\tthing\nsky\n")
-    assert _names(build_class_list(classes_file=path)) == [("tree", False), ("sky", True)]
+    path.write_text("tree\tthing\nsky\nfloor\tstuff\n")
+    specs = build_class_list(classes_file=path)
+    assert _names(specs) == [("tree", False), ("sky", True), ("floor", True)]
+    assert [c.stuff_from for c in specs] == ["user", "paper", "user"]
 
 
 def test_split_list():

@@ -51,11 +51,15 @@ def test_synth_json_cold_then_warm():
     assert cold.exit_code == 0, cold.output
     doc = json.loads(cold.stdout)
     assert doc["models"]["name"] == "tiny" and doc["models"]["meaningful"] is False
+    assert doc["scheduler"] == "dpmsolver++" and doc["masker"] == "cutler"  # tiny has a (random) CutLER
     assert [c["name"] for c in doc["classes"]] == ["cat", "potted plant"]
     for c in doc["classes"]:
         assert c["images_generated"] == 2 and c["images_cached"] == 0
-        # one class prototype per non-empty region (fg, and bg unless refinement emptied it), <= N instances each
-        assert c["prototypes"]["class"] in (1, 2) and 1 <= c["prototypes"]["instance"] <= 4
+        # per extractor: one class prototype per non-empty region (fg, and bg unless refinement emptied it), at
+        # most N instances each
+        assert set(c["prototypes"]) == {"sd", "dino", "clip"}
+        for counts in c["prototypes"].values():
+            assert counts["class"] in (0, 1, 2) and counts["instance"] <= 4
         assert len(c["digest"]) == 64
     warm = json.loads(invoke("synth", "cat", "potted plant", *TINY, "--json").stdout)
     assert [c["images_cached"] for c in warm["classes"]] == [2, 2]
@@ -82,12 +86,22 @@ def test_synth_table_and_stuff_file(tmp_path):
         (("cat", "--n", "0"), ("--n 0",)),
         (("cat", "--models", "nonexistent"), ("nonexistent", "tiny")),
         (("cat", "--device", "tpu"), ("tpu",)),
-        (("cat", "--masker", "cutler"), ("CutLER",)),
+        (("cat", "--masker", "cutler", "--models", "tiny,cutler=/nonexistent.pth"), ("cutler", "checkpoint file")),
+        (("cat", "--scheduler", "euler"), ("--scheduler 'euler'", "dpmsolver++", "ddim")),
+        (("cat", "--precision", "fp8"), ("--precision 'fp8'", "fp32")),
+        (("cat", "--stuff-table", "mine"), ("--stuff-table 'mine'", "paper")),
     ],
 )
 def test_synth_usage_errors(args, needles):
     extra = [] if "--models" in args else ["--models", "tiny"]
     one_line_error(invoke("synth", *args, *extra), *needles)
+
+
+def test_explicit_cutler_without_its_checkpoint_fails_at_once(tmp_path):
+    empty = tmp_path / "cutler"
+    empty.mkdir()
+    result = invoke("synth", "cat", "--masker", "cutler", "--models", f"tiny,cutler={empty}")
+    one_line_error(result, "CutLER detector", "no checkpoint")
 
 
 def test_sd15_offline_fails_at_once_naming_the_model():

@@ -114,7 +114,8 @@ def test_loaders_find_the_pairs_and_classes(tmp_path, name):
     expected_classes = {"voc": 21, "voc20": 20, "context": 60, "context59": 59, "object": 81, "stuff": 171}
     expected_classes |= {"ade": 150, "cityscapes": 19}
     assert spec.num_classes == expected_classes[name]
-    assert len(build_class_list(spec.vocabulary)) == spec.num_classes - spec.background  # valid, distinct prompts
+    for names in ("paper", "plain"):  # valid, distinct prompts
+        assert len(build_class_list(spec.vocabulary(names))) == spec.num_classes - spec.background
     image_t, label_t, _ = LAYOUTS[name]
     folder = Path(image_t).parts[0] if name not in ("ade",) else Path("ade")
     for root in {tmp_path, tmp_path / folder, tmp_path / spec.folder}:  # mmseg's data/, the parent, the folder
@@ -130,10 +131,32 @@ def test_loaders_find_the_pairs_and_classes(tmp_path, name):
         assert np.array_equal(gt, raw)
 
 
-def test_readable_prompts():
-    assert datasets.get_dataset("voc").vocabulary[15] == "potted plant"
-    stuff = datasets.get_dataset("stuff").vocabulary
+def test_paper_prompt_names_and_plain_ones():
+    voc = datasets.get_dataset("voc")
+    paper = voc.vocabulary()
+    assert [paper[i] for i in (0, 10, 15, 19)] == ["airplane", "table", "potted plant", "monitor"]
+    assert [voc.vocabulary("plain")[i] for i in (0, 10, 15, 19)] == [
+        "aeroplane",
+        "dining table",
+        "potted plant",
+        "tv monitor",
+    ]
+    context = datasets.get_dataset("context59").vocabulary()
+    assert {"airplane", "plant", "monitor", "computer keyboard"} <= set(context) and "pottedplant" not in context
+    ade = datasets.get_dataset("ade").vocabulary()
+    overrides = {"liquid tank", "window blinds", "cooker hood", "wastebin", "shop case", "clothing"}
+    assert overrides <= set(ade) and not {"tank", "blind", "hood", "ashcan", "case", "apparel"} & set(ade)
+    stuff = datasets.get_dataset("stuff").vocabulary()
     assert {"sky", "brick wall", "desk", "window blind", "playing field"} <= set(stuff)
+    with pytest.raises(ValueError, match="--prompt-names 'odd'"):
+        voc.vocabulary("odd")
+
+
+def test_benchmarks_use_the_paper_stuff_table():
+    specs = build_class_list(datasets.get_dataset("context").vocabulary())
+    stuff = {c.name for c in specs if c.stuff}
+    assert {"sky", "grass", "wall", "road", "water", "bedclothes"} <= stuff
+    assert not {"building", "tree", "airplane"} & stuff
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,7 @@ def test_the_reported_prototype_and_support_pixels_are_the_planted_ones(planted)
     first = expl.prototypes[0]
     # the exact match: the instance prototype of a's support image 2, pooled from exactly its square
     assert (first.class_name, first.kind, first.region, first.image) == ("a", "instance", "fg", 2)
-    assert first.similarity["x"] == pytest.approx(1.0, abs=2e-3) == first.similarity["ensemble"]
+    assert first.extractor == "x" and first.similarity == pytest.approx(1.0, abs=2e-3)
     assert [r.index for r in first.support] == [2]
     x0, y0, x1, y1 = SQUARES[2]
     planted_mask = np.zeros((SIZE, SIZE), bool)
@@ -82,7 +82,7 @@ def test_the_reported_prototype_and_support_pixels_are_the_planted_ones(planted)
     assert np.array_equal(first.support[0].mask, planted_mask)
     assert first.support[0].box == SQUARES[2] and first.support[0].key == "a-support-2"
     assert first.wins[:, :16].all() and not first.wins[:, 16:].any()  # it wins a's whole region
-    sims = [p.similarity["ensemble"] for p in expl.prototypes]
+    sims = [p.similarity for p in expl.prototypes]
     assert sims == sorted(sims, reverse=True) and len(expl.prototypes) == 3
     # asking for more than the class has gives all of it: class + 3 instances + 1 part (k=1), each with provenance
     everything = X.explain(segmenter, query(), x=5, y=20, support_size=SIZE, top=50).prototypes
@@ -164,7 +164,10 @@ def test_cli_json_png_and_segment_agree(photo, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["pixel"] == [70, 9] and doc["out"] == str(out_png) and doc["models"]["name"] == "tiny"
-    assert 1 <= len(doc["prototypes"]) <= 4
+    # --top (2 by default) per extractor: at most 6 rows for sd, dino and clip, grouped by extractor
+    assert 1 <= len(doc["prototypes"]) <= 6
+    extractors = [p["extractor"] for p in doc["prototypes"]]
+    assert extractors == sorted(extractors) and all(extractors.count(e) <= 2 for e in extractors)
     assert Image.open(out_png).height == X.HEADER_H + X.ROW_H * len(doc["prototypes"])
     seg = cli(cache_dir, "segment", str(path), "--classes", "cat,sky", "--out", str(tmp_path / "seg"))
     assert seg.exit_code == 0, seg.output

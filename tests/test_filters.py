@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ovdiff_cli import filters
@@ -28,37 +29,55 @@ class PlantedSubsets:
         return torch.stack([self.image if s == self.winner else other for s in subsets])
 
 
-def test_candidates_above_one_over_c():
-    # logit scale 10 on cosines (.5, .4, .1, 0): probs .718, .264, .013, .005; 1/C = .25 keeps 0 and 1.
+def test_candidates_are_at_least_one_over_c_of_a_temperature_1_softmax():
+    # REFERENCE 6: raw cosines (.5, .4, .1, 0), softmax at temperature 1: e^c / sum = .3143, .2844, .2107, .1906;
+    # 1/C = .25 keeps 0 and 1 (a logit scale of 100 would have kept 0 alone).
     image, classes = planted_image([0.5, 0.4, 0.1, 0.0])
-    probs = (10 * classes @ image).softmax(0)
-    assert filters.candidate_classes(probs) == [0, 1]
-    assert filters.candidate_classes(probs, eta=1) == [0]
+    cos = classes @ image
+    assert filters.candidate_classes(cos.softmax(0), cos) == [0, 1]
+    assert filters.candidate_classes(cos.softmax(0), cos, eta=1) == [0]
+    # Equal cosines: every probability is exactly 1/C, and ">=" keeps them all.
+    flat = torch.full((3,), 0.3)
+    assert filters.candidate_classes(flat.softmax(0), flat) == [0, 1, 2]
+    # None reaching 1/C (only by rounding in practice): the eta best by cosine.
+    assert filters.candidate_classes(torch.full((4,), 0.2), torch.tensor([0.1, 0.3, 0.2, 0.0]), eta=2) == [1, 2]
 
 
 def test_prefilter_picks_the_best_subset_among_all_of_them():
     image, classes = planted_image([0.5, 0.4, 0.1, 0.0])
     encode = PlantedSubsets(image, winner=(0, 1))
-    assert filters.prefilter(image, classes, encode, eta=10, logit_scale=10) == (0, 1)
+    assert filters.prefilter(image, classes, encode, eta=10) == (0, 1)
     assert encode.calls == [[(0,), (1,), (0, 1)]]
     encode = PlantedSubsets(image, winner=(1,))
-    assert filters.prefilter(image, classes, encode, eta=10, logit_scale=10) == (1,)
+    assert filters.prefilter(image, classes, encode, eta=10) == (1,)
+
+
+def test_prefilter_keeps_stuff_and_counts_only_things():
+    # classes: cat .5, sky (stuff) 0, dog .4, car .1. Things only: softmax of (.5, .4, .1) = .388, .351, .260;
+    # 1/C with C = 3 things keeps cat and dog. sky is never scored and always kept.
+    image, classes = planted_image([0.5, 0.0, 0.4, 0.1])
+    encode = PlantedSubsets(image, winner=(0, 2))
+    kept = filters.prefilter(image, classes, encode, stuff=[False, True, False, False])
+    assert kept == (0, 1, 2)
+    assert encode.calls == [[(0,), (2,), (0, 2)]]
+    # Only stuff, or a single thing: nothing to filter.
+    assert filters.prefilter(image, classes, encode, stuff=[True, True, True, False]) == (0, 1, 2, 3)
 
 
 def test_prefilter_top_eta_then_subsets():
-    # four classes beat 1/6; eta = 2 keeps the two best (0 and 1) and scores their 3 subsets only
+    # four classes reach 1/6 (probs .194 .192 .190 .188 .118 .118); eta = 2 keeps the two best, 3 subsets only
     image, classes = planted_image([0.5, 0.49, 0.48, 0.47, 0.0, 0.0])
     encode = PlantedSubsets(image, winner=(0,))
-    assert filters.prefilter(image, classes, encode, eta=2, logit_scale=10) == (0,)
+    assert filters.prefilter(image, classes, encode, eta=2) == (0,)
     assert encode.calls == [[(0,), (1,), (0, 1)]]
 
 
-def test_prefilter_single_candidate_needs_no_subset_scores_and_ties_keep_one():
+def test_prefilter_single_candidate_needs_no_subset_scores():
     image, classes = planted_image([0.9, 0.0, 0.0])
     encode = PlantedSubsets(image, winner=(1,))
-    assert filters.prefilter(image, classes, encode, logit_scale=100) == (0,)
+    # softmax of (.9, 0, 0) = .551, .224, .224: only class 0 reaches 1/3
+    assert filters.prefilter(image, classes, encode) == (0,)
     assert encode.calls == []
-    assert filters.candidate_classes(torch.full((4,), 0.25)) == [0]  # nobody beats 1/C: keep the best
 
 
 def test_subset_prompts():
@@ -68,28 +87,64 @@ def test_subset_prompts():
 
 
 def test_clip_prefilter_with_tiny_clip(tiny_models):
-    pre = filters.ClipPrefilter(tiny_models.get("clip"), ["cat", "dog", "sky"], eta=10)
+    pre = filters.ClipPrefilter(tiny_models.get("clip"), ["cat", "dog", "sky"], eta=10, stuff=[False, False, True])
     assert pre.class_emb.shape == (3, 32)
     imgs = [torch.rand(3, 40, 70), torch.rand(3, 64, 64)]
     emb = pre.image_embeddings(imgs)
     assert emb.shape == (2, 32)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
     kept = pre(emb[0])
-    assert kept and set(kept) <= {0, 1, 2} and list(kept) == sorted(kept)
+    assert 2 in kept and set(kept) <= {0, 1, 2} and list(kept) == sorted(kept) and len(kept) >= 2
     memo = dict(pre._subsets)
     assert pre(emb[0]) == kept and pre._subsets == memo  # subset prompts are encoded once
 
 
 def test_stuff_filter_direct():
-    protos = {"a": l2n(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1], [1, 0.01]])), "b": l2n(torch.eye(2)[[0, 0, 1, 1]])}
+    protos = l2n(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1], [1, 0.01]]))
     thing_bg = torch.tensor([True, True, False, False])
-    stuff = torch.tensor([False, False, False, True])
-    # ensemble similarity to the stuff row 3: row 0 (1.0 + 0)/2 = 0.5, row 1 (0.99 + 0)/2 < 0.85: both stay
-    assert filters.stuff_filter(protos, thing_bg, stuff).tolist() == [True] * 4
-    # with one extractor only, rows 0 and 1 are ~1.0 similar to row 3: both dropped, others untouched
-    only_a = {"a": protos["a"]}
-    assert filters.stuff_filter(only_a, thing_bg, stuff).tolist() == [False, False, True, True]
-    assert filters.stuff_filter(only_a, thing_bg, torch.zeros(4, dtype=torch.bool)).all()
+    stuff_fg = torch.tensor([False, False, False, True])
+    # rows 0 and 1 are ~1.0 similar to the stuff row 3: both dropped, others untouched
+    assert filters.stuff_filter(protos, thing_bg, stuff_fg).tolist() == [False, False, True, True]
+    # cos(row 0, row 3) = 0.99995 stays above 0.999; cos(row 1, row 3) = 0.9949 does not
+    assert filters.stuff_filter(protos, thing_bg, stuff_fg, threshold=0.999).tolist() == [False, True, True, True]
+    assert filters.stuff_filter(protos, thing_bg, torch.zeros(4, dtype=torch.bool)).all()
+
+
+def _pamr_by_hand(image: np.ndarray, scores: np.ndarray, dilations: list[int], iters: int) -> np.ndarray:
+    """PAMR written out pixel by pixel: image (3, H, W), scores (K, H, W)."""
+    _, h, w = image.shape
+    offs = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+    def at(a: np.ndarray, y: int, x: int) -> np.ndarray:  # replicate padding
+        return a[:, min(max(y, 0), h - 1), min(max(x, 0), w - 1)]
+
+    weights = np.zeros((len(offs), h, w))
+    for y in range(h):
+        for x in range(w):
+            centre = image[:, y, x]
+            # the deviation pools the 3x3 neighbourhood (centre included) of every dilation: 9 x D samples
+            samples = [centre] * len(dilations) + [at(image, y + oy, x + ox) for oy, ox in offs]
+            sigma = np.std(np.stack(samples), axis=0, ddof=1)
+            logits = [np.mean(-np.abs(at(image, y + oy, x + ox) - centre) / (1e-8 + 0.1 * sigma)) for oy, ox in offs]
+            e = np.exp(np.array(logits) - max(logits))
+            weights[:, y, x] = e / e.sum()
+    out = scores.astype(np.float64)
+    for _ in range(iters):
+        nxt = np.zeros_like(out)
+        for y in range(h):
+            for x in range(w):
+                nxt[:, y, x] = sum(weights[j, y, x] * at(out, y + oy, x + ox) for j, (oy, ox) in enumerate(offs))
+        out = nxt
+    return out
+
+
+def test_pamr_matches_a_pixel_by_pixel_computation():
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 3, 5, 6, generator=g)
+    scores = torch.rand(1, 2, 5, 6, generator=g)
+    got = filters.pamr(image, scores, iters=2, dilations=(1, 2))
+    want = _pamr_by_hand(image[0].double().numpy(), scores[0].double().numpy(), [1, 2], 2)
+    np.testing.assert_allclose(got[0].numpy(), want, atol=1e-5)
 
 
 def test_pamr_keeps_a_constant_map_constant():

@@ -1,10 +1,10 @@
-"""Tests of ovdiff_cli.masks against hand-computed answers on planted arrays (CPU, fast)."""
+"""Tests of ovdiff_cli.masks against hand-computed answers on planted arrays (CPU, fast): eq. 1 selection, MaskCut
+and the threshold variant as the reference applies them (REFERENCE 3)."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,14 +13,12 @@ from ovdiff_cli import masks
 from ovdiff_cli.defaults import MASKCUT_N_MASKS, MASKCUT_TAU, THRESHOLD_FALLBACK_BG, THRESHOLD_FALLBACK_FG
 from ovdiff_cli.masks import (
     Masker,
-    MaskerUnavailable,
     available_maskers,
     build_masker,
     maskcut_image,
     registered_maskers,
     resolve_masker_name,
     select_masks,
-    support_masks,
 )
 
 
@@ -57,17 +55,29 @@ def _three_proposals() -> tuple[torch.Tensor, torch.Tensor]:
     return props, a
 
 
-def test_select_fg_max_bg_min_and_erosion() -> None:
+def test_select_fg_max_bg_min() -> None:
     props, a = _three_proposals()
     # Means: P0 0.75, P1 0.6, P2 0.0, background proposal (43 px of 0.1) 0.1 -> fg = P0, bg = P2.
     fg, bg = select_masks(props, a)
     assert fg.dtype == torch.bool and fg.shape == (8, 8)
     assert torch.equal(fg, props[0])
-    # P2 (rows 5-7 x cols 0-2), all below 0.2; one erosion with the outside counted as mask removes row 5 and
-    # column 2 (their neighbours in row 4 / column 3 are not bg) but keeps the pixels on the image border.
+    # P2 eroded once with a 3x3 cross (the image border does not erode): row 5 and column 2 touch non-bg pixels.
     assert torch.equal(bg, _box(8, 8, 6, 8, 0, 2))
-    fg0, bg0 = select_masks(props, a, erode_px=0)
+    fg0, bg0 = select_masks(props, a, erode=0)
     assert torch.equal(fg0, props[0]) and torch.equal(bg0, props[2])
+
+
+def test_bg_erosion_is_a_cross_not_a_square() -> None:
+    # The bg proposal is the 5x5 box rows 1-5 x cols 1-5 of a 7x7 image without its pixel (2, 2), which belongs
+    # to the one instance proposal (everything else). A cross keeps (3, 3), whose missing neighbour (2, 2) is
+    # only diagonal; a square would remove it.
+    region = _box(7, 7, 1, 6, 1, 6)
+    region[2, 2] = False
+    a = torch.where(region, 0.05, 0.9)
+    fg, bg = select_masks((~region)[None], a)
+    assert torch.equal(fg, ~region)
+    kept = {(2, 4), (3, 3), (3, 4), (4, 2), (4, 3), (4, 4)}
+    assert {tuple(p) for p in torch.nonzero(bg).tolist()} == kept
 
 
 def test_select_background_proposal_wins_bg_and_is_refined() -> None:
@@ -77,15 +87,15 @@ def test_select_background_proposal_wins_bg_and_is_refined() -> None:
     props = _box(8, 8, 0, 8, 0, 4)[None]
     fg, bg = select_masks(props, a)
     assert torch.equal(fg, props[0])
-    # bg = complement (cols 4-7) minus (3, 6) (attribution >= 0.2), then eroded once: column 4 touches the
-    # proposal, rows 2-4 of cols 5-7 touch the removed pixel.
+    # bg = complement (cols 4-7) minus (3, 6) (attribution >= 0.2), then eroded once with a cross: column 4
+    # touches the proposal; (2, 6), (4, 6), (3, 5) and (3, 7) touch the removed pixel.
     expected = _b(
         [
             "00000111",
             "00000111",
+            "00000101",
             "00000000",
-            "00000000",
-            "00000000",
+            "00000101",
             "00000111",
             "00000111",
             "00000111",
@@ -93,7 +103,7 @@ def test_select_background_proposal_wins_bg_and_is_refined() -> None:
     )
     assert torch.equal(bg, expected)
     # Without erosion only the >= 0.2 pixel goes.
-    _, bg0 = select_masks(props, a, erode_px=0)
+    _, bg0 = select_masks(props, a, erode=0)
     expected0 = ~props[0]
     expected0[3, 6] = False
     assert torch.equal(bg0, expected0)
@@ -102,38 +112,49 @@ def test_select_background_proposal_wins_bg_and_is_refined() -> None:
 def test_select_bg_max_removes_high_attribution_pixels() -> None:
     props, a = _three_proposals()
     a[6, 1] = 0.2  # not < 0.2: removed from bg (P2 mean 0.2/9 = 0.022, still the minimum)
-    _, bg = select_masks(props, a, erode_px=0)
+    _, bg = select_masks(props, a, erode=0)
     expected = props[2].clone()
     expected[6, 1] = False
     assert torch.equal(bg, expected)
-    _, bg_loose = select_masks(props, a, bg_max=0.25, erode_px=0)
+    _, bg_loose = select_masks(props, a, bg_max=0.25, erode=0)
     assert torch.equal(bg_loose, props[2])
 
 
-def test_select_ties_take_lowest_index() -> None:
+def test_select_ties_go_to_the_background_proposal_first() -> None:
     a = torch.zeros(4, 4)
     a[0, :] = 0.7
     a[3, :] = 0.7
-    # P0 (row 0) and P1 (row 3) tie at 0.7 for fg; P2 (row 1) and the background proposal (row 2) tie at 0.
+    # P0 (row 0) and P1 (row 3) tie at 0.7 for fg: P0 (the lower index) wins. The background proposal (row 2,
+    # proposal 0 of the candidates) and P2 (row 1) tie at 0 for bg: the background proposal wins.
     props = torch.stack([_box(4, 4, 0, 1, 0, 4), _box(4, 4, 3, 4, 0, 4), _box(4, 4, 1, 2, 0, 4)])
-    fg, bg = select_masks(props, a, erode_px=0)
+    fg, bg = select_masks(props, a, erode=0)
     assert torch.equal(fg, props[0])
-    assert torch.equal(bg, props[2])
+    assert torch.equal(bg, _box(4, 4, 2, 3, 0, 4))
+    # Constant attribution: every candidate ties, so fg and bg are both the background proposal; fg keeps it.
+    fg, bg = select_masks(props[:1], torch.full((4, 4), 0.1))
+    assert torch.equal(fg, ~props[0]) and not bool(bg.any())
 
 
-def test_select_no_proposals_uses_fallback_fg() -> None:
+def test_fewer_than_two_proposals_use_the_fixed_thresholds_without_erosion() -> None:
     a = torch.zeros(6, 6)
     a[1:3, 1:3] = 0.9
-    a[4, 4] = THRESHOLD_FALLBACK_FG  # >= fallback: fg
+    a[4, 4] = 0.5  # not > 0.5: not fg
     a[0, 5] = 0.3  # neither fg nor bg
-    fg, bg = select_masks(torch.zeros(0, 6, 6, dtype=torch.bool), a, erode_px=0)
-    expected_fg = _box(6, 6, 1, 3, 1, 3)
-    expected_fg[4, 4] = True
-    assert torch.equal(fg, expected_fg)
-    assert torch.equal(bg, a < 0.2)
-    # Empty proposals are ignored: same result.
-    fg2, bg2 = select_masks(torch.zeros(2, 6, 6, dtype=torch.bool), a, erode_px=0)
-    assert torch.equal(fg2, fg) and torch.equal(bg2, bg)
+    # No proposals: the background proposal is the whole image, one candidate.
+    fg, bg = select_masks(torch.zeros(0, 6, 6, dtype=torch.bool), a)
+    assert torch.equal(fg, _box(6, 6, 1, 3, 1, 3))
+    assert torch.equal(bg, a < 0.2)  # not eroded
+    # Empty proposals are left out, and a proposal covering the whole image leaves an empty background
+    # proposal: one candidate again.
+    for props in (torch.zeros(2, 6, 6, dtype=torch.bool), torch.ones(1, 6, 6, dtype=torch.bool)):
+        fg2, bg2 = select_masks(props, a)
+        assert torch.equal(fg2, fg) and torch.equal(bg2, bg)
+
+
+def test_an_image_without_fg_is_skipped() -> None:
+    # Fallback with nothing above 0.5: fg is empty, so bg is dropped too (the image gives no prototypes).
+    fg, bg = select_masks(torch.zeros(0, 4, 4, dtype=torch.bool), torch.full((4, 4), 0.1))
+    assert not bool(fg.any()) and not bool(bg.any())
 
 
 def test_select_fg_and_bg_never_overlap() -> None:
@@ -142,12 +163,9 @@ def test_select_fg_and_bg_never_overlap() -> None:
     a[3] = 0.1
     # Overlapping proposals: P0 rows 0-3 (mean 0.7), P1 rows 3-7 (mean 0.02) share row 3 (attribution 0.1).
     props = torch.stack([_box(8, 8, 0, 4, 0, 8), _box(8, 8, 3, 8, 0, 8)])
-    fg, bg = select_masks(props, a, erode_px=0)
+    fg, bg = select_masks(props, a, erode=0)
     assert torch.equal(fg, props[0])
     assert torch.equal(bg, _box(8, 8, 4, 8, 0, 8))
-    # Constant attribution: every candidate ties, fg and bg both pick candidate 0; fg keeps it.
-    fg, bg = select_masks(props, torch.full((8, 8), 0.1))
-    assert torch.equal(fg, props[0]) and not bool((fg & bg).any())
 
 
 def test_select_rejects_bad_shapes() -> None:
@@ -162,56 +180,89 @@ def test_select_rejects_bad_shapes() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_maskcut_planted_square() -> None:
+def _planted_rounds(monkeypatch, vectors: list[list[float]]) -> list[torch.Tensor]:
+    """Make the eigen solver return these (36,) vectors in turn; return the affinities it was given."""
+    seen: list[torch.Tensor] = []
+
+    def planted(affinity: torch.Tensor) -> torch.Tensor:
+        seen.append(affinity.clone())
+        return torch.tensor(vectors[len(seen) - 1], dtype=torch.float64)
+
+    monkeypatch.setattr(masks, "_second_eigvec", planted)
+    return seen
+
+
+def _grid(points: set[tuple[int, int]], value: float, rest: float, side: int = 6) -> list[float]:
+    return [value if (y, x) in points else rest for y in range(side) for x in range(side)]
+
+
+def _cells(mask: torch.Tensor) -> set[tuple[int, int]]:
+    return {tuple(p) for p in torch.nonzero(mask).tolist()}
+
+
+def test_maskcut_rounds_follow_the_reference_rules(monkeypatch) -> None:
+    a = {(1, 1), (1, 2), (2, 1), (2, 2)}
+    b = {(4, 4), (4, 5)}
+    d = {(2, 3), (2, 4), (3, 3), (3, 4)}
+    r2 = d | {(1, 3)}
+    vectors = [
+        # Round 0: A and B at +1, the rest -0.2: mean 0, so the bipartition is A and B; the seed (argmax |x|,
+        # the first maximum) is (1, 1) in A, so the mask is A's 4-connected component only.
+        _grid(a | b, 1.0, -0.2),
+        # Round 1: D at -3, the rest +1: the side above the mean (0.556) holds all 4 corners, so it is reversed;
+        # the seed is argmin x, in D. IoU with A is 0 and D covers 4/36 > 1%: accepted.
+        _grid(d, -3.0, 1.0),
+        # Round 2: D and (1, 3) at +1, the rest -5/31 (mean 0): IoU with D is 4/5 > 0.5: rejected (empty).
+        _grid(r2, 1.0, -5 / 31),
+        # Round 3: the same cut again, now compared with round 2's empty mask: accepted, minus what was proposed.
+        _grid(r2, 1.0, -5 / 31),
+    ]
+    seen = _planted_rounds(monkeypatch, vectors)
+    feats = torch.randn(6, 6, 4, generator=torch.Generator().manual_seed(0))
+    props = maskcut_image(feats, n_masks=4)
+    assert props.shape == (4, 6, 6) and props.dtype == torch.bool
+    assert [_cells(p) for p in props] == [a, d, set(), {(1, 3)}]
+    # Before every later round the features of the masks so far are zeroed: their affinities are all eps.
+    for rnd, covered in ((1, a), (2, a | d), (3, a | d)):
+        for y, x in covered:
+            row = seen[rnd][y * 6 + x]
+            assert torch.allclose(row, torch.full_like(row, 1e-5))
+    assert not bool(torch.isclose(seen[0], torch.tensor(1e-5, dtype=torch.float64)).all(1).any())
+
+
+def test_maskcut_seed_outside_the_upper_side_reverses_it(monkeypatch) -> None:
+    corners = {(0, 0), (0, 5), (5, 0), (5, 5)}
+    x = _grid(corners, -1.0, 0.0)
+    x[3 * 6 + 3] = -5.0  # the seed: largest |x|, below the mean (-0.139)
+    x[1 * 6 + 1] = x[1 * 6 + 2] = 2.0
+    _planted_rounds(monkeypatch, [x])
+    props = maskcut_image(torch.randn(6, 6, 4, generator=torch.Generator().manual_seed(1)), n_masks=1)
+    # Above the mean: everything but the corners and (3, 3), no corner -> the corner rule does not apply; the
+    # seed lies below, so the bipartition is reversed and the mask is the seed's component: (3, 3) alone.
+    assert _cells(props[0]) == {(3, 3)}
+
+
+def test_maskcut_rejects_tiny_later_masks(monkeypatch) -> None:
+    big = {(y, x) for y in range(2, 8) for x in range(2, 8)}
+    first = [1.0 if (y, x) in big else -36 / 108 for y in range(12) for x in range(12)]
+    second = [1.0 if (y, x) == (10, 10) else -1 / 143 for y in range(12) for x in range(12)]
+    _planted_rounds(monkeypatch, [first, second])
+    props = maskcut_image(torch.randn(12, 12, 4, generator=torch.Generator().manual_seed(2)), n_masks=2)
+    # Round 1's mask is one cell: 1/144 <= 1% of the grid, rejected. Round 0 is never rejected.
+    assert _cells(props[0]) == big and not bool(props[1].any())
+
+
+def test_maskcut_planted_square_first_round() -> None:
     labels = torch.zeros(16, 16, dtype=torch.long)
     labels[4:9, 5:11] = 1
     props = maskcut_image(_planted_features(labels), n_masks=3)
-    assert props.dtype == torch.bool
-    # Once the square is taken the rest is one complete graph: nothing left to cut.
-    assert props.shape == (1, 16, 16)
+    assert props.shape == (3, 16, 16) and props.dtype == torch.bool
     assert torch.equal(props[0], labels == 1)
+    assert not bool((props[1:] & props[0]).any())  # later rounds never propose it again
 
 
-def test_maskcut_two_objects() -> None:
-    labels = torch.zeros(16, 16, dtype=torch.long)
-    labels[2:5, 2:6] = 1
-    labels[9:14, 8:14] = 2
-    props = maskcut_image(_planted_features(labels), n_masks=3)
-    assert props.shape[0] == 2
-    found = {tuple(torch.nonzero(p)[0].tolist()) for p in props}
-    assert found == {(2, 2), (9, 8)}
-    assert {p.sum().item() for p in props} == {12, 30}
-    for p in props:
-        lab = int(labels[p][0])
-        assert lab in (1, 2) and torch.equal(p, labels == lab)
-
-
-def test_maskcut_same_object_twice_splits_by_connectivity() -> None:
-    # Two separate patches with the SAME feature: one cut separates both from the background, and the
-    # connected component of the seed keeps one per round.
-    labels = torch.zeros(16, 16, dtype=torch.long)
-    labels[2:5, 2:6] = 1
-    labels[9:14, 8:14] = 1
-    props = maskcut_image(_planted_features(labels), n_masks=3)
-    assert props.shape[0] == 2
-    assert torch.equal(props[0] | props[1], labels == 1)
-    assert not bool((props[0] & props[1]).any())
-
-
-def test_maskcut_corner_flip() -> None:
-    # A band along the top edge (like sky) has the smaller graph volume, so the seed (max |eigvec|) lies in
-    # it; it holds 2 corners, so the object-centric prior flips the bipartition: the proposal is the large
-    # region below, and the band is left to the background proposal.
-    labels = torch.zeros(16, 16, dtype=torch.long)
-    labels[:3] = 1
-    props = maskcut_image(_planted_features(labels), n_masks=3)
-    assert props.shape == (1, 16, 16)
-    assert torch.equal(props[0], labels == 0)
-
-
-def test_maskcut_large_corner_object_keeps_small_region() -> None:
-    # An "object" covering most of the image including every corner: the small interior region is the
-    # foreground (seed side, 0 corners), not the large one.
+def test_maskcut_corner_flip_with_the_real_solver() -> None:
+    # An "object" covering most of the image including every corner: the small interior region is the mask.
     labels = torch.ones(16, 16, dtype=torch.long)
     labels[6:10, 6:11] = 0
     props = maskcut_image(_planted_features(labels), n_masks=1)
@@ -228,13 +279,16 @@ def test_maskcut_masker_resizes_and_is_deterministic() -> None:
         "tau": MASKCUT_TAU,
         "n_masks": MASKCUT_N_MASKS,
         "eps": 1e-5,
+        "max_iou": 0.5,
+        "min_area": 0.01,
+        "corners": 3,
     }
     json.dumps(masker.params())
     attr = torch.zeros(2, 16, 16)
     out = masker.propose(attr, feats)
     assert len(out) == 2
     up = (labels == 1).repeat_interleave(2, 0).repeat_interleave(2, 1)  # nearest 8x8 -> 16x16
-    assert out[0].shape == (1, 16, 16) and torch.equal(out[0][0], up)
+    assert out[0].shape == (MASKCUT_N_MASKS, 16, 16) and torch.equal(out[0][0], up)
     assert torch.equal(out[1][0], up.flip(0))
     again = masker.propose(attr, feats)
     assert all(torch.equal(x, y) for x, y in zip(out, again, strict=True))
@@ -242,29 +296,21 @@ def test_maskcut_masker_resizes_and_is_deterministic() -> None:
         masker.propose(attr, None)
 
 
-def test_maskcut_uniform_features_give_no_proposal() -> None:
-    props = maskcut_image(F.normalize(torch.ones(6, 6, 4), dim=-1))
-    assert props.shape == (0, 6, 6)
-
-
-def test_support_masks_maskcut_end_to_end() -> None:
+def test_maskcut_masks_end_to_end() -> None:
     labels = torch.zeros(16, 16, dtype=torch.long)
     labels[4:9, 5:11] = 1
     square = labels == 1
     attr = torch.where(square, 0.9, 0.05)[None]
-    attr[0, 15, 15] = 0.3  # in the background proposal, but not bg (>= 0.2)
-    fg, bg = support_masks(build_masker("maskcut"), attr, _planted_features(labels)[None])
+    attr[0, 15, 15] = 0.3  # never bg (>= 0.2)
+    fg, bg = build_masker("maskcut").masks(attr, _planted_features(labels)[None])
     assert fg.shape == bg.shape == (1, 16, 16)
     assert torch.equal(fg[0], square)
-    # bg = complement of the square minus (15, 15), eroded once (image border does not erode).
-    expected = torch.from_numpy(np.ones((16, 16), bool))
-    expected[3:10, 4:12] = False
-    expected[14:, 14:] = False
-    assert torch.equal(bg[0], expected)
+    assert bool(bg.any()) and not bool((bg & fg).any()) and not bool(bg[0, 15, 15])
+    assert bool((attr[bg] < 0.2).all())
 
 
 # ----------------------------------------------------------------------------------------------------------
-# threshold
+# threshold ("-CutLER")
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -282,18 +328,25 @@ def _levels() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return a, hi, lo
 
 
-def test_threshold_three_levels() -> None:
+def test_threshold_three_levels_no_cut_no_erosion() -> None:
     a, hi, lo = _levels()
     masker = build_masker("threshold")
-    assert not masker.needs_features
+    assert not masker.needs_features and not masker.proposal_based
     t_low, t_high = masker.thresholds(a)
     assert 0.0 < t_low < 0.5 < t_high < 1.0
-    out = masker.propose(a, None)
-    for n in range(2):
-        assert out[n].shape == (2, 8, 8)
-        assert torch.equal(out[n][0], hi[n]) and torch.equal(out[n][1], lo[n])
-    fg, bg = support_masks(masker, a, None, erode_px=0)
+    fg, bg = masker.masks(a)
+    # bg is exactly the low region: not eroded, and not cut at 0.2 (t_low is above the 0.2 cut's pixels too).
     assert torch.equal(fg, hi) and torch.equal(bg, lo)
+
+
+def test_threshold_bg_is_not_cut_at_0_2() -> None:
+    a, _hi, lo = _levels()
+    a = torch.where(lo, 0.3, a)  # the low level at 0.3: above eq. 1's 0.2 cut, still below t_low (0.3014)
+    masker = build_masker("threshold")
+    t_low, _ = masker.thresholds(a)
+    assert t_low > 0.3
+    _, bg = masker.masks(a)
+    assert torch.equal(bg, lo)
 
 
 def test_threshold_noisy_levels() -> None:
@@ -305,17 +358,16 @@ def test_threshold_noisy_levels() -> None:
     a = torch.where(lo, 0.02, a) - 0.003 - 0.017 * torch.rand(a.shape, generator=g)
     a[0, 7, 7] = 0.0
     a[1, 5, 5] = 1.0
-    out = build_masker("threshold").propose(a, None)
-    for n in range(2):
-        assert torch.equal(out[n][0], hi[n]) and torch.equal(out[n][1], lo[n])
+    fg, bg = build_masker("threshold").masks(a)
+    assert torch.equal(fg, hi) and torch.equal(bg, lo)
 
 
-def test_threshold_is_joint_over_the_class() -> None:
+def test_threshold_is_joint_over_the_class_and_skips_images_without_fg() -> None:
     a, hi, lo = _levels()
-    a[0][hi[0]] = 0.5  # image 0 has no high region left; the split is shared, so it gets no fg proposal
-    out = build_masker("threshold").propose(a, None)
-    assert out[0].shape == (1, 8, 8) and torch.equal(out[0][0], lo[0])
-    assert torch.equal(out[1][0], hi[1]) and torch.equal(out[1][1], lo[1])
+    a[0][hi[0]] = 0.5  # image 0 has no high region left; the split is shared, so it gets no fg: skipped
+    fg, bg = build_masker("threshold").masks(a)
+    assert not bool(fg[0].any()) and not bool(bg[0].any())
+    assert torch.equal(fg[1], hi[1]) and torch.equal(bg[1], lo[1])
 
 
 def test_threshold_fallback() -> None:
@@ -324,17 +376,10 @@ def test_threshold_fallback() -> None:
     a = torch.full((1, 8, 8), 0.1)
     a[0, 2:5, 2:5] = 0.9
     assert masker.thresholds(a) == (THRESHOLD_FALLBACK_BG, THRESHOLD_FALLBACK_FG)
-    out = masker.propose(a, None)
-    assert torch.equal(out[0][0], a[0] > 0.5) and torch.equal(out[0][1], a[0] < 0.2)
-    # Constant maps: one (full) proposal only; the empty one is dropped.
-    z = torch.zeros(2, 8, 8)
-    out = masker.propose(z, None)
-    assert [o.shape[0] for o in out] == [1, 1] and bool(out[0].all())
-    fg, bg = support_masks(masker, z, None)
-    assert not bool(fg.any()) and bool(bg.all())
-    ones = torch.ones(1, 8, 8)
-    fg, bg = support_masks(masker, ones, None)
-    assert bool(fg.all()) and not bool(bg.any())
+    fg, bg = masker.masks(a)
+    assert torch.equal(fg[0], a[0] > 0.5) and torch.equal(bg[0], a[0] < 0.2)
+    fg, bg = masker.masks(torch.zeros(2, 8, 8))  # nothing above 0.5: no fg, so no bg either
+    assert not bool(fg.any()) and not bool(bg.any())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,10 +389,11 @@ def test_threshold_fallback() -> None:
 
 def test_registry() -> None:
     assert registered_maskers() == ["cutler", "maskcut", "threshold"]
-    assert available_maskers() == ["maskcut", "threshold"]
-    assert resolve_masker_name("auto") == "maskcut"
+    assert available_maskers() == ["cutler", "maskcut", "threshold"]
+    assert resolve_masker_name("auto") == "cutler"  # the paper's segmenter when its weights are here
+    assert resolve_masker_name("auto", cutler_weights=False) == "maskcut"
     assert resolve_masker_name("Threshold") == "threshold"
-    assert isinstance(build_masker("auto"), Masker) and build_masker("auto").name == "maskcut"
+    assert isinstance(build_masker("auto"), Masker) and build_masker("auto").name == "cutler"
     assert build_masker("maskcut", tau=0.3, n_masks=2).params()["n_masks"] == 2
 
 
@@ -371,13 +417,59 @@ def test_bad_parameters_are_value_errors() -> None:
         build_masker("threshold", fallback_bg=0.6, fallback_fg=0.5)
 
 
-def test_cutler_unavailable() -> None:
-    with pytest.raises(MaskerUnavailable) as err:
-        build_masker("cutler")
-    assert isinstance(err.value, ValueError)
-    msg = str(err.value)
-    assert "checkpoint" in msg and "--masker maskcut" in msg and "--masker threshold" in msg
-    assert "\n" not in msg
+class _PlantedDetector(torch.nn.Module):
+    """Stands in for the CutLER detector: returns planted instance masks, records what it was given."""
+
+    def __init__(self, masks_per_image: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.masks, self.calls = masks_per_image, []
+
+    def detect(self, images, score_threshold=None):
+        from ovdiff_cli.cutler.model import Detections
+
+        self.calls.append((len(images), score_threshold))
+        out = []
+        for _ in images:
+            m = self.masks[len(out) + sum(n for n, _ in self.calls[:-1])]
+            out.append(Detections(torch.zeros(len(m), 4), torch.ones(len(m)), m))
+        return out
+
+
+class _Models:
+    def __init__(self, detector) -> None:
+        self.detector = detector
+
+    def get(self, role: str):
+        assert role == "cutler"
+        return self.detector
+
+
+def test_cutler_proposals_go_through_eq_1() -> None:
+    # Two instances per image; eq. 1 picks fg = the instance with the highest mean attribution and bg = the lowest
+    # candidate, the background proposal (complement of both instances) first in ties.
+    props, a = _three_proposals()
+    detector = _PlantedDetector([props[:2], props[1:]])
+    masker = build_masker("cutler", models=_Models(detector), batch_size=1)
+    assert masker.needs_images and masker.params()["score_threshold"] == 0.35
+    images = torch.rand(2, 3, 8, 8)
+    fg, bg = masker.masks(torch.stack([a, a]), images=images)
+    assert detector.calls == [(1, 0.35), (1, 0.35)]  # batches of batch_size, the threshold passed on
+    # Image 0: P0 (0.75) beats P1 (0.6) and the background proposal (everything else, mean < 0.1).
+    assert torch.equal(fg[0], props[0])
+    # Image 1: P1 (0.6) is fg; P2 (0.0) is bg, eroded with the cross.
+    assert torch.equal(fg[1], props[1]) and torch.equal(bg[1], _box(8, 8, 6, 8, 0, 2))
+    with pytest.raises(ValueError, match="support images"):
+        masker.propose(torch.stack([a, a]))
+
+
+def test_cutler_masker_on_the_tiny_detector(tiny_models) -> None:
+    masker = build_masker("cutler", models=tiny_models)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    props = masker.propose(torch.rand(2, 64, 64), images=images)
+    assert len(props) == 2
+    for p in props:
+        assert p.dtype == torch.bool and p.shape[1:] == (64, 64) and 1 <= p.shape[0] <= 100
 
 
 def test_lobpcg_path_matches_dense_eigh(monkeypatch):
@@ -396,4 +488,4 @@ def test_lobpcg_path_matches_dense_eigh(monkeypatch):
     iterative_props = masks.maskcut_image(feats.view(h, w, -1))
     monkeypatch.setattr(masks, "EIGH_MAX_NODES", h * w)
     dense_props = masks.maskcut_image(feats.view(h, w, -1))
-    assert len(dense_props) >= 2 and torch.equal(iterative_props, dense_props)
+    assert torch.equal(iterative_props, dense_props) and bool(dense_props[0].any())

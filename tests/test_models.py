@@ -41,7 +41,7 @@ def test_resolve_named_sets():
     tiny = resolve_models("tiny")
     assert tiny.name == "tiny" and not tiny.meaningful
     assert (tiny.image_size, tiny.grid) == (64, 8)
-    assert set(tiny.components) == {"sd", "dino", "clip"}
+    assert set(tiny.components) == {"sd", "dino", "clip", "cutler"}
     # Built in-process from configs: no hub repo, no folder.
     assert all(c.hub_id is None and c.local is None and c.config for c in tiny.components.values())
     sd15 = resolve_models(" sd15 ")
@@ -85,7 +85,7 @@ def test_resolve_override(tmp_path):
     assert spec.components["sd"] == resolve_models("sd15").components["sd"]
     assert spec.components["clip"] == resolve_models("sd15").components["clip"]
     two = resolve_models(f"sd15,sd={root / 'sd'},clip={root / 'clip'}")
-    assert [c.local for c in two.components.values()] == [str(root / "sd"), None, str(root / "clip")]
+    assert [c.local for c in two.components.values()] == [str(root / "sd"), None, str(root / "clip"), None]
 
 
 @pytest.mark.parametrize(
@@ -130,8 +130,8 @@ def test_tiny_hash_is_config_and_seed_digest():
     assert component_hash(reordered) == h
     assert component_hash(replace(comp, config={**comp.config, "depth": 3})) != h
     assert component_hash(replace(comp, init_seed=comp.init_seed + 1)) != h
-    # Three distinct networks, three distinct hashes.
-    assert len({component_hash(c) for c in resolve_models("tiny").components.values()}) == 3
+    # Four distinct networks (CutLER included), four distinct hashes.
+    assert len({component_hash(c) for c in resolve_models("tiny").components.values()}) == 4
 
 
 def test_local_folder_hash_follows_weight_bytes(tmp_path):
@@ -142,7 +142,7 @@ def test_local_folder_hash_follows_weight_bytes(tmp_path):
     assert re.fullmatch(r"local-[0-9a-f]{16}", h0)
     assert component_hash(sd) == h0
     # The other roles hold different bytes, so different digests.
-    assert len({component_hash(c) for c in spec.components.values()}) == 3
+    assert len({component_hash(spec.components[r]) for r in ("sd", "dino", "clip")}) == 3
 
     # Files that are not weights or configs do not count.
     (root / "sd" / "README.md").write_text("notes")
@@ -268,7 +268,7 @@ def test_hashes_load_nothing(tmp_path):
     local = Models(resolve_models(str(_fake_model_folder(tmp_path / "models"))), torch.device("cpu"))
     assert all(h.startswith("local-") for h in local.hashes.values())
     assert local._loaded == {}
-    assert local.dtype == torch.float32
+    assert local.dtype("sd") == local.dtype("dino") == torch.float32
 
 
 def test_get_loads_lazily_and_once(monkeypatch, capsys):
@@ -395,7 +395,52 @@ def test_resolve_device_unavailable_or_unknown(monkeypatch, name):
     assert name in str(info.value)
 
 
-def test_local_override_on_a_random_weight_set_is_refused(tmp_path):
+def test_local_override_on_a_random_weight_set_reads_the_folder(tmp_path):
     (tmp_path / "sd").mkdir()
-    with pytest.raises(ValueError, match="overrides apply to hub model sets"):
-        resolve_models(f"tiny,sd={tmp_path / 'sd'}")
+    comp = resolve_models(f"tiny,sd={tmp_path / 'sd'}").components["sd"]
+    assert comp.local == str(tmp_path / "sd") and comp.library == "diffusers" and not comp.builtin
+
+
+# --- the CutLER component (issue 12) ------------------------------------------------------------------------------
+
+
+def test_cutler_is_a_component_of_every_set_and_overridable(tmp_path):
+    from ovdiff_cli import masks, pipeline
+
+    assert resolve_models("sd15").components["cutler"].url.endswith("/cutler_cascade_final.pth")
+    for name in ("tiny", "sd15-random"):
+        assert resolve_models(name).components["cutler"].builtin
+    # ROLE=PATH works for every set, tiny included, with a checkpoint file or a folder holding one.
+    ckpt = tmp_path / "cutler_cascade_final.pth"
+    ckpt.write_bytes(b"not read for hashing beyond its bytes")
+    spec = resolve_models(f"tiny,cutler={ckpt}")
+    comp = spec.components["cutler"]
+    assert comp.local == str(ckpt) and comp.library == "detectron2" and not comp.builtin
+    models = Models(spec, torch.device("cpu"))
+    assert models.hashes["cutler"].startswith("file-") and models.hashes["sd"].startswith("random-")
+    assert pipeline.effective_masker(pipeline.SynthOptions(), models) == "cutler"
+    # Without the checkpoint, auto falls back to maskcut and says so once; an explicit cutler is refused.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bare = Models(resolve_models(f"tiny,cutler={empty}"), torch.device("cpu"))
+    assert "cutler" not in bare.hashes
+    assert pipeline.effective_masker(pipeline.SynthOptions(), bare) == masks.resolve_masker_name("maskcut")
+    note = pipeline.masker_note(pipeline.SynthOptions(), bare)
+    assert "not the paper's recipe" in note and "ovdiff models fetch sd15" in note
+    assert pipeline.masker_note(pipeline.SynthOptions(masker="maskcut"), bare) is None
+    assert pipeline.masker_note(pipeline.SynthOptions(), models) is None
+    with pytest.raises(ModelUnavailable, match="no checkpoint"):
+        bare.check_available(["cutler"])
+    with pytest.raises(ValueError, match="not a folder or a checkpoint file"):
+        resolve_models(f"tiny,cutler={tmp_path / 'nope.pth'}")
+
+
+def test_precision_choices():
+    from ovdiff_cli.models.loading import resolve_precision
+
+    cpu = resolve_precision("auto", torch.device("cpu"))
+    assert set(cpu.values()) == {torch.float32}
+    assert resolve_precision("bf16", torch.device("cpu"))["sd"] == torch.bfloat16
+    assert resolve_precision("bf16", torch.device("cpu"))["cutler"] == torch.float32  # box math stays fp32
+    with pytest.raises(ValueError, match="--precision 'fp8'"):
+        resolve_precision("fp8", torch.device("cpu"))

@@ -57,7 +57,8 @@ def test_growing_n_generates_only_new_images(cache, tiny_models):
     assert grown[0].images_generated == 4 and grown[0].images_cached == 4
     assert stats["support"]["writes"] == 4
     assert grown[0].digest != small[0].digest
-    assert grown[0].prototypes["instance"] >= small[0].prototypes["instance"]
+    for e in ("sd", "dino", "clip"):
+        assert grown[0].prototypes[e]["instance"] >= small[0].prototypes[e]["instance"]
 
 
 def test_image_alone_equals_image_in_its_batch(tmp_path, tiny_models):
@@ -135,13 +136,16 @@ def test_truncated_bank_is_recomputed(cache, tiny_models):
 def test_bank_contents(cache, tiny_models):
     res = run(cache, tiny_models, ["cat"], extractors=("dino", "clip"))[0]
     bank = PrototypeBank.from_bytes(cache.get("bank", res.bank_key))
-    assert bank.class_name == "cat" and set(bank.extractors) == {"dino", "clip"}
-    assert bank.prototypes["dino"].shape[1] == 32 and bank.prototypes["clip"].shape[1] == 32
-    n, g = 4, tiny_models.spec.grid
-    assert bank.fg_masks.shape == (n, g, g) and not (bank.fg_masks & bank.bg_masks).any()
-    norms = np.linalg.norm(bank.prototypes["dino"].numpy(), axis=1)
-    assert np.allclose(norms, 1, atol=2e-3)
-    assert res.prototypes["class"] == int((bank.kind == 0).sum())
+    assert bank.class_name == "cat" and bank.names == ("clip", "dino")
+    assert bank["dino"].prototypes.shape[1] == 32 and bank["clip"].prototypes.shape[1] == 32
+    n = 4
+    # Each extractor on its own grid (REFERENCE 4): tiny DINO sees a 64-pixel support image at short side 56
+    # (7x7 patches), CLIP at its own size (8x8 patches of 8).
+    assert bank["dino"].fg_masks.shape == (n, 7, 7) and bank["clip"].fg_masks.shape == (n, 8, 8)
+    for e in bank.names:
+        assert not (bank[e].fg_masks & bank[e].bg_masks).any()
+        assert np.allclose(np.linalg.norm(bank[e].prototypes.numpy(), axis=1), 1, atol=2e-3)
+        assert res.prototypes[e]["class"] == int((bank[e].kind == 0).sum())
 
 
 def test_options_are_validated():
@@ -160,7 +164,8 @@ def test_segment_roles_only_what_the_run_needs(cache, tiny_models):
     opts = pipeline.SynthOptions(**{**FAST, "extractors": "dino"})
     seg = SegmentOptions(prefilter=False)
     assert pipeline.missing_banks(classes, opts, tiny_models, cache) == ["cat", "sky"]
-    assert pipeline.segment_roles(classes, opts, seg, tiny_models, cache) == ["clip", "dino", "sd"]
+    # tiny's masker is its (random) CutLER: synthesising needs it too
+    assert pipeline.segment_roles(classes, opts, seg, tiny_models, cache) == ["clip", "cutler", "dino", "sd"]
     pipeline.synthesize(classes, opts, tiny_models, cache)
     assert pipeline.missing_banks(classes, opts, tiny_models, cache) == []
     # everything cached: a dino-only run without the pre-filter needs neither Stable Diffusion nor CLIP

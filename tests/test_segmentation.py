@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from planted import PixelExtractor, protoset
+from planted import MeanColourExtractor, PixelExtractor, protoset
 
 from ovdiff_cli import segmentation as S
 from ovdiff_cli.classes import ClassSpec
 from ovdiff_cli.extractors.base import l2n
-from ovdiff_cli.prototypes import BG, FG, KIND_CLASS, KIND_INSTANCE, PrototypeBank
+from ovdiff_cli.prototypes import BG, FG, KIND_CLASS, KIND_INSTANCE, ExtractorPrototypes, PrototypeBank
 
 
 def image(pixels: list[list[tuple[float, float, float]]]) -> torch.Tensor:
@@ -45,35 +45,73 @@ def test_eq4_on_planted_colours_with_background():
     assert seg.scores[1, 0, 3].item() == pytest.approx(0.6 / math.hypot(0.6, 0.5), abs=1e-6)
 
 
-def test_ensemble_averages_similarities_over_extractors():
-    # Extractor p alone says a (0.9 vs 0.5), extractor q alone says b (0.2 vs 0.8); the mean says b (0.55 < 0.65).
-    def unit(c):
-        return [c, math.sqrt(1 - c * c)]
+def toward(f: list[float], c: float) -> list[float]:
+    """The 2-d unit vector whose cosine with the unit vector ``f`` is ``c``."""
+    perp = [-f[1], f[0]]
+    s = math.sqrt(1 - c * c)
+    return [c * f[0] + s * perp[0], c * f[1] + s * perp[1]]
 
-    ps = protoset({"p": [[1.0, 0.0], unit(0.5)], "q": [[1.0, 0.0], unit(0.8)]}, channel=[1, 2], source=[1, 2])
-    p = PixelExtractor(torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), torch.tensor(unit(0.9)))
-    q = PixelExtractor(torch.zeros(3, 2), torch.tensor(unit(0.2)))
+
+def test_each_extractor_takes_its_max_then_the_extractors_are_averaged():
+    # REFERENCE 6: max over a class's prototypes per extractor, then the mean. Class a has two prototypes: a1 is
+    # close in p (0.9) and far in q (0.1), a2 the other way round; class b has one at 0.7 in both.
+    # Reference: a = (0.9 + 0.9) / 2 = 0.9 > b = 0.7. (The mean per prototype first would give a 0.5 < b 0.7.)
+    fp, fq = [0.6, 0.8], [0.8, -0.6]
+    ps = protoset(
+        {
+            "p": [toward(fp, 0.9), toward(fp, 0.1), toward(fp, 0.7)],
+            "q": [toward(fq, 0.1), toward(fq, 0.9), toward(fq, 0.7)],
+        },
+        channel=[1, 1, 2],
+        source=[1, 1, 2],
+    )
+    p = PixelExtractor(torch.zeros(3, 2), torch.tensor(fp))
+    q = PixelExtractor(torch.zeros(3, 2), torch.tensor(fq))
     px = image([[(0.5, 0.5, 0.5)] * 16] * 16)
     both = S.Segmenter(ps, {"p": p, "q": q}, no_windows_opts(16))([px])[0]
-    assert set(both.labels().flatten().tolist()) == {2}
-    # sims: p: a 0.9, b 0.9*0.5+0.436*0.866 = 0.828; q: a 0.2, b 0.2*0.8+0.980*0.6 = 0.748
-    a = (0.9 + 0.2) / 2
-    b = (0.9 * 0.5 + math.sqrt(1 - 0.81) * math.sqrt(0.75) + 0.2 * 0.8 + math.sqrt(0.96) * 0.6) / 2
-    assert both.scores[1:, 0, 0].tolist() == pytest.approx([a, b], abs=1e-5)
-    only_p = S.Segmenter(
-        S.PrototypeSet(ps.classes, {"p": ps.prototypes["p"]}, ps.channel, ps.source, ps.index),
-        {"p": p},
-        no_windows_opts(16),
-    )([px])[0]
-    assert set(only_p.labels().flatten().tolist()) == {1}
+    assert set(both.labels().flatten().tolist()) == {1}
+    assert both.scores[1:, 0, 0].tolist() == pytest.approx([0.9, 0.7], abs=1e-5)
+    assert both.scores[0, 0, 0].item() == S.EXCLUDED_SCORE  # no background prototypes at all
+
+
+def test_scores_average_every_extractor_window_pair_covering_a_pixel():
+    # A 16 x 32 image, red left half, green right half; windows of 16 with stride 16 (x = 0 and 16) plus the
+    # whole image. Extractor m sees each window's mean colour, extractor n each pixel's colour.
+    # Class a = red (and a blue decoy that m's max ignores), class b = green.
+    red, green = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
+    img = image([[red] * 16 + [green] * 16] * 16)
+    rows = [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    ps = protoset({"m": rows, "n": rows}, channel=[1, 1, 2], source=[1, 1, 2])
+    opts = S.SegmentOptions(scales=(16,), stride=16, short_side=16, prefilter=False, background=False)
+    seg = S.Segmenter(ps, {"m": MeanColourExtractor(None), "n": PixelExtractor(torch.eye(3))}, opts)
+    assert seg.windows(16, 32) == [(0, 0, 16, 16), (0, 16, 16, 16), (0, 0, 16, 32)]
+    scores = seg([img])[0].scores
+    # Left pixel: pairs (m, left window) a 1 b 0; (m, whole) a = b = cos(red, (.5, .5, 0)) = 0.7071;
+    # (n, left) and (n, whole) a 1 b 0. One count per pair: a = 3.7071 / 4, b = 0.7071 / 4.
+    c = 1 / math.sqrt(2)
+    assert scores[1:, 5, 3].tolist() == pytest.approx([(3 + c) / 4, c / 4], abs=1e-6)
+    assert scores[1:, 5, 20].tolist() == pytest.approx([c / 4, (3 + c) / 4], abs=1e-6)
+    # Without the whole-image window: only the sliding windows count.
+    no_whole = S.Segmenter(ps, seg.extractors, S.SegmentOptions(**{**vars(opts), "whole_image": False}))
+    assert no_whole([img])[0].scores[1:, 5, 3].tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+def test_labels_zero_scores_at_most_zero_and_ties_go_to_background():
+    scores = torch.tensor([[[-0.2, 0.1]], [[-0.1, 0.3]], [[-0.05, 0.3]]])  # (K=3, 1, 2)
+    # Pixel 0: every score <= 0 becomes 0: a tie, so background. Pixel 1: class 1 and 2 tie: class 1.
+    assert S.Segmentation(scores, (1, 2), (1, 2)).labels().tolist() == [[0, 1]]
+    # Without background channel 0 takes no part: pixel 0 ties between the classes, so the first class.
+    assert S.Segmentation(scores, (1, 2), (1, 2), background=False).labels().tolist() == [[1, 1]]
 
 
 def test_class_scores_max_per_channel_and_excluded():
     sims = torch.tensor([[0.1, 0.7, 0.3, -0.5, 0.2]])
     bounds = [0, 0, 3, 5]  # channel 0 empty, channel 1 = rows 0-2, channel 2 = rows 3-4
-    assert S.class_scores(sims, bounds).tolist() == [[S.EXCLUDED_SCORE, pytest.approx(0.7), pytest.approx(0.2)]]
+    assert S.EXCLUDED_SCORE == -1.0
+    assert S.class_scores(sims, bounds).tolist() == [[-1.0, pytest.approx(0.7), pytest.approx(0.2)]]
+    # Prototypes of removed classes score -1, as the reference scores them.
     allowed = torch.tensor([[True, False, True, False, False]])
-    assert S.class_scores(sims, bounds, allowed).tolist() == [[S.EXCLUDED_SCORE, pytest.approx(0.3), S.EXCLUDED_SCORE]]
+    assert S.class_scores(sims, bounds, allowed).tolist() == [[-1.0, pytest.approx(0.3), -1.0]]
 
 
 def test_removed_class_and_its_background_prototypes_do_not_vote():
@@ -82,11 +120,11 @@ def test_removed_class_and_its_background_prototypes_do_not_vote():
     ps = protoset({"x": [[0, 0, 1], [0, 1, 1], [1, 0, 0], [0, 1, 0]]}, channel=[0, 0, 1, 2], source=[1, 2, 1, 2])
     seg = S.Segmenter(ps, {"x": ext}, no_windows_opts(16))
     px = image([[(0, 0, 1)] * 16] * 16)  # pure blue: bg via a's prototype (1.0) or via b's cyan (0.707)
-    allowed = torch.stack([ps.allowed([2])] * 1)
-    scores = seg.window_scores(px[None], allowed)[0]
+    allowed = ps.allowed([2])["x"][None]
+    scores = seg.eq4("x", ext(px[None]), allowed)[0]
     assert scores[0, 0, 0].item() == pytest.approx(1 / math.sqrt(2), abs=1e-6)
     assert scores[1, 0, 0].item() == S.EXCLUDED_SCORE
-    assert ps.allowed([1]).tolist() == [True, False, True, False]
+    assert ps.allowed([1])["x"].tolist() == [True, False, True, False]
 
 
 # --- sliding windows ----------------------------------------------------------------------------------------------
@@ -99,7 +137,20 @@ def test_window_offsets_cover_everything_and_stay_inside(length, window, stride)
     offs = S.window_offsets(length, window, stride)
     assert offs[0] == 0 and offs[-1] == length - window
     assert all(0 <= b - a <= stride for a, b in itertools.pairwise(offs))
-    assert bool((S.coverage(length, window, offs) >= 1).all())
+    covered = torch.zeros(length)
+    for o in offs:
+        covered[o : o + window] += 1
+    assert bool((covered >= 1).all())
+    # mmseg's slide grid: max(L - W + S - 1, 0) // S + 1 windows
+    assert len(offs) == max(length - window + stride - 1, 0) // stride + 1
+
+
+def test_windows_are_the_slide_grid_plus_the_whole_image():
+    seg = S.Segmenter(protoset({"x": [[1, 0, 0]]}, channel=[1], source=[1]), {"x": PixelExtractor(torch.eye(3))})
+    wins = seg.windows(375, 500)  # resized to 448 x 597
+    assert wins == [(0, 0, 448, 448), (0, 149, 448, 448)] + [
+        (y, x, 336, 336) for y in (0, 112) for x in (0, 224, 261)
+    ] + [(0, 0, 448, 597)]
 
 
 def test_resized_size():
@@ -115,7 +166,7 @@ def test_sliding_windows_equal_a_whole_image_pass_for_an_equivariant_extractor()
     img = torch.rand(3, 32, 56)
     opts = S.SegmentOptions(scales=(32, 16), stride=8, short_side=32, prefilter=False, batch_size=3)
     windowed = S.Segmenter(ps, {"x": ext}, opts)([img])[0]
-    whole = S.class_scores(ext(img[None])[0] @ ps.prototypes["x"].T, ps.bounds).permute(2, 0, 1)
+    whole = S.class_scores(ext(img[None])[0] @ ps.sets["x"].prototypes.T, ps.sets["x"].bounds).permute(2, 0, 1)
     torch.testing.assert_close(windowed.scores, whole, atol=1e-6, rtol=0)
     # and the batch size does not change anything
     opts1 = S.SegmentOptions(scales=(32, 16), stride=8, short_side=32, prefilter=False, batch_size=1)
@@ -142,7 +193,7 @@ def test_windows_of_a_batch_of_images_equal_one_by_one():
 
 @pytest.mark.parametrize(("out_len", "in_len"), [(10, 4), (448, 56), (375, 448), (7, 7), (3, 9)])
 def test_interpolation_matrix_matches_f_interpolate(out_len, in_len):
-    x = torch.rand(in_len, 5)
+    x = torch.rand(in_len, 5, generator=torch.Generator().manual_seed(out_len))
     ref = F.interpolate(x.T[None], size=out_len, mode="linear", align_corners=False)[0].T
     torch.testing.assert_close(S.interpolation_matrix(out_len, in_len) @ x, ref, atol=1e-5, rtol=0)
 
@@ -168,20 +219,17 @@ def test_upsampling_a_few_classes_at_a_time_equals_one_pass(monkeypatch):
 # --- assembling eq. 4's prototypes from banks (with the stuff filter) ---------------------------------------------
 
 
-def planted_bank(name: str, fg: list[list[float]], bg: list[list[float]]) -> PrototypeBank:
-    """A bank with one class prototype + instances per region, vectors as given (first row = class proto)."""
+def planted_protos(fg: list[list[float]], bg: list[list[float]], n: int) -> ExtractorPrototypes:
+    """One extractor's class prototype + instances per region, vectors as given (first row = class proto)."""
     rows = fg + bg
     kind, image = [], []
     for region in (fg, bg):
         if region:
             kind += [KIND_CLASS] + [KIND_INSTANCE] * (len(region) - 1)
             image += [-1, *range(len(region) - 1)]
-    n = max(len(fg), len(bg), 2) - 1
     masks = torch.zeros(n, 2, 2, dtype=torch.bool)  # provenance is not what these tests are about
-    return PrototypeBank(
-        class_name=name,
-        extractors=("x",),
-        prototypes={"x": l2n(torch.tensor(rows, dtype=torch.float32))},
+    return ExtractorPrototypes(
+        prototypes=l2n(torch.tensor(rows, dtype=torch.float32)),
         kind=torch.tensor(kind, dtype=torch.int8),
         region=torch.tensor([FG] * len(fg) + [BG] * len(bg), dtype=torch.int8),
         image=torch.tensor(image, dtype=torch.int16),
@@ -190,8 +238,14 @@ def planted_bank(name: str, fg: list[list[float]], bg: list[list[float]]) -> Pro
         bg_masks=masks,
         part_fg=torch.full((n, 2, 2), -1, dtype=torch.int16),
         part_bg=torch.full((n, 2, 2), -1, dtype=torch.int16),
-        support_keys=[f"k{i}" for i in range(n)],
     )
+
+
+def planted_bank(name: str, fg: list[list[float]], bg: list[list[float]], **more: tuple[list, list]) -> PrototypeBank:
+    """A bank with extractor "x" (and any ``more``: name -> (fg, bg)), vectors as given."""
+    n = max(len(r) for pair in [(fg, bg), *more.values()] for r in pair) + 1
+    per = {"x": planted_protos(fg, bg, n)} | {e: planted_protos(f, b, n) for e, (f, b) in more.items()}
+    return PrototypeBank(name, per, [f"k{i}" for i in range(n)])
 
 
 def test_stuff_filter_drops_exactly_the_planted_thing_bg_prototypes():
@@ -200,28 +254,40 @@ def test_stuff_filter_drops_exactly_the_planted_thing_bg_prototypes():
     ps = S.build_prototype_set([boat, sky], [ClassSpec("boat"), ClassSpec("sky", stuff=True)])
     # boat's bg rows 2 ([0,1,0]) and 4 ([0.1,1,0.05]) look like sky (cos > 0.85) and go; row 3 stays.
     # sky is stuff: its bg prototypes never enter.
-    assert ps.dropped == 2
-    bg = ps.channel == 0
-    assert ps.source[bg].tolist() == [1] and ps.index[bg].tolist() == [3]
-    assert ps.index[ps.channel == 1].tolist() == [0, 1] and ps.index[ps.channel == 2].tolist() == [0, 1]
-    assert ps.bounds == [0, 1, 3, 5]
+    assert ps.dropped == {"x": 2}
+    x = ps.sets["x"]
+    bg = x.channel == 0
+    assert x.source[bg].tolist() == [1] and x.index[bg].tolist() == [3]
+    assert x.index[x.channel == 1].tolist() == [0, 1] and x.index[x.channel == 2].tolist() == [0, 1]
+    assert x.bounds == [0, 1, 3, 5]
     # with the threshold above every similarity nothing is dropped
-    assert (
-        S.build_prototype_set([boat, sky], [ClassSpec("boat"), ClassSpec("sky", True)], stuff_threshold=1.0).dropped
-        == 0
-    )
+    specs = [ClassSpec("boat"), ClassSpec("sky", True)]
+    assert S.build_prototype_set([boat, sky], specs, stuff_threshold=1.0).dropped == {"x": 0}
+
+
+def test_stuff_filter_decides_per_extractor():
+    # boat's bg prototype looks like sky in extractor x (cos 1) but not in extractor y (cos 0): it is dropped
+    # from x only.
+    boat = planted_bank("boat", fg=[[1, 0]], bg=[[0, 1]], y=([[1, 0]], [[0, 1]]))
+    sky = planted_bank("sky", fg=[[0, 1]], bg=[], y=([[1, 0]], []))
+    ps = S.build_prototype_set([boat, sky], [ClassSpec("boat"), ClassSpec("sky", stuff=True)])
+    assert ps.dropped == {"x": 1, "y": 0}
+    assert (ps.sets["x"].channel == 0).sum() == 0 and (ps.sets["y"].channel == 0).sum() == 1
 
 
 def test_no_background_protocol_has_no_background_prototypes():
     boat = planted_bank("boat", fg=[[1, 0, 0]], bg=[[0, 1, 0]])
     ps = S.build_prototype_set([boat], [ClassSpec("boat")], background=False)
-    assert ps.channel.tolist() == [1] and not ps.background
+    assert ps.sets["x"].channel.tolist() == [1] and not ps.background
 
 
 def test_build_prototype_set_rejects_mismatched_banks():
     boat = planted_bank("boat", fg=[[1, 0, 0]], bg=[])
     with pytest.raises(ValueError, match="one prototype bank per class"):
         S.build_prototype_set([boat], [ClassSpec("boat"), ClassSpec("cat")])
+    other = planted_bank("cat", fg=[[1, 0, 0]], bg=[], y=([[1, 0]], []))
+    with pytest.raises(ValueError, match="different extractors"):
+        S.build_prototype_set([boat, other], [ClassSpec("boat"), ClassSpec("cat")])
 
 
 @pytest.mark.parametrize(
@@ -253,7 +319,7 @@ def test_pixel_similarities_equal_the_per_pixel_features():
     seg = S.Segmenter(ps, {"x": ext}, S.SegmentOptions(scales=(32, 16), stride=8, short_side=32, prefilter=False))
     img = torch.rand(3, 32, 40)
     sims = seg.pixel_similarities(img, 13, 29)["x"]
-    expected = ext(img[None])[0, 13, 29] @ ps.prototypes["x"].T  # every covering window sees the same feature
+    expected = ext(img[None])[0, 13, 29] @ ps.sets["x"].prototypes.T  # every covering window sees the same feature
     torch.testing.assert_close(sims, expected, atol=1e-6, rtol=0)
 
 

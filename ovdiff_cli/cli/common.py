@@ -43,7 +43,24 @@ StuffOpt = Annotated[
 ]
 NOpt = Annotated[int | None, typer.Option("--n", help=f"Support images per class [default: {D.N_SUPPORT}].")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help=f"Denoising steps [default: {D.STEPS}].")]
-MaskerOpt = Annotated[str | None, typer.Option("--masker", help=f"auto, maskcut or threshold [default: {D.MASKER}].")]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option("--scheduler", help=f"Sampler: {', '.join(D.SCHEDULERS)} [default: {D.SCHEDULER}, the paper's]."),
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (fp32 on CPU; bf16 SD and CLIP on CUDA), fp32 (the reference's numerics), bf16 or fp16.",
+    ),
+]
+StuffTableOpt = Annotated[
+    str | None,
+    typer.Option("--stuff-table", help="Built-in thing/stuff table: paper or extended [default: paper]."),
+]
+MaskerOpt = Annotated[
+    str | None, typer.Option("--masker", help=f"auto, cutler, maskcut or threshold [default: {D.MASKER}].")
+]
 ExtractorsOpt = Annotated[
     str | None,
     typer.Option("--extractors", help=f"Comma list of sd, dino, clip [default: {','.join(D.EXTRACTORS)}]."),
@@ -89,13 +106,13 @@ def synth_options(**given_options: Any):
     return SynthOptions(**given(**given_options))
 
 
-def print_notes(class_names: list[str], quiet: bool = False) -> None:
-    """Tell the user about classes whose prompt is cut at the text encoder's token limit."""
+def print_notes(class_names: list[str], quiet: bool = False, more: list[str | None] | None = None) -> None:
+    """Tell the user about classes whose prompt is cut at the text encoder's token limit, and any ``more`` notes."""
     if quiet:
         return
     from ..synthesis import prompt_notes
 
-    for note in prompt_notes(class_names):
+    for note in [*prompt_notes(class_names), *(n for n in more or [] if n)]:
         err.print(f"note: {note}", highlight=False, markup=False)
 
 

@@ -15,7 +15,18 @@ import typer
 from typer.core import TyperGroup
 
 from .. import defaults as D
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, QuietOpt, RichProgress, VerboseOpt, err, fail, out, user_errors
+from .common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    QuietOpt,
+    RichProgress,
+    VerboseOpt,
+    err,
+    fail,
+    given,
+    out,
+    user_errors,
+)
 from .shared import SegmentArgs, prepare, segmentation_options
 
 
@@ -89,6 +100,12 @@ def run(
     shard: Annotated[
         str | None, typer.Option("--shard", help="K/N: every N-th image from the K-th; writes a partial result.")
     ] = None,
+    prompt_names: Annotated[
+        str,
+        typer.Option(
+            "--prompt-names", help="paper (the reference's prompt names and overrides) or plain (readable names)."
+        ),
+    ] = "paper",
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     *,
@@ -120,7 +137,11 @@ def run(
             raise ValueError("--seed and --seeds: give one of them")
         if pred_dir is not None and save_pred is not None:
             raise ValueError("--pred-dir scores existing predictions; --save-pred has nothing to save")
-        classes = build_class_list(spec.vocabulary, stuff=split_list(args.stuff) if args.stuff else None)
+        classes = build_class_list(
+            spec.vocabulary(prompt_names),
+            stuff=split_list(args.stuff) if args.stuff else None,
+            **given(stuff_table=args.stuff_table),
+        )
         seed_list = (
             list(parse_int_list(seeds, "--seeds"))
             if seeds is not None
@@ -134,6 +155,8 @@ def run(
         run_on = (
             None if pred_dir is not None else prepare(dataclasses.replace(args, background=spec.background), classes)
         )
+        if run_on is not None and run_on.note and not quiet:
+            err.print(f"note: {run_on.note}", highlight=False, markup=False)
 
     def report(image_id: str, reason: str) -> None:
         err.print(f"[bold red]error:[/] {image_id}: {reason}", markup=True, highlight=False)
@@ -169,7 +192,7 @@ def run(
                     on_seed=timing,
                     compile=run_on.compile,
                 )
-                context = eval_context(run_on.models, run_on.synth, run_on.seg)
+                context = eval_context(run_on.models, run_on.synth, run_on.seg, run_on.classes)
     finally:
         if run_on is not None:
             run_on.cache.close()

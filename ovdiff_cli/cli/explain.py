@@ -27,7 +27,8 @@ def explain(
     xy: Annotated[str, typer.Option("--xy", help="The pixel: X,Y from the top-left corner, e.g. 120,88.")],
     out_file: Annotated[Path | None, typer.Option("--out", help="Write the explanation picture (PNG) here.")] = None,
     top: Annotated[
-        int | None, typer.Option("--top", help=f"Prototypes of the winning class to show [default: {D.EXPLAIN_TOP}].")
+        int | None,
+        typer.Option("--top", help=f"Winning-class prototypes per extractor [default: {D.EXPLAIN_TOP}]."),
     ] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -54,7 +55,7 @@ def explain(
         if not image.is_file():
             raise ValueError(f"IMAGE {image}: no such file")
         run_on = prepare(args)
-        print_notes([c.name for c in run_on.classes], quiet)
+        print_notes([c.name for c in run_on.classes], quiet, [run_on.note])
         try:
             img = load_image(image, run_on.seg.max_pixels)
         except ImageError as exc:
@@ -89,8 +90,8 @@ def explain(
     for rank, ev in enumerate(expl.prototypes, start=1):
         where = f"image {ev.image}" if ev.image is not None else f"part {ev.part}" if ev.part is not None else "all"
         out.print(
-            f"  #{rank} {ev.kind} {ev.region} prototype of '{ev.class_name}' ({where}):"
-            f" similarity {ev.similarity['ensemble']:.3f}, from {count_noun(len(ev.support), 'support image')},"
+            f"  #{rank} {ev.extractor} {ev.kind} {ev.region} prototype of '{ev.class_name}' ({where}):"
+            f" similarity {ev.similarity:.3f}, from {count_noun(len(ev.support), 'support image')},"
             f" wins {count_noun(int(ev.wins.sum()), 'pixel')}"
         )
     if out_file is not None:

@@ -1,7 +1,9 @@
-"""``ovdiff models list|fetch``: which model sets exist, what they need, what is here; download for offline use."""
+"""``ovdiff models list|fetch|convert``: which model sets exist, what they need, what is here; download for offline
+use; convert CutLER's checkpoint to safetensors once."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +12,7 @@ import typer
 
 from .common import JsonOpt, fail, out, user_errors
 
-app = typer.Typer(help="List model sets and pre-download their weights.", no_args_is_help=True)
+app = typer.Typer(help="List model sets, pre-download their weights, convert checkpoints.", no_args_is_help=True)
 
 
 @app.command("list")
@@ -56,11 +58,13 @@ def fetch(
     if name not in MODEL_SETS:
         raise fail(f"model set {name!r}: expected one of {', '.join(MODEL_SETS)}")
     spec = MODEL_SETS[name]
-    if not any(c.hub_id for c in spec.components.values()):
+    if not any(c.hub_id or c.url for c in spec.components.values()):
         out.print(f"{name} is built in-process: nothing to fetch")
         return
     with user_errors():
         for role, comp in spec.components.items():
+            if not (comp.hub_id or comp.url):
+                continue
             out.print(f"fetching {comp.source} ...")
             try:
                 path = fetch_component(comp)
@@ -70,5 +74,41 @@ def fetch(
                 target = to / role
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if not target.exists():
-                    target.symlink_to(path, target_is_directory=True)
+                    target.symlink_to(path, target_is_directory=path.is_dir())
             out.print(f"  {role}: {path}")
+
+
+@app.command("convert")
+def convert(
+    role: Annotated[str, typer.Argument(metavar="MODEL", help="Which checkpoint: cutler.")],
+    path: Annotated[Path, typer.Argument(help="CutLER's detectron2 checkpoint (cutler_cascade_final.pth).")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Where to write the safetensors [default: PATH with .safetensors].")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a CutLER checkpoint against the detector and write its weights as safetensors (no pickle at load).
+
+    Reading the .pth never runs pickled code (torch.load with weights_only). Use the result with
+    --models sd15,cutler=OUT.
+    """
+    if role != "cutler":
+        raise fail(f"MODEL {role!r}: only cutler checkpoints are converted (the others load from safetensors)")
+    from ..cutler.checkpoint import CheckpointError, convert, mapping_report, read_checkpoint
+    from ..cutler.configs import FULL
+    from ..cutler.model import CutlerDetector
+
+    target = out_file or path.with_suffix(".safetensors")
+    if target.resolve() == path.resolve():
+        raise fail(f"--out {target}: would overwrite the checkpoint itself")
+    try:
+        report = mapping_report(CutlerDetector(FULL), read_checkpoint(path))
+        convert(path, target, FULL)
+    except CheckpointError as exc:
+        raise fail(str(exc).splitlines()[0]) from None
+    except OSError as exc:
+        raise fail(f"--out {target}: cannot write it ({exc.strerror or exc})") from None
+    if as_json:
+        typer.echo(json.dumps({"source": str(path), "out": str(target), **dataclasses.asdict(report)}, indent=2))
+        return
+    out.print(f"wrote {target}: {report}")

@@ -57,9 +57,14 @@ def segment(
         items = find_images(inputs, exclude=out_dir)
         part = resolve_shard(shard)
         run_on = prepare(args)
-        print_notes([c.name for c in run_on.classes], quiet)
+        print_notes([c.name for c in run_on.classes], quiet, [run_on.note])
         class_list, mdl, cache, seg_opts = run_on.classes, run_on.models, run_on.cache, run_on.seg
-        legend = build_legend([c.name for c in class_list], [c.stuff for c in class_list], seg_opts.background)
+        legend = build_legend(
+            [c.name for c in class_list],
+            [c.stuff for c in class_list],
+            seg_opts.background,
+            [c.stuff_from for c in class_list],
+        )
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -26,9 +26,12 @@ from .common import (
     MaskerOpt,
     ModelsOpt,
     NOpt,
+    PrecisionOpt,
+    SchedulerOpt,
     SeedOpt,
     StepsOpt,
     StuffOpt,
+    StuffTableOpt,
     given,
     open_cache,
     synth_options,
@@ -49,12 +52,14 @@ class SegmentArgs:
     classes: str | None = None
     classes_file: Path | None = None
     stuff: str | None = None
+    stuff_table: str | None = None
     models: str | None = None
     prefilter: bool | None = None
     eta: int | None = None
     pamr: bool | None = None
     scales: str | None = None
     stride: int | None = None
+    whole_image: bool | None = None
     short_side: int | None = None
     background: bool | None = None
     stuff_threshold: float | None = None
@@ -62,11 +67,13 @@ class SegmentArgs:
     max_pixels: int | None = None
     n: int | None = None
     steps: int | None = None
+    scheduler: str | None = None
     seed: int | None = None
     masker: str | None = None
     extractors: str | None = None
     k: int | None = None
     device: str = "auto"
+    precision: str = D.PRECISION
     compile: bool = False
     cache_dir: Path | None = None
 
@@ -75,6 +82,7 @@ _OPTIONS: dict[str, Any] = {
     "classes": Annotated[str | None, typer.Option("--classes", help='Comma list, e.g. "cat,dog,sky".')],
     "classes_file": ClassesFileOpt,
     "stuff": StuffOpt,
+    "stuff_table": StuffTableOpt,
     "models": ModelsOpt,
     "prefilter": Annotated[
         bool | None, typer.Option("--filter/--no-filter", help="CLIP category pre-filter [default: on].")
@@ -87,6 +95,10 @@ _OPTIONS: dict[str, Any] = {
         str | None, typer.Option("--scales", help=f"Window sizes [default: {','.join(map(str, D.SCALES))}].")
     ],
     "stride": Annotated[int | None, typer.Option("--stride", help=f"Window stride [default: {D.STRIDE}].")],
+    "whole_image": Annotated[
+        bool | None,
+        typer.Option("--whole-image/--no-whole-image", help="The whole image as one more window [default: on]."),
+    ],
     "short_side": Annotated[
         int | None, typer.Option("--short-side", help=f"Resize short side to this first [default: {D.SHORT_SIDE}].")
     ],
@@ -108,11 +120,13 @@ _OPTIONS: dict[str, Any] = {
     ],
     "n": NOpt,
     "steps": StepsOpt,
+    "scheduler": SchedulerOpt,
     "seed": SeedOpt,
     "masker": MaskerOpt,
     "extractors": ExtractorsOpt,
     "k": KOpt,
     "device": DeviceOpt,
+    "precision": PrecisionOpt,
     "compile": Annotated[
         bool, typer.Option("--compile", help="torch.compile the feature extractors (pays off on long CUDA runs).")
     ],
@@ -161,6 +175,7 @@ class Prepared:
     synth: SynthOptions
     seg: SegmentOptions
     compile: bool = False
+    note: str | None = None  # e.g. --masker auto could not use CutLER for the classes it must synthesise
 
 
 def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepared:
@@ -173,7 +188,7 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
     from ..classes import build_class_list, split_list
     from ..models import resolve_models
     from ..models.loading import Models, resolve_device
-    from ..pipeline import segment_roles
+    from ..pipeline import masker_note, missing_banks, segment_roles
     from ..segmentation import SegmentOptions
 
     if classes is None:
@@ -181,15 +196,23 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
             split_list(args.classes) if args.classes else None,
             args.classes_file,
             split_list(args.stuff) if args.stuff else None,
+            **given(stuff_table=args.stuff_table),
         )
     spec = resolve_models(args.models or DEFAULT_MODELS)
     synth = synth_options(
-        n=args.n, steps=args.steps, seed=args.seed, masker=args.masker, extractors=args.extractors, k=args.k
+        n=args.n,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        masker=args.masker,
+        extractors=args.extractors,
+        k=args.k,
     )
     seg = SegmentOptions(
         **given(
             scales=args.scales,
             stride=args.stride,
+            whole_image=args.whole_image,
             short_side=args.short_side,
             background=args.background,
             prefilter=args.prefilter,
@@ -200,11 +223,12 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
             max_pixels=args.max_pixels,
         )
     )
-    models = Models(spec, resolve_device(args.device))
+    models = Models(spec, resolve_device(args.device), args.precision)
     cache = open_cache(args.cache_dir)
     try:
         models.check_available(segment_roles(classes, synth, seg, models, cache))
+        note = masker_note(synth, models) if missing_banks(classes, synth, models, cache) else None
     except BaseException:
         cache.close()
         raise
-    return Prepared(classes, models, cache, synth, seg, args.compile)
+    return Prepared(classes, models, cache, synth, seg, args.compile, note)

@@ -20,13 +20,17 @@ from .common import (
     MaskerOpt,
     ModelsOpt,
     NOpt,
+    PrecisionOpt,
     QuietOpt,
     RichProgress,
+    SchedulerOpt,
     SeedOpt,
     StepsOpt,
     StuffOpt,
+    StuffTableOpt,
     VerboseOpt,
     err,
+    given,
     open_cache,
     out,
     print_notes,
@@ -41,6 +45,7 @@ def synth(
     models: ModelsOpt = None,
     n: NOpt = None,
     steps: StepsOpt = None,
+    scheduler: SchedulerOpt = None,
     seed: SeedOpt = None,
     masker: MaskerOpt = None,
     extractors: ExtractorsOpt = None,
@@ -49,7 +54,9 @@ def synth(
         int | None, typer.Option("--batch-size", help=f"Images per network batch [default: {D.BATCH_SIZE}].")
     ] = None,
     stuff: StuffOpt = None,
+    stuff_table: StuffTableOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = D.PRECISION,
     cache_dir: CacheDirOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -59,19 +66,30 @@ def synth(
     from ..classes import build_class_list, split_list
 
     with user_errors():
-        class_list = build_class_list(classes, classes_file, split_list(stuff) if stuff else None)
+        class_list = build_class_list(
+            classes, classes_file, split_list(stuff) if stuff else None, **given(stuff_table=stuff_table)
+        )
         from ..models import resolve_models
         from ..models.loading import Models, resolve_device
-        from ..pipeline import synthesize
+        from ..pipeline import effective_masker, masker_note, synthesize
 
         spec = resolve_models(models or DEFAULT_MODELS)
         opts = synth_options(
-            n=n, steps=steps, seed=seed, masker=masker, extractors=extractors, k=k, batch_size=batch_size
+            n=n,
+            steps=steps,
+            scheduler=scheduler,
+            seed=seed,
+            masker=masker,
+            extractors=extractors,
+            k=k,
+            batch_size=batch_size,
         )
-        mdl = Models(spec, resolve_device(device))
+        mdl = Models(spec, resolve_device(device), precision)
         mdl.check_available(["sd", "dino", "clip"])
+        masker_name = effective_masker(opts, mdl)
+        mdl.check_available(["cutler"] if masker_name == "cutler" else [])
         cache = open_cache(cache_dir)
-    print_notes([c.name for c in class_list], quiet)
+    print_notes([c.name for c in class_list], quiet, [masker_note(opts, mdl)])
     if verbose:
         err.print(f"models {spec.name} on {mdl.device}; cache {cache.directory}; {opts}")
     try:
@@ -86,6 +104,8 @@ def synth(
     if as_json:
         doc = {
             "models": {"name": spec.name, "hashes": mdl.hashes, "meaningful": spec.meaningful},
+            "masker": masker_name,
+            "scheduler": opts.scheduler,
             "classes": [
                 {
                     "name": r.name,
@@ -105,7 +125,9 @@ def synth(
 
     table = Table("class", "images new", "images cached", "prototypes", "digest", "seconds")
     for r in results:
-        protos = ", ".join(f"{v} {kind}" for kind, v in r.prototypes.items())
+        protos = "; ".join(
+            f"{e} " + ", ".join(f"{v} {kind}" for kind, v in counts.items()) for e, counts in r.prototypes.items()
+        )
         name = f"{r.name} (stuff)" if r.stuff else r.name
         table.add_row(name, str(r.images_generated), str(r.images_cached), protos, r.digest[:12], f"{r.seconds:.1f}")
     out.print(table)

@@ -1,4 +1,9 @@
-"""Dense feature extractors (paper 4.1): images in, L2-normalised features out, registered by name."""
+"""Dense feature extractors (paper 4.1): images in, raw features out, registered by name.
+
+Each extractor resizes its input the way the authors' code feeds that network (REFERENCE 4) and returns the raw
+features: L2 normalisation happens only where features are compared (prototype matching, MaskCut), so prototypes
+are pooled and clustered from raw features as the reference does (REFERENCE 5).
+"""
 
 from __future__ import annotations
 
@@ -28,12 +33,10 @@ class Extractor:
     Attributes:
         name: registry name.
         role: which network of the model set it reads ("sd", "dino" or "clip"); its hash enters cache keys.
-        stride: input pixels per output feature cell.
     """
 
     name = ""
     role = ""
-    stride = 1
 
     def __init__(self, models: Any) -> None:
         self.models = models
@@ -42,21 +45,37 @@ class Extractor:
         """JSON-able parameters that change the features (part of cache keys)."""
         return {}
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) float32 RGB in [0, 1] -> (B, H/stride, W/stride, D) float32, unit norm per cell."""
+    def input_size(self, height: int, width: int, support: bool) -> tuple[int, int]:
+        """The (H, W) this extractor's network sees for an input of (height, width); the input is resized to it."""
+        return height, width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Resized images (B, 3, H, W) float32 in [0, 1] -> (B, h, w, D) raw float32 features."""
         raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor, support: bool = False) -> torch.Tensor:
+        """images (B, 3, H, W) float32 RGB in [0, 1] -> (B, h, w, D) float32 raw features on the extractor's grid.
+
+        ``support``: the images are support images rather than windows of a target image (CLIP sees them at
+        their own size, windows at its fixed input size).
+        """
+        return self.forward(resize(images, self.input_size(*images.shape[-2:], support)))
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 3, H, W) float -> (B, 3, *size), bilinear (antialiased when shrinking); unchanged when sizes match."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def patch_multiple(length: float, patch: int) -> int:
+    """``length`` rounded to the nearest positive multiple of ``patch`` (ViTs need whole patches)."""
+    return max(patch, round(length / patch) * patch)
 
 
 def l2n(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return F.normalize(x.float(), dim=dim, eps=1e-12)
-
-
-def to_grid(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resample (B, h, w, D) features to (B, *size, D) bilinearly and renormalise each cell."""
-    if tuple(features.shape[1:3]) == tuple(size):
-        return features
-    x = F.interpolate(features.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
-    return l2n(x.permute(0, 2, 3, 1))
 
 
 def normalise_pixels(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -1,21 +1,20 @@
-"""CLIP ViT keys of the second-to-last block (open_clip), the paper's best CLIP variant (4.1)."""
+"""CLIP ViT keys of the second-to-last block (open_clip), the paper's best CLIP variant (4.1), fed as the
+authors' code feeds it (REFERENCE 4): ImageNet mean/std, windows resized to ``clip_input`` square."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .base import Extractor, l2n, normalise_pixels, register_extractor
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .base import Extractor, normalise_pixels, patch_multiple, register_extractor
+from .dino import IMAGENET_MEAN, IMAGENET_STD
 
 
 def clip_keys(visual: torch.nn.Module, images: torch.Tensor, block: int = -2) -> torch.Tensor:
     """Keys of ``block`` of open_clip's VisionTransformer at any input size.
 
-    images (B, 3, H, W) CLIP-normalised -> (B, H/p, W/p, D). Positional embeddings are bicubically
-    interpolated from the training grid so windows of any size work.
+    images (B, 3, H, W) normalised -> (B, H/p, W/p, D). Positional embeddings are bicubically interpolated
+    from the training grid so inputs of any size work.
     """
     x = visual.conv1(images)  # (B, D, gh, gw)
     b, d, gh, gw = x.shape
@@ -43,14 +42,18 @@ def clip_keys(visual: torch.nn.Module, images: torch.Tensor, block: int = -2) ->
 @register_extractor("clip")
 class ClipExtractor(Extractor):
     role = "clip"
-    stride = 16
 
     def params(self) -> dict:
-        return {"layer": -2, "what": "keys"}
+        return {"layer": -2, "what": "keys", "input": self.models.spec.clip_input, "mean_std": "imagenet"}
+
+    def input_size(self, height: int, width: int, support: bool) -> tuple[int, int]:
+        if not support:
+            return self.models.spec.clip_input, self.models.spec.clip_input
+        patch = self.models.spec.components["clip"].config.get("vision_cfg", {}).get("patch_size", 16)
+        return patch_multiple(height, patch), patch_multiple(width, patch)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.models.get("clip").visual
-        self.stride = visual.patch_size[0]
-        x = normalise_pixels(images, CLIP_MEAN, CLIP_STD).to(self.models.dtype)
-        return l2n(clip_keys(visual, x))
+        x = normalise_pixels(images, IMAGENET_MEAN, IMAGENET_STD).to(self.models.dtype("clip"))
+        return clip_keys(visual, x).float()

@@ -7,13 +7,16 @@ import torch.nn.functional as F
 
 from .. import attribution
 from ..defaults import SD_FEATURE_NOISE_SEED, SD_FEATURE_TIMESTEP
-from .base import Extractor, l2n, register_extractor
+from .base import Extractor, register_extractor
 
 
 @register_extractor("sd")
 class SDExtractor(Extractor):
+    """The VAE latent of the input resized to the support image size (512 for SD 1.5), noised to t = 200, one
+    UNet pass with the empty prompt; the queries of the chosen cross-attention layers, each resized bilinear to
+    the latent grid and concatenated raw (REFERENCE 4). Features are therefore always on the latent grid."""
+
     role = "sd"
-    stride = 8
 
     def params(self) -> dict:
         return {
@@ -21,14 +24,17 @@ class SDExtractor(Extractor):
             "timestep": SD_FEATURE_TIMESTEP,
             "noise_seed": SD_FEATURE_NOISE_SEED,
             "prompt": "",
+            "input": self.models.spec.image_size,
         }
 
+    def input_size(self, height: int, width: int, support: bool) -> tuple[int, int]:
+        return self.models.spec.image_size, self.models.spec.image_size
+
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         from diffusers import DDPMScheduler
 
         gen = self.models.get("sd", decoder=False)  # features need the encoder half of the VAE only
-        self.stride = gen.vae_scale
         b = images.shape[0]
         x = (images * 2 - 1).to(gen.dtype)
         # The posterior mean, not a sample: features must be a function of the image alone.
@@ -50,7 +56,5 @@ class SDExtractor(Extractor):
             q = queries[index]
             h, w = tap.layer_hw(q.shape[1])
             q = q.float().view(b, h, w, -1).permute(0, 3, 1, 2)
-            q = F.interpolate(q, size=(gh, gw), mode="bilinear", align_corners=False)
-            # Unit-normalise each layer first so wide deep layers do not drown out the rest.
-            parts.append(l2n(q, dim=1))
-        return l2n(torch.cat(parts, dim=1).permute(0, 2, 3, 1))
+            parts.append(F.interpolate(q, size=(gh, gw), mode="bilinear", align_corners=False))
+        return torch.cat(parts, dim=1).permute(0, 2, 3, 1)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .registry import Component, ModelSetSpec, component_hash, local_snapshot
+from .registry import Component, ModelSetSpec, ModelUnavailable, component_hash, local_snapshot
 
 CONTEXT_LENGTH = 77
 
@@ -51,6 +51,33 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> dict[str, torch.dtype]:
+    """``--precision`` -> the dtype each network runs in (role -> dtype).
+
+    ``auto`` is fp32 on the CPU and MPS; on CUDA it is bf16 (fp16 where unsupported) for SD and CLIP and fp32
+    for DINO, which the reference runs in fp32. ``fp32`` is the reference's numerics everywhere; ``bf16`` and
+    ``fp16`` apply to every network. Raises ValueError naming the accepted values.
+    """
+    from ..defaults import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        fast = default_dtype(device)
+        return {"sd": fast, "clip": fast, "dino": torch.float32, "cutler": torch.float32}
+    # CutLER's box and mask math stays fp32 whatever the precision: its ROIAlign has no bf16 kernel, and proposals
+    # decide which support pixels become prototypes at all.
+    return dict.fromkeys(("sd", "dino", "clip"), _PRECISIONS[precision]) | {"cutler": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"`` (for cache keys and reports)."""
+    return {v: k for k, v in _PRECISIONS.items()}[dtype]
 
 
 class PromptTokenizer:
@@ -189,13 +216,29 @@ def load_clip(comp: Component, device: torch.device, dtype: torch.dtype) -> torc
                 embed_dim=cfg["embed_dim"],
                 vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
                 text_cfg=CLIPTextCfg(**cfg["text_cfg"]),
+                quick_gelu=cfg.get("quick_gelu", False),
             )
     else:
-        model = open_clip.create_model(f"local-dir:{local_snapshot(comp)}")
+        # OpenAI's CLIP weights were trained with QuickGELU; a config that forgets to say so loads them silently
+        # under the wrong activation.
+        model = open_clip.create_model(f"local-dir:{local_snapshot(comp)}", force_quick_gelu=True)
     return _prepare(model, device, dtype)
 
 
-_LOADERS = {"sd": load_generator, "dino": load_dino, "clip": load_clip}
+def load_cutler_detector(comp: Component, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The CutLER detector: seeded random weights at the component's size for the random-weight sets, else the
+    checkpoint file (detectron2 .pth or converted .safetensors) at full size."""
+    from ..cutler.checkpoint import load_cutler
+    from ..cutler.configs import FULL, TINY
+    from ..cutler.model import random_cutler
+
+    if comp.builtin:
+        config = {"tiny": TINY, "full": FULL}[comp.config["size"]]
+        return random_cutler(config, comp.init_seed).to(device=device, dtype=dtype).eval()
+    return load_cutler(local_snapshot(comp), FULL, device, dtype)
+
+
+_LOADERS = {"sd": load_generator, "dino": load_dino, "clip": load_clip, "cutler": load_cutler_detector}
 _NOTICE_SHOWN = False
 
 
@@ -205,16 +248,26 @@ class Models:
     A run whose results are all cached touches none of them: hashes come from the spec, not the weights.
     """
 
-    def __init__(self, spec: ModelSetSpec, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, spec: ModelSetSpec, device: torch.device, precision: str = "auto") -> None:
         self.spec = spec
         self.device = device
-        self.dtype = dtype or default_dtype(device)
+        self.precision = precision
+        self.dtypes = resolve_precision(precision, device)
         self._loaded: dict[str, Any] = {}
+
+    def dtype(self, role: str) -> torch.dtype:
+        """The dtype network ``role`` runs in (see :func:`resolve_precision`)."""
+        return self.dtypes[role]
 
     @cached_property
     def hashes(self) -> dict[str, str]:
-        """role -> model hash, for cache keys."""
-        return {role: component_hash(comp) for role, comp in self.spec.components.items()}
+        """role -> model hash, for cache keys. The optional CutLER detector is left out when its checkpoint is not
+        on this machine (no key can use it then); a missing main network raises ModelUnavailable when asked."""
+        return {
+            role: component_hash(comp)
+            for role, comp in self.spec.components.items()
+            if role != "cutler" or self.has_weights(role)
+        }
 
     def get(self, role: str, *, decoder: bool = True) -> Any:
         """The loaded network for ``role`` ("sd" -> :class:`Generator`, "dino", "clip" -> nn.Module).
@@ -234,12 +287,22 @@ class Models:
                     file=sys.stderr,
                 )
             extra = {"decoder": decoder} if role == "sd" else {}
-            self._loaded[role] = _LOADERS[role](self.spec.components[role], self.device, self.dtype, **extra)
+            self._loaded[role] = _LOADERS[role](self.spec.components[role], self.device, self.dtype(role), **extra)
         return self._loaded[role]
 
     def check_available(self, roles: list[str]) -> None:
         """Fail at once (ModelUnavailable) if any needed network's weights are missing locally."""
         for role in roles:
-            comp = self.spec.components[role]
+            comp = self.spec.components.get(role)
+            if comp is None:
+                raise ModelUnavailable(f"model set {self.spec.name!r} has no {role} network")
             if not comp.builtin:
                 local_snapshot(comp)
+
+    def has_weights(self, role: str) -> bool:
+        """Whether network ``role`` can be loaded here (built in, or its weights are on this machine)."""
+        try:
+            self.check_available([role])
+        except ModelUnavailable:
+            return False
+        return True

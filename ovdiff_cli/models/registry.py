@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-ROLES = ("sd", "dino", "clip")
-ROLE_TITLES = {"sd": "Stable Diffusion", "dino": "DINO ViT", "clip": "CLIP ViT"}
+ROLES = ("sd", "dino", "clip", "cutler")
+ROLE_TITLES = {"sd": "Stable Diffusion", "dino": "DINO ViT", "clip": "CLIP ViT", "cutler": "CutLER detector"}
+# The library a ROLE=PATH override reads its folder or file with, whatever the set's own component was.
+ROLE_LIBRARIES = {"sd": "diffusers", "dino": "timm", "clip": "open_clip", "cutler": "detectron2"}
 
 
 RANDOM = "random"  # the pseudo-library of networks built in-process with seeded random weights
@@ -28,9 +30,11 @@ class ModelUnavailable(RuntimeError):
 class Component:
     """Where one network of a model set comes from.
 
-    ``library`` picks the loader: "diffusers", "timm", "open_clip", or "random" (weights drawn in-process from a seed);
-    ``arch`` is the library's architecture name. Exactly one source applies: a hub repo at a pinned revision,
-    a local folder (``local``), or a config built in-process with random weights (``config`` + ``init_seed``).
+    ``library`` picks the loader: "diffusers", "timm", "open_clip", "detectron2" (a CutLER checkpoint), or "random"
+    (weights drawn in-process from a seed); ``arch`` is the library's architecture name. Exactly one source applies:
+    a hub repo at a pinned revision, a file at a ``url`` (downloaded by ``ovdiff models fetch`` into the weights
+    folder), a local folder or file (``local``), or a config built in-process with random weights (``config`` +
+    ``init_seed``).
     """
 
     role: str
@@ -39,6 +43,7 @@ class Component:
     hub_id: str | None = None
     revision: str | None = None
     allow_patterns: tuple[str, ...] = ()
+    url: str | None = None
     local: str | None = None
     config: dict = field(default_factory=dict)
     init_seed: int = 0
@@ -54,6 +59,8 @@ class Component:
             return self.local
         if self.hub_id:
             return f"{self.hub_id}@{self.revision or 'main'}"
+        if self.url:
+            return self.url
         return f"built in-process (seed {self.init_seed})"
 
 
@@ -66,7 +73,13 @@ class ModelSetSpec:
         grid: side of the grid on which attribution maps, masks and prototype pooling live (image_size / 8).
         sd_feature_layers: indices (down-mid-up order) of the UNet cross-attention layers whose queries form
             the SD features.
+        clip_input: side every window is resized to for CLIP (support images go at ``image_size``).
+        dino_short, dino_max_long: DINO sees an input at its own size when both sides are at most ``dino_short``,
+            else resized to short side ``dino_short`` with the long side at most ``dino_max_long``.
+        maskcut_input: side of the square DINO input MaskCut cuts (its patch grid is this / 8).
         meaningful: False for ``tiny`` (random weights): its outputs are mechanically real, semantically noise.
+
+    SD features always come from the support image size: every SD input is resized to ``image_size`` square.
     """
 
     name: str
@@ -76,15 +89,20 @@ class ModelSetSpec:
     sd_feature_layers: tuple[int, ...]
     components: dict[str, Component]
     meaningful: bool = True
+    clip_input: int = 448
+    dino_short: int = 448
+    dino_max_long: int = 800
+    maskcut_input: int = 480
 
     def with_local(self, role: str, path: str) -> ModelSetSpec:
-        """This set with one component read from a local folder instead of the hub."""
-        if role not in self.components:
+        """This set with one component read from a local folder (or, for cutler, a checkpoint file) instead of its
+        own source; works for every set, so a real checkpoint can be tried with the tiny models too."""
+        if role not in ROLES:
             raise ValueError(f"unknown model component {role!r}; expected one of {', '.join(ROLES)}")
-        if self.components[role].builtin:
-            raise ValueError(f"--models {self.name},{role}=...: overrides apply to hub model sets such as sd15")
         comps = dict(self.components)
-        comps[role] = replace(comps[role], local=str(Path(path).expanduser()), hub_id=None, revision=None)
+        old = comps.get(role, Component(role, ROLE_LIBRARIES[role], ""))
+        library = old.library if not old.builtin else ROLE_LIBRARIES[role]
+        comps[role] = Component(role, library, old.arch, local=str(Path(path).expanduser()))
         return replace(self, components=comps)
 
 
@@ -106,8 +124,14 @@ def random_weight_set(
     scheduler: dict,
     dino: dict,
     clip: dict,
+    cutler: str,
+    **sizes: int,
 ) -> ModelSetSpec:
-    """A model set whose networks are built in-process from these configs with seeded random weights."""
+    """A model set whose networks are built in-process from these configs with seeded random weights.
+
+    ``cutler``: the CutLER detector's size, "tiny" or "full" (ovdiff_cli.cutler.configs). ``sizes``: the extractor
+    input sizes of :class:`ModelSetSpec` (clip_input, dino_short, ...) where they differ from the full-size ones.
+    """
     sd_config = {"unet": unet, "vae": vae, "text": text, "scheduler": scheduler}
     return ModelSetSpec(
         name=name,
@@ -119,8 +143,10 @@ def random_weight_set(
             "sd": Component("sd", RANDOM, "stable-diffusion", config=sd_config, init_seed=0),
             "dino": Component("dino", RANDOM, "vit-dino", config=dino, init_seed=1),
             "clip": Component("clip", RANDOM, "open_clip", config=clip, init_seed=2),
+            "cutler": Component("cutler", RANDOM, "cutler", config={"size": cutler}, init_seed=3),
         },
         meaningful=False,
+        **sizes,
     )
 
 
@@ -155,6 +181,8 @@ def resolve_models(arg: str) -> ModelSetSpec:
         spec = MODEL_SETS["sd15"]
         root = Path(head).expanduser()
         for role in ROLES:
+            if role == "cutler" and not (root / role).exists():
+                continue  # optional: without it the sd15 set's own checkpoint (or MaskCut) is used
             if not (root / role).is_dir():
                 raise ValueError(f"--models {head}: expected a folder {root / role} (layout: sd/, dino/, clip/)")
             spec = spec.with_local(role, str(root / role))
@@ -166,8 +194,10 @@ def resolve_models(arg: str) -> ModelSetSpec:
         role, sep, path = item.partition("=")
         if not sep or role not in ROLES:
             raise ValueError(f"--models override {item!r}: expected ROLE=PATH with ROLE one of {', '.join(ROLES)}")
-        if not Path(path).expanduser().is_dir():
-            raise ValueError(f"--models override {item!r}: {path} is not a folder")
+        target = Path(path).expanduser()
+        if not (target.is_dir() or (role == "cutler" and target.is_file())):
+            what = "a folder or a checkpoint file" if role == "cutler" else "a folder"
+            raise ValueError(f"--models override {item!r}: {path} is not {what}")
         spec = spec.with_local(role, path)
     return spec
 
@@ -178,17 +208,52 @@ def _hf_cache_dir() -> Path:
     return Path(HF_HUB_CACHE)
 
 
+def weights_dir() -> Path:
+    """Where ``ovdiff models fetch`` puts weights that do not live on the Hugging Face hub (CutLER's checkpoint):
+    ``$OVDIFF_WEIGHTS``, else ``$XDG_CACHE_HOME/ovdiff-weights``, else ``~/.cache/ovdiff-weights``."""
+    import os
+
+    if os.environ.get("OVDIFF_WEIGHTS"):
+        return Path(os.environ["OVDIFF_WEIGHTS"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ovdiff-weights"
+
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pkl")
+
+
+def _checkpoint_in(path: Path) -> Path:
+    """A checkpoint file given directly, or the one checkpoint inside a folder (safetensors preferred)."""
+    if path.is_file():
+        return path
+    found = sorted(
+        (p for p in path.iterdir() if p.suffix in _CHECKPOINT_SUFFIXES), key=lambda p: p.suffix != ".safetensors"
+    )
+    if not found:
+        raise ModelUnavailable(f"CutLER detector: no checkpoint ({', '.join(_CHECKPOINT_SUFFIXES)}) in {path}")
+    return found[0]
+
+
 def local_snapshot(comp: Component) -> Path:
-    """The folder holding this component's weights on this machine, without touching the network.
+    """The folder (or, for a CutLER checkpoint, the file) holding this component's weights on this machine,
+    without touching the network.
 
     Raises ModelUnavailable with a one-line message saying how to provide the weights.
     """
     if comp.local:
         path = Path(comp.local)
-        if not path.is_dir():
-            raise ModelUnavailable(f"{ROLE_TITLES[comp.role]}: local folder {path} does not exist")
+        if not path.exists():
+            raise ModelUnavailable(f"{ROLE_TITLES[comp.role]}: local path {path} does not exist")
+        return _checkpoint_in(path) if comp.role == "cutler" else path
+    if comp.url:
+        path = weights_dir() / comp.role / comp.url.rsplit("/", 1)[-1]
+        if not path.is_file():
+            raise ModelUnavailable(
+                f"{ROLE_TITLES[comp.role]} weights ({comp.url}) are not in {path.parent}: run `ovdiff models fetch`"
+                f" on a machine with internet and share OVDIFF_WEIGHTS, or pass --models NAME,{comp.role}=PATH"
+            )
         return path
-    assert comp.hub_id, "tiny components have no snapshot"
+    assert comp.hub_id, "built-in components have no snapshot"
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -213,8 +278,9 @@ def local_snapshot(comp: Component) -> Path:
 def component_hash(comp: Component) -> str:
     """A digest that changes whenever the component's weights change (used in every cache key).
 
-    Hub: the snapshot's commit sha. Local folder: a digest of its weight files (name, size and the first and last
-    4 MiB of each, so hashing a 4 GB checkpoint stays instant). Built-in: a digest of its config and init seed.
+    Hub: the snapshot's commit sha. Local folder or checkpoint file: a digest of its weight files (name, size and
+    the first and last 4 MiB of each, so hashing a 4 GB checkpoint stays instant). Built-in: a digest of its config
+    and init seed.
     """
     if comp.builtin:
         blob = json.dumps({"arch": comp.arch, "config": comp.config, "seed": comp.init_seed}, sort_keys=True)
@@ -222,6 +288,8 @@ def component_hash(comp: Component) -> str:
     path = local_snapshot(comp)
     if comp.hub_id:
         return path.name  # huggingface_hub names snapshot folders by commit sha
+    if path.is_file():
+        return "file-" + _files_digest(path.parent, [path])
     return "local-" + _folder_digest(path)
 
 
@@ -229,9 +297,13 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
 
 
 def _folder_digest(root: Path) -> str:
+    return _files_digest(root, sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES))
+
+
+def _files_digest(root: Path, files: list[Path]) -> str:
     h = hashlib.sha256()
     chunk = 4 << 20
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+    for f in files:
         size = f.stat().st_size
         h.update(f"{f.relative_to(root).as_posix()}\0{size}\0".encode())
         with open(f, "rb") as fh:
@@ -254,9 +326,23 @@ def presence(comp: Component) -> str:
 
 
 def fetch(comp: Component) -> Path:
-    """Download one component's pinned revision into the Hugging Face cache (``ovdiff models fetch``)."""
+    """Download one component's pinned revision into the Hugging Face cache, or its checkpoint URL into the weights
+    folder (``ovdiff models fetch``)."""
     if comp.builtin or comp.local:
         raise ValueError(f"{comp.role} is {comp.source}: nothing to fetch")
+    if comp.url:
+        import urllib.request
+
+        target = weights_dir() / comp.role / comp.url.rsplit("/", 1)[-1]
+        if target.is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        with urllib.request.urlopen(comp.url) as response, open(partial, "wb") as fh:
+            while block := response.read(1 << 20):
+                fh.write(block)
+        partial.replace(target)  # atomic: a present file is a complete download
+        return target
     from huggingface_hub import snapshot_download
 
     return Path(

@@ -24,7 +24,7 @@ SD15_FILES = (
 def sd15() -> ModelSetSpec:
     return ModelSetSpec(
         name="sd15",
-        description="the paper's models: SD 1.5, DINO ViT-B/8, CLIP ViT-B/16 (about 5.6 GB)",
+        description="the paper's models: SD 1.5, DINO ViT-B/8, CLIP ViT-B/16, CutLER (about 5.9 GB)",
         image_size=512,
         grid=64,
         sd_feature_layers=SD_FEATURE_LAYERS,
@@ -52,6 +52,13 @@ def sd15() -> ModelSetSpec:
                 hub_id="timm/vit_base_patch16_clip_224.openai",
                 revision="main",
                 allow_patterns=("open_clip_config.json", "open_clip_model.safetensors"),
+            ),
+            # CutLER's released Cascade Mask R-CNN (its README's download link); not on the Hugging Face hub.
+            "cutler": Component(
+                "cutler",
+                "detectron2",
+                "cutler-cascade-r50-fpn",
+                url="http://dl.fbaipublicfiles.com/cutler/checkpoints/cutler_cascade_final.pth",
             ),
         },
     )

@@ -53,6 +53,7 @@ SD15_SCHEDULER = {
 DINO_VITB8 = {"img_size": 224, "patch_size": 8, "embed_dim": 768, "depth": 12, "num_heads": 12}
 CLIP_VITB16 = {
     "embed_dim": 512,
+    "quick_gelu": True,  # as OpenAI's weights
     "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "head_width": 64, "patch_size": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
 }
@@ -70,4 +71,5 @@ def sd15_random() -> ModelSetSpec:
         scheduler=SD15_SCHEDULER,
         dino=DINO_VITB8,
         clip=CLIP_VITB16,
+        cutler="full",
     )

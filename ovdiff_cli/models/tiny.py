@@ -68,4 +68,10 @@ def tiny() -> ModelSetSpec:
         scheduler=SD15_SCHEDULER,
         dino=TINY_DINO,
         clip=TINY_CLIP,
+        cutler="tiny",
+        # The full-size inputs scaled by 64 / 512 and rounded to the 8-pixel patch.
+        clip_input=56,
+        dino_short=56,
+        dino_max_long=96,
+        maskcut_input=56,
     )
