@@ -123,11 +123,9 @@ def synth(
         return
     from rich.table import Table
 
-    table = Table("class", "images new", "images cached", "prototypes", "digest", "seconds")
+    table = Table("class", "images new", "images cached", "prototypes class/instance/part", "digest", "seconds")
     for r in results:
-        protos = "; ".join(
-            f"{e} " + ", ".join(f"{v} {kind}" for kind, v in counts.items()) for e, counts in r.prototypes.items()
-        )
+        protos = ", ".join(f"{e} " + "/".join(map(str, counts.values())) for e, counts in r.prototypes.items())
         name = f"{r.name} (stuff)" if r.stuff else r.name
         table.add_row(name, str(r.images_generated), str(r.images_cached), protos, r.digest[:12], f"{r.seconds:.1f}")
     out.print(table)
