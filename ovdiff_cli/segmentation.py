@@ -498,7 +498,9 @@ class Segmenter:
             window's pixels and clamped to [-1, 1], averaged over the pairs covering each pixel.
         """
         names = list(extractors) if extractors is not None else list(self.extractors)
-        canvases = [torch.zeros(channels, *im.shape[-2:], device=self.device) for im in work]
+        # One canvas per extractor and image, each summed in the image's own window order, then added up in a fixed
+        # extractor order: the float sums never depend on how the windows of several images were batched.
+        canvases = {e: [torch.zeros(channels, *im.shape[-2:], device=self.device) for im in work] for e in names}
         counts = [torch.zeros(im.shape[-2:], device=self.device) for im in work]
         for chunk, size in self._batches(work):
             crops = self._crops(work, chunk, size)
@@ -512,9 +514,10 @@ class Segmenter:
                 with self.timings("accumulate"):
                     for (i, (y, x, h, w)), m in zip(chunk, maps, strict=False):
                         up = F.interpolate(m[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-                        canvases[i][:, y : y + h, x : x + w] += up.clamp_(-1, 1)
+                        canvases[name][i][:, y : y + h, x : x + w] += up.clamp_(-1, 1)
                         counts[i][y : y + h, x : x + w] += 1
-        return [c / n.clamp_min(1) for c, n in zip(canvases, counts, strict=True)]
+        with self.timings("accumulate"):
+            return [sum(canvases[e][i] for e in sorted(names)) / n.clamp_min(1) for i, n in enumerate(counts)]
 
     @torch.no_grad()
     def pixel_similarities(self, work: torch.Tensor, y: int, x: int) -> dict[str, torch.Tensor]:
