@@ -14,6 +14,7 @@ the lowest id, so to background) is the label.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -382,10 +383,12 @@ class Segmenter:
         self.sim_dtype = sim_dtype
         self._protos = {e: s.prototypes.to(sim_dtype) for e, s in self.protoset.sets.items()}
         self.bounds = {e: s.bounds for e, s in self.protoset.sets.items()}
-        if compile:
-            for ext in extractors.values():
-                ext.forward = torch.compile(ext.forward, dynamic=False)
         self.extractors = dict(extractors)
+        if compile:
+            # A copy per extractor with its network call compiled: the caller's extractors stay eager.
+            for name, ext in extractors.items():
+                self.extractors[name] = copy.copy(ext)
+                self.extractors[name].forward = torch.compile(ext.forward, dynamic=False)
         self.options = options or SegmentOptions()
         self.prefilter = prefilter
         self.timings = timings or Timings()
