@@ -45,6 +45,10 @@ KMEANS_SEED = 0
 # Binarisation of a support mask after its bilinear resize to an extractor's feature grid.
 MASK_GRID_THRESHOLD = 0.5
 
+# --- downloads (ovdiff models fetch) ---------------------------------------------------------------------------------
+FETCH_CONNECT_TIMEOUT = 10.0  # seconds to open a connection
+FETCH_READ_TIMEOUT = 60.0  # seconds without a byte before a download is given up (OVDIFF_FETCH_TIMEOUT overrides)
+
 # --- numerics ---------------------------------------------------------------------------------------------------
 # "auto": fp32 on the CPU; bf16 on CUDA (fp16 where the GPU lacks bf16), fp32 for DINO as the reference runs it.
 PRECISION = "auto"

@@ -301,7 +301,9 @@ def support_masks(
     if todo:
         feats = None
         if masker.needs_features:
+            # On the models' device: MaskCut's eigenproblems are milliseconds on a GPU, seconds on a CPU.
             feats = _batched(images[todo], build_extractor("dino", models).maskcut_keys, opts.batch_size)
+            feats = feats.to(models.device)
         for i, props in zip(todo, masker.propose(attr[todo], feats, images[todo]), strict=True):
             proposals[i] = props.cpu()
             packed = np.packbits(props.cpu().numpy().astype(bool).reshape(-1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -151,3 +152,25 @@ def test_real_subprocess_synth_json_stdout_is_pure(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["classes"][0]["images_generated"] == 2
     assert "not meaningful" in proc.stderr
+
+
+def test_environment_is_offline_and_quiet_unless_asked(monkeypatch):
+    import logging
+
+    from ovdiff_cli.cli import _environment
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    _environment(["ovdiff", "synth", "cat"])
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # weights are never fetched implicitly: no network at all
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == os.environ["DIFFUSERS_VERBOSITY"] == "error"
+    assert root.level == logging.ERROR
+    # -v shows the libraries' own messages; models fetch may use the network.
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        monkeypatch.delenv(name)
+    root.setLevel(logging.WARNING)
+    _environment(["ovdiff", "models", "fetch", "sd15", "-v"])
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_VERBOSITY" not in os.environ
+    assert root.level == logging.WARNING

@@ -13,15 +13,12 @@ import torch
 
 from ovdiff_cli.models import ModelUnavailable, component_hash, loading, resolve_models
 from ovdiff_cli.models.loading import CONTEXT_LENGTH, Models, PromptTokenizer, resolve_device
-from ovdiff_cli.models.registry import local_snapshot, presence
+from ovdiff_cli.models.registry import ROLE_FILES, local_snapshot, presence, weight_files
 from ovdiff_cli.models.sd15 import SD15_REVISION
 
 SOT, EOT = 49406, 49407
-WEIGHT_FILES = {
-    "sd": ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "unet/config.json"],
-    "dino": ["model.safetensors", "config.json"],
-    "clip": ["open_clip_model.safetensors", "open_clip_config.json"],
-}
+# Every file each network is loaded from (the lists the loaders check).
+WEIGHT_FILES = {role: list(files) for role, files in ROLE_FILES.items()}
 
 
 def _fake_model_folder(root: Path) -> Path:
@@ -159,25 +156,39 @@ def test_local_folder_hash_follows_weight_bytes(tmp_path):
     w.write_bytes(original)
     assert component_hash(sd) == h0
 
-    # A config change or a new weight file counts too.
+    # A config change counts too.
     (root / "sd" / "unet" / "config.json").write_text('{"changed": 1}')
     h2 = component_hash(sd)
     assert h2 not in {h0, h1}
-    (root / "sd" / "text_encoder").mkdir()
-    (root / "sd" / "text_encoder" / "model.safetensors").write_bytes(b"123")
-    assert component_hash(sd) not in {h0, h1, h2}
 
 
-def test_local_folder_hash_sees_the_tail_of_big_files(tmp_path):
+def test_local_folder_hash_sees_every_byte_of_big_files(tmp_path):
     root = _fake_model_folder(tmp_path / "models")
     comp = resolve_models(str(root)).components["dino"]
     big = root / "dino" / "model.safetensors"
-    data = bytearray(9 << 20)  # 9 MiB: more than the 4 MiB head that is always read
+    data = bytearray(9 << 20)  # 9 MiB
     big.write_bytes(bytes(data))
     h0 = component_hash(comp)
-    data[-5] = 1
-    big.write_bytes(bytes(data))
-    assert component_hash(comp) != h0
+    for where in (-5, 5 << 20):  # the tail, and the middle (a swapped tensor of the same shape)
+        data[where] ^= 1
+        big.write_bytes(bytes(data))
+        h1 = component_hash(comp)
+        assert h1 != h0
+        h0 = h1
+
+
+def test_missing_or_empty_weight_file_is_named(tmp_path):
+    root = _fake_model_folder(tmp_path / "models")
+    spec = resolve_models(f"sd15,clip={root / 'clip'}")
+    (root / "clip" / "open_clip_model.safetensors").unlink()
+    with pytest.raises(ModelUnavailable, match=r"weight file open_clip_model\.safetensors is missing"):
+        weight_files(spec.components["clip"])
+    assert presence(spec.components["clip"]) == "missing"
+    with pytest.raises(ModelUnavailable):
+        Models(spec, torch.device("cpu")).check_available(["clip"])
+    (root / "clip" / "open_clip_model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelUnavailable, match=r"open_clip_model\.safetensors is empty"):
+        component_hash(spec.components["clip"])
 
 
 def test_missing_local_folder_is_unavailable(tmp_path):
@@ -235,14 +246,14 @@ def test_hub_snapshot_found_offline(hub_cache):
     dino = spec.components["dino"]
     # revision "main" is resolved through refs/main, without the network.
     assert Path(local_snapshot(dino)).resolve() == snap.resolve()
-    assert component_hash(dino) == sha
+    assert re.fullmatch(sha + r"-[0-9a-f]{12}", component_hash(dino))
     assert presence(dino) == "present"
     # The pinned SD revision is a commit sha: its snapshot folder is found without any ref.
     sd_snap = _fake_snapshot(
-        hub_cache, "stable-diffusion-v1-5/stable-diffusion-v1-5", SD15_REVISION, ["model_index.json"], ref=None
+        hub_cache, "stable-diffusion-v1-5/stable-diffusion-v1-5", SD15_REVISION, list(ROLE_FILES["sd"]), ref=None
     )
     assert Path(local_snapshot(spec.components["sd"])).resolve() == sd_snap.resolve()
-    assert component_hash(spec.components["sd"]) == SD15_REVISION
+    assert component_hash(spec.components["sd"]).startswith(SD15_REVISION + "-")
     # CLIP is still missing.
     assert presence(spec.components["clip"]) == "missing"
     Models(spec, torch.device("cpu")).check_available(["sd", "dino"])
@@ -401,6 +412,28 @@ def test_local_override_on_a_random_weight_set_reads_the_folder(tmp_path):
     assert comp.local == str(tmp_path / "sd") and comp.library == "diffusers" and not comp.builtin
 
 
+def test_hub_hash_follows_the_blobs_a_snapshot_links_to(hub_cache):
+    """In a real hub cache a snapshot file links to a blob named by its content's sha256: swapping a file for
+    another (same name, other blob) changes the hash, though the commit is the same."""
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = hub_cache / "models--timm--vit_base_patch8_224.dino"
+    snap = repo / "snapshots" / sha
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    for name, blob in (("config.json", "a" * 64), ("model.safetensors", "b" * 64), ("other", "c" * 64)):
+        (repo / "blobs" / blob).write_bytes(name.encode())
+    (snap / "config.json").symlink_to(repo / "blobs" / ("a" * 64))
+    (snap / "model.safetensors").symlink_to(repo / "blobs" / ("b" * 64))
+    dino = resolve_models("sd15").components["dino"]
+    h0 = component_hash(dino)
+    (snap / "model.safetensors").unlink()
+    (snap / "model.safetensors").symlink_to(repo / "blobs" / ("c" * 64))
+    h1 = component_hash(dino)
+    assert h0 != h1 and h0.startswith(sha) and h1.startswith(sha)
+
+
 # --- the CutLER component (issue 12) ------------------------------------------------------------------------------
 
 
@@ -444,3 +477,120 @@ def test_precision_choices():
     assert resolve_precision("bf16", torch.device("cpu"))["cutler"] == torch.float32  # box math stays fp32
     with pytest.raises(ValueError, match="--precision 'fp8'"):
         resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_bad_weight_files_never_make_or_reuse_a_cached_entry(tmp_path):
+    """A real (tiny) CLIP folder loads; truncated or missing, the same command fails with one line, exit 2, and
+    caches nothing; swapped for other weights of the same shape, it gets a new hash, so nothing is reused."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from ovdiff_cli.cache import Cache
+    from ovdiff_cli.cli import app
+    from ovdiff_cli.models.tiny import TINY_CLIP
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    tiny = Models(resolve_models("tiny"), torch.device("cpu")).get("clip")
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, folder / "open_clip_model.safetensors")
+    cache_dir = tmp_path / "cache"
+    args = ["synth", "cat", "--models", f"tiny,clip={folder}", "--n", "1", "--steps", "1", "--k", "2"]
+    args += ["--extractors", "clip", "--cache-dir", str(cache_dir), "--json"]
+    runner = CliRunner()
+    good = runner.invoke(app, args)
+    assert good.exit_code == 0, good.output
+    first = json.loads(good.stdout)
+    assert first["models"]["hashes"]["clip"].startswith("local-")
+
+    def banks() -> int:
+        with Cache(cache_dir) as cache:
+            return cache.info().get("bank", {}).get("entries", 0)
+
+    assert banks() == 1
+    weights = folder / "open_clip_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[: len(original) // 2])  # truncated
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1, bad.output
+    assert "CLIP ViT" in bad.output and "cannot load" in bad.output
+    weights.unlink()  # missing
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2 and "open_clip_model.safetensors is missing" in bad.output
+    assert banks() == 1  # neither failure cached anything
+    # Other weights of the same shape: a new hash, a new bank (the old one is not reused).
+    swapped = {k: v + 1 if v.is_floating_point() else v for k, v in tiny.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in swapped.items()}, weights)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    second = json.loads(again.stdout)
+    assert second["models"]["hashes"]["clip"] != first["models"]["hashes"]["clip"]
+    assert second["classes"][0]["digest"] != first["classes"][0]["digest"] and banks() == 2
+
+
+# --- downloads that cannot hang (issue 13, item 2) -----------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_server():
+    """A loopback TCP server that accepts connections and never answers; closed after the test."""
+    import contextlib
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(2)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_downloads_give_up_on_a_silent_server(silent_server, monkeypatch, tmp_path):
+    import time
+
+    import huggingface_hub.constants
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import get_session
+    from huggingface_hub.utils._http import default_client_factory
+
+    from ovdiff_cli.cli.models import _download_failure
+    from ovdiff_cli.models.registry import Component, _hub_client_with_timeouts, fetch, fetch_timeouts
+
+    monkeypatch.setenv("OVDIFF_FETCH_TIMEOUT", "0.5")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # loopback only: the silent server
+    assert fetch_timeouts() == (0.5, 0.5)
+    # The hub client: a request made with timeout=None, as huggingface_hub makes them, still gives up.
+    _hub_client_with_timeouts()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(Exception) as info:
+            get_session().get(silent_server + "/api/models/x", timeout=None)
+    finally:
+        set_client_factory(default_client_factory)
+    assert time.perf_counter() - t0 < 5 and "timeout" in type(info.value).__name__.lower()
+    # A checkpoint URL (CutLER's): urllib with the same bound; nothing half-written is left as the file.
+    comp = Component("cutler", "detectron2", "cutler", url=silent_server + "/cutler_cascade_final.pth")
+    t0 = time.perf_counter()
+    with pytest.raises(OSError) as info:
+        fetch(comp)
+    assert time.perf_counter() - t0 < 5
+    assert not (tmp_path / "weights" / "cutler" / "cutler_cascade_final.pth").exists()
+    message = _download_failure(comp, info.value)
+    assert "\n" not in message and "127.0.0.1" in message and "no answer within 0.5 s" in message
+    monkeypatch.setenv("OVDIFF_FETCH_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="OVDIFF_FETCH_TIMEOUT='soon'"):
+        fetch_timeouts()

@@ -5,6 +5,7 @@ Nothing heavy is imported here: each command imports torch and friends inside it
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -53,8 +54,30 @@ app.add_typer(models.app, name="models")
 app.add_typer(cache.app, name="cache")
 
 
+def _environment(argv: list[str]) -> None:
+    """Settings the libraries read at import time, so set before any command imports them.
+
+    Outside ``ovdiff models fetch`` nothing may touch the network (weights are never downloaded implicitly), so
+    the Hugging Face libraries run offline and fail at once when something is not cached. Their logging, advice
+    and progress bars stay silent unless the command runs with ``-v``.
+    """
+    if argv[1:3] != ["models", "fetch"]:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    if not {"-v", "--verbose"} & set(argv):
+        for name, value in (
+            ("TRANSFORMERS_VERBOSITY", "error"),
+            ("DIFFUSERS_VERBOSITY", "error"),
+            ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+            ("HF_HUB_VERBOSITY", "error"),
+            ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        ):
+            os.environ.setdefault(name, value)
+        logging.getLogger().setLevel(logging.ERROR)  # timm and open_clip log through the root logger
+
+
 def main() -> None:
     interrupted = False
+    _environment(sys.argv)
 
     def on_sigint(signum, frame) -> None:
         nonlocal interrupted

@@ -68,14 +68,40 @@ def fetch(
             out.print(f"fetching {comp.source} ...")
             try:
                 path = fetch_component(comp)
-            except OSError as exc:  # network errors from huggingface_hub are OSErrors
-                raise fail(f"could not download {comp.source}: {exc}".splitlines()[0], code=1) from None
+            except ValueError:
+                raise
+            except Exception as exc:  # network errors: OSError, httpx timeouts, hub HTTP errors
+                raise fail(_download_failure(comp, exc), code=1) from None
             if to is not None:
                 target = to / role
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if not target.exists():
                     target.symlink_to(path, target_is_directory=path.is_dir())
             out.print(f"  {role}: {path}")
+
+
+def _download_failure(comp, exc: Exception) -> str:
+    """One line: what could not be fetched from where, why, and what to do."""
+    from urllib.parse import urlparse
+
+    from ..models.registry import fetch_timeouts
+
+    if comp.url:
+        host = urlparse(comp.url).netloc
+    else:
+        from huggingface_hub.constants import ENDPOINT
+
+        host = urlparse(ENDPOINT).netloc
+    detail = str(exc).strip().splitlines()
+    why = f"{type(exc).__name__}: {detail[0]}" if detail else type(exc).__name__
+    timeout = "timed out" in why.lower() or "timeout" in type(exc).__name__.lower()
+    if timeout:
+        connect, read = fetch_timeouts()
+        why = f"no answer within {max(connect, read):g} s ({type(exc).__name__})"
+    return (
+        f"could not download {comp.source} from {host}: {why}; run the command again (finished files are kept), raise"
+        " OVDIFF_FETCH_TIMEOUT for a slow link, or fetch on another machine and copy HF_HOME / OVDIFF_WEIGHTS here"
+    )
 
 
 @app.command("convert")

@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-from .registry import Component, ModelSetSpec, ModelUnavailable, component_hash, local_snapshot
+from .registry import (
+    ROLE_TITLES,
+    Component,
+    ModelSetSpec,
+    ModelUnavailable,
+    component_hash,
+    local_snapshot,
+    weight_files,
+)
 
 CONTEXT_LENGTH = 77
 
@@ -242,6 +250,29 @@ _LOADERS = {"sd": load_generator, "dino": load_dino, "clip": load_clip, "cutler"
 _NOTICE_SHOWN = False
 
 
+def _load(role: str, comp: Component, device: torch.device, dtype: torch.dtype, **extra: Any) -> Any:
+    """Load one network, or fail with one line (ModelUnavailable) naming what is wrong with its files.
+
+    Every weight file is checked first, so a missing one is never replaced by random initialisation; a file that
+    is there but cannot be read (truncated, another format, tensors that do not fit) fails the load.
+    """
+    if comp.builtin:
+        return _LOADERS[role](comp, device, dtype, **extra)
+    files = weight_files(comp)
+    try:
+        return _LOADERS[role](comp, device, dtype, **extra)
+    except ModelUnavailable:
+        raise
+    except Exception as exc:  # the libraries raise OSError, RuntimeError, SafetensorError, ValueError... for bad files
+        lines = str(exc).strip().splitlines()
+        where = files[0].parent if len(files) > 1 else files[0]
+        raise ModelUnavailable(
+            f"{ROLE_TITLES[role]}: cannot load the weights in {where} ({type(exc).__name__}: "
+            f"{lines[0] if lines else 'no detail'}); a truncated or replaced file? fetch it again with "
+            f"`ovdiff models fetch`"
+        ) from None
+
+
 class Models:
     """The networks of one model set, each loaded on first use and kept for the life of the process.
 
@@ -287,7 +318,7 @@ class Models:
                     file=sys.stderr,
                 )
             extra = {"decoder": decoder} if role == "sd" else {}
-            self._loaded[role] = _LOADERS[role](self.spec.components[role], self.device, self.dtype(role), **extra)
+            self._loaded[role] = _load(role, self.spec.components[role], self.device, self.dtype(role), **extra)
         return self._loaded[role]
 
     def check_available(self, roles: list[str]) -> None:
@@ -297,7 +328,7 @@ class Models:
             if comp is None:
                 raise ModelUnavailable(f"model set {self.spec.name!r} has no {role} network")
             if not comp.builtin:
-                local_snapshot(comp)
+                weight_files(comp)
 
     def has_weights(self, role: str) -> bool:
         """Whether network ``role`` can be loaded here (built in, or its weights are on this machine)."""

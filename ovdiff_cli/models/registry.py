@@ -17,6 +17,23 @@ ROLES = ("sd", "dino", "clip", "cutler")
 ROLE_TITLES = {"sd": "Stable Diffusion", "dino": "DINO ViT", "clip": "CLIP ViT", "cutler": "CutLER detector"}
 # The library a ROLE=PATH override reads its folder or file with, whatever the set's own component was.
 ROLE_LIBRARIES = {"sd": "diffusers", "dino": "timm", "clip": "open_clip", "cutler": "detectron2"}
+# The files a network's weights consist of, in a hub snapshot or a local folder: every one must be there, or the
+# libraries would quietly build a randomly initialised network instead (open_clip does, with a log line).
+DIFFUSERS_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+)
+ROLE_FILES = {
+    "sd": DIFFUSERS_FILES,
+    "dino": ("config.json", "model.safetensors"),
+    "clip": ("open_clip_config.json", "open_clip_model.safetensors"),
+}
 
 
 RANDOM = "random"  # the pseudo-library of networks built in-process with seeded random weights
@@ -275,43 +292,104 @@ def local_snapshot(comp: Component) -> Path:
         ) from exc
 
 
-def component_hash(comp: Component) -> str:
-    """A digest that changes whenever the component's weights change (used in every cache key).
+def weight_files(comp: Component) -> list[Path]:
+    """Every file this component's weights are loaded from, checked present and non-empty, without loading them.
 
-    Hub: the snapshot's commit sha. Local folder or checkpoint file: a digest of its weight files (name, size and
-    the first and last 4 MiB of each, so hashing a 4 GB checkpoint stays instant). Built-in: a digest of its config
-    and init seed.
+    Raises ModelUnavailable naming the first missing or empty file and how to provide the weights.
+    """
+    root = local_snapshot(comp)
+    names = comp.allow_patterns or ROLE_FILES.get(comp.role, ())
+    files = [root] if root.is_file() else [root / rel for rel in names]  # a file: a CutLER checkpoint
+    for f in files:
+        if not f.is_file() or f.stat().st_size == 0:
+            state = "is empty" if f.is_file() else "is missing"
+            rel = f.relative_to(root) if f != root else f.name
+            raise ModelUnavailable(
+                f"{ROLE_TITLES[comp.role]}: weight file {rel} {state} in {root}: fetch it again with"
+                f" `ovdiff models fetch`, or pass a complete folder with --models NAME,{comp.role}=PATH"
+            )
+    return files
+
+
+def component_hash(comp: Component) -> str:
+    """A digest of the files the component's weights are actually loaded from (used in every cache key), so a file
+    that changes, is swapped or goes missing never reuses an entry made with other weights.
+
+    Hub: the snapshot's commit sha plus a digest of its files' identities (a snapshot file links to a blob named by
+    the sha256 of its content, so this costs nothing). Local folder or checkpoint file: a digest of the content of
+    its weight files (sha256 of every byte, remembered by path, size and modification time, so it is computed once).
+    Built-in: a digest of its config and init seed. Raises ModelUnavailable when a weight file is missing.
     """
     if comp.builtin:
         blob = json.dumps({"arch": comp.arch, "config": comp.config, "seed": comp.init_seed}, sort_keys=True)
         return "random-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-    path = local_snapshot(comp)
+    files = weight_files(comp)
+    root = local_snapshot(comp)
+    base = root.parent if root.is_file() else root
+    digest = _files_digest(base, files)
     if comp.hub_id:
-        return path.name  # huggingface_hub names snapshot folders by commit sha
-    if path.is_file():
-        return "file-" + _files_digest(path.parent, [path])
-    return "local-" + _folder_digest(path)
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
-
-
-def _folder_digest(root: Path) -> str:
-    return _files_digest(root, sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES))
+        return f"{root.name}-{digest[:12]}"  # huggingface_hub names snapshot folders by commit sha
+    return ("file-" if root.is_file() else "local-") + digest
 
 
 def _files_digest(root: Path, files: list[Path]) -> str:
+    """sha256 over each file's name (relative to ``root``) and content identity, as 16 hex digits."""
     h = hashlib.sha256()
-    chunk = 4 << 20
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(root).as_posix()}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(chunk))
-            if size > chunk:
-                fh.seek(max(size - chunk, chunk))
-                h.update(fh.read())
+        h.update(f"{f.relative_to(root).as_posix()}\0{_content_id(f)}\0".encode())
     return h.hexdigest()[:16]
+
+
+def _content_id(path: Path) -> str:
+    """What a file holds: in a Hugging Face hub cache, the name of the blob it links to (the sha256 of an LFS file's
+    content, the git hash of a small one); elsewhere, the sha256 of its bytes, remembered by path, size and mtime."""
+    import os
+
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if target.parent.name == "blobs":
+            return "blob:" + target.name
+    stat = path.stat()
+    memo_key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    memo = _digest_memo()
+    if memo_key not in memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+        memo[memo_key] = h.hexdigest()
+        _save_digest_memo(memo)
+    return "sha256:" + memo[memo_key]
+
+
+def _memo_path() -> Path:
+    return weights_dir() / "digests.json"
+
+
+def _digest_memo() -> dict[str, str]:
+    try:
+        data = json.loads(_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _save_digest_memo(memo: dict[str, str]) -> None:
+    """Write the memo atomically; a folder that cannot be written just means digests are computed again."""
+    import os
+    import tempfile
+
+    path = _memo_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".digests-", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(memo, fh, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def presence(comp: Component) -> str:
@@ -319,15 +397,53 @@ def presence(comp: Component) -> str:
     if comp.builtin:
         return "built-in"
     try:
-        local_snapshot(comp)
+        weight_files(comp)
     except ModelUnavailable:
         return "missing"
     return "present"
 
 
+def fetch_timeouts() -> tuple[float, float]:
+    """(connect, read) seconds for downloads: the defaults, or ``OVDIFF_FETCH_TIMEOUT`` for both."""
+    import os
+
+    from ..defaults import FETCH_CONNECT_TIMEOUT, FETCH_READ_TIMEOUT
+
+    raw = os.environ.get("OVDIFF_FETCH_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"OVDIFF_FETCH_TIMEOUT={raw!r}: expected a number of seconds") from None
+    return (value, value) if value > 0 else (FETCH_CONNECT_TIMEOUT, FETCH_READ_TIMEOUT)
+
+
+def _hub_client_with_timeouts() -> None:
+    """Make huggingface_hub give up on a silent server. Its requests pass ``timeout=None`` (wait forever), so the
+    bound is put on the transport: a request without a timeout gets the fetch timeouts."""
+    import httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import hf_request_event_hook
+
+    connect, read = fetch_timeouts()
+    bounds = {"connect": connect, "read": read, "write": read, "pool": connect}
+
+    class BoundedTransport(httpx2.HTTPTransport):
+        def handle_request(self, request):
+            given = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {k: given.get(k) or v for k, v in bounds.items()}
+            return super().handle_request(request)
+
+    def factory():
+        return httpx2.Client(
+            event_hooks={"request": [hf_request_event_hook]}, follow_redirects=True, transport=BoundedTransport()
+        )
+
+    set_client_factory(factory)
+
+
 def fetch(comp: Component) -> Path:
     """Download one component's pinned revision into the Hugging Face cache, or its checkpoint URL into the weights
-    folder (``ovdiff models fetch``)."""
+    folder (``ovdiff models fetch``), giving up after the connect and read timeouts (:func:`fetch_timeouts`)."""
     if comp.builtin or comp.local:
         raise ValueError(f"{comp.role} is {comp.source}: nothing to fetch")
     if comp.url:
@@ -338,13 +454,15 @@ def fetch(comp: Component) -> Path:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".part")
-        with urllib.request.urlopen(comp.url) as response, open(partial, "wb") as fh:
+        # urllib's timeout bounds the connection and every read alike: the larger of the two applies.
+        with urllib.request.urlopen(comp.url, timeout=max(fetch_timeouts())) as response, open(partial, "wb") as fh:
             while block := response.read(1 << 20):
                 fh.write(block)
         partial.replace(target)  # atomic: a present file is a complete download
         return target
     from huggingface_hub import snapshot_download
 
+    _hub_client_with_timeouts()
     return Path(
         snapshot_download(comp.hub_id, revision=comp.revision, allow_patterns=list(comp.allow_patterns) or None)
     )

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from .registry import SD_FEATURE_LAYERS, Component, ModelSetSpec, register_model_set
+from .registry import DIFFUSERS_FILES, ROLE_FILES, SD_FEATURE_LAYERS, Component, ModelSetSpec, register_model_set
 
 # Pinned hub revisions: a cache key names the commit, so results never silently change under a user.
 SD15_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
 
 # Only the diffusers-format fp32 safetensors: the repo also holds 4-8 GB of single-file checkpoints we never use.
-SD15_FILES = (
-    "model_index.json",
-    "scheduler/scheduler_config.json",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-)
+SD15_FILES = DIFFUSERS_FILES
 
 
 @register_model_set
@@ -43,7 +34,7 @@ def sd15() -> ModelSetSpec:
                 "vit_base_patch8_224.dino",
                 hub_id="timm/vit_base_patch8_224.dino",
                 revision="main",
-                allow_patterns=("config.json", "model.safetensors"),
+                allow_patterns=ROLE_FILES["dino"],
             ),
             "clip": Component(
                 "clip",
@@ -51,7 +42,7 @@ def sd15() -> ModelSetSpec:
                 "ViT-B-16",
                 hub_id="timm/vit_base_patch16_clip_224.openai",
                 revision="main",
-                allow_patterns=("open_clip_config.json", "open_clip_model.safetensors"),
+                allow_patterns=ROLE_FILES["clip"],
             ),
             # CutLER's released Cascade Mask R-CNN (its README's download link); not on the Hugging Face hub.
             "cutler": Component(
