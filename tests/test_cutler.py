@@ -225,7 +225,8 @@ def test_convert_round_trip_uses_no_pickle(tmp_path, monkeypatch):
     source = tmp_path / "cutler_tiny.pth"
     torch.save({"model": d2_state(**TINY_SIZES), "iteration": 1}, source)
     from_pth = load_cutler(source, TINY).state_dict()
-    out = convert(source, tmp_path / "cutler_tiny.safetensors", TINY)
+    out = tmp_path / "cutler_tiny.safetensors"
+    convert(source, out, TINY)
     with safe_open(out, "pt") as handle:
         metadata = handle.metadata()
     assert metadata["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()

@@ -120,16 +120,14 @@ def convert(
     """
     if role != "cutler":
         raise fail(f"MODEL {role!r}: only cutler checkpoints are converted (the others load from safetensors)")
-    from ..cutler.checkpoint import CheckpointError, convert, mapping_report, read_checkpoint
+    from ..cutler.checkpoint import CheckpointError, convert
     from ..cutler.configs import FULL
-    from ..cutler.model import CutlerDetector
 
     target = out_file or path.with_suffix(".safetensors")
     if target.resolve() == path.resolve():
         raise fail(f"--out {target}: would overwrite the checkpoint itself")
     try:
-        report = mapping_report(CutlerDetector(FULL), read_checkpoint(path))
-        convert(path, target, FULL)
+        report = convert(path, target, FULL)
     except CheckpointError as exc:
         raise fail(str(exc).splitlines()[0]) from None
     except OSError as exc:

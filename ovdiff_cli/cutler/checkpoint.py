@@ -170,7 +170,10 @@ class MappingReport:
 
 def mapping_report(model: CutlerDetector, d2_state: Mapping[str, Tensor], ends: int = 5) -> MappingReport:
     """Map ``d2_state`` onto ``model`` (raising as :func:`map_state_dict` does) and count what was loaded."""
-    mapped = map_state_dict(model, d2_state)
+    return _report(d2_state, map_state_dict(model, d2_state), ends)
+
+
+def _report(d2_state: Mapping[str, Tensor], mapped: Mapping[str, Tensor], ends: int = 5) -> MappingReport:
     names = [name.removeprefix("module.") for name in d2_state]
     loaded = [name for name in names if name in mapped]
     return MappingReport(
@@ -195,8 +198,8 @@ def load_cutler(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def convert(path_in: str | Path, path_out: str | Path, config: CutlerConfig = FULL) -> Path:
-    """Write the mapped weights of ``path_in`` as safetensors at ``path_out``; returns ``path_out``.
+def convert(path_in: str | Path, path_out: str | Path, config: CutlerConfig = FULL) -> MappingReport:
+    """Write the mapped weights of ``path_in`` as safetensors at ``path_out``; return what was mapped.
 
     The metadata names the format, the config and the source file with its sha256. Reading ``path_in`` never
     unpickles code (see :func:`read_checkpoint`); later loads of the safetensors file need no pickle at all.
@@ -212,4 +215,4 @@ def convert(path_in: str | Path, path_out: str | Path, config: CutlerConfig = FU
             digest.update(chunk)
     metadata = {"format": _FORMAT, "config": config.name, "source": path_in.name, "source_sha256": digest.hexdigest()}
     save_file({name: value.contiguous() for name, value in mapped.items()}, path_out, metadata=metadata)
-    return path_out
+    return _report(state, mapped)

@@ -256,14 +256,14 @@ def _load(role: str, comp: Component, device: torch.device, dtype: torch.dtype, 
     Every weight file is checked first, so a missing one is never replaced by random initialisation; a file that
     is there but cannot be read (truncated, another format, tensors that do not fit) fails the load.
     """
-    if comp.builtin:
-        return _LOADERS[role](comp, device, dtype, **extra)
-    files = weight_files(comp)
+    files = [] if comp.builtin else weight_files(comp)
     try:
         return _LOADERS[role](comp, device, dtype, **extra)
     except ModelUnavailable:
         raise
     except Exception as exc:  # the libraries raise OSError, RuntimeError, SafetensorError, ValueError... for bad files
+        if not files:
+            raise  # built in-process from a config: not a user's file, a bug
         lines = str(exc).strip().splitlines()
         where = files[0].parent if len(files) > 1 else files[0]
         raise ModelUnavailable(
@@ -276,7 +276,8 @@ def _load(role: str, comp: Component, device: torch.device, dtype: torch.dtype, 
 class Models:
     """The networks of one model set, each loaded on first use and kept for the life of the process.
 
-    A run whose results are all cached touches none of them: hashes come from the spec, not the weights.
+    A run whose results are all cached loads none of them: hashes come from the spec and the weight files' names
+    and digests (remembered), not from loading the networks.
     """
 
     def __init__(self, spec: ModelSetSpec, device: torch.device, precision: str = "auto") -> None:
