@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # This environment serves exactly this torch pair from local disk; pyproject keeps a range for users elsewhere.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-slow bench demo eval-demo eval-voc eval-context eval-object lint format clean
+.PHONY: install test test-slow bench readme demo eval-demo eval-voc eval-context eval-object lint format clean
 
 install: $(VENV)/.installed
 
@@ -59,13 +59,17 @@ demo: install
 bench: install
 	$(PY) bench/cpu.py --out bench/results-cpu.json
 
+# The README's real outputs (digests, counts, timings) regenerated from this release, offline with the tiny models.
+readme: install
+	$(PY) examples/readme_outputs.py
+
 # Benchmarks on real data: make eval-voc DATA=/data/VOCdevkit [EVAL_ARGS="--device cuda --seeds 42,43,44,45,46"]
 RESULTS := results
 EVAL_ARGS ?=
 eval-voc eval-context eval-object: eval-%: install
 	@test -n "$(DATA)" || { echo "usage: make $@ DATA=/path/to/the/dataset/root [EVAL_ARGS='...']"; exit 2; }
 	@mkdir -p $(RESULTS)
-	$(VENV)/bin/ovdiff eval $* --root $(DATA) --json $(RESULTS)/$*.json $(EVAL_ARGS)
+	$(VENV)/bin/ovdiff eval $* --root $(DATA) --save $(RESULTS)/$*.json $(EVAL_ARGS)
 
 # Offline: a 20-image dataset in VOC's layout, evaluated with the tiny models whole and as 2 merged shards.
 # Small windows keep it to about a minute on 2 CPU cores.
@@ -73,8 +77,8 @@ EVAL_DEMO := $(DEMO_DIR)/eval
 EVAL_DEMO_ARGS := voc --root $(EVAL_DEMO)/data $(DEMO_TINY) --short-side 128 --scales 128,96 --stride 64 --quiet
 eval-demo: install
 	$(PY) examples/synthetic_voc.py $(EVAL_DEMO)/data --count 20
-	$(VENV)/bin/ovdiff eval $(EVAL_DEMO_ARGS) --json $(EVAL_DEMO)/all.json
-	$(VENV)/bin/ovdiff eval $(EVAL_DEMO_ARGS) --shard 0/2 --json $(EVAL_DEMO)/part0.json
-	$(VENV)/bin/ovdiff eval $(EVAL_DEMO_ARGS) --shard 1/2 --json $(EVAL_DEMO)/part1.json
-	$(VENV)/bin/ovdiff eval merge $(EVAL_DEMO)/part0.json $(EVAL_DEMO)/part1.json --json $(EVAL_DEMO)/merged.json --quiet
+	$(VENV)/bin/ovdiff eval $(EVAL_DEMO_ARGS) --save $(EVAL_DEMO)/all.json
+	$(VENV)/bin/ovdiff eval $(EVAL_DEMO_ARGS) --shard 0/2 --save $(EVAL_DEMO)/part0.json
+	$(VENV)/bin/ovdiff eval $(EVAL_DEMO_ARGS) --shard 1/2 --save $(EVAL_DEMO)/part1.json
+	$(VENV)/bin/ovdiff eval merge $(EVAL_DEMO)/part0.json $(EVAL_DEMO)/part1.json --save $(EVAL_DEMO)/merged.json --quiet
 	cmp $(EVAL_DEMO)/all.json $(EVAL_DEMO)/merged.json && echo "== merged shards == unsharded run, byte for byte"

@@ -4,7 +4,9 @@ Measures, in one process and after the imports:
   * synth of one class, cold (empty cache; models already built) and warm (same call again: cache hits only);
   * generation of one batch with attribution capture on and off;
   * segment of 20 drawn scenes: images per second and the share of wall time per phase;
-  * how segment's cost grows with the number of classes and with the image area.
+  * how segment's cost grows with the number of classes and with the image area;
+  * synth of one class in a fresh process with OpenMP waiting passively (the default) or spinning, on an idle
+    machine and beside one busy process (the case that made spinning runs 10x slower).
 
 Prints a table and writes bench/results-cpu.json. Every number is one run on this machine; the tiny models are
 toy-sized, so read the shares and the ratios, not the absolute seconds.
@@ -124,6 +126,34 @@ def bench_growth(models: Models, cache_dir: Path, work: Path, count: int) -> dic
     return {"classes": by_classes, "area": by_area}
 
 
+def bench_threads(work: Path, quick: bool) -> dict:
+    """Wall seconds of ``ovdiff synth`` of one tiny class in a fresh process, with OpenMP's threads waiting
+    passively (ovdiff's default) or spinning (OMP_WAIT_POLICY=ACTIVE, what spinning runtimes do), on an idle
+    machine and with one other process keeping a core busy."""
+    import subprocess
+
+    synth = [sys.executable, "-m", "ovdiff_cli", "synth", "cat", "--models", "tiny", "--n", "4", "--steps", "10"]
+    synth += ["--json", "-q"]
+    out = {}
+    for load in ("idle", "one busy process"):
+        hog = None
+        if load != "idle":
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            for policy in ("PASSIVE", "ACTIVE"):
+                env = {**os.environ, "OMP_WAIT_POLICY": policy, "OVDIFF_CACHE": str(work / f"threads-{load}-{policy}")}
+                t0 = time.perf_counter()
+                subprocess.run(synth, env=env, check=True, capture_output=True, timeout=1800)
+                out[f"{load}, {policy.lower()} wait"] = time.perf_counter() - t0
+                if quick:
+                    break
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results-cpu.json"))
@@ -149,6 +179,7 @@ def main() -> None:
             "capture": bench_capture(models, repeats),
             "segment": bench_segment(models, work / "cache", work, count),
             "growth": bench_growth(models, work / "cache", work, max(2, count // 5)),
+            "threads_s": bench_threads(work, args.quick),
         }
         results["bench_seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +204,8 @@ def report(r: dict, path: Path) -> None:
         table.add_row(f"  {row['classes']} classes", f"{row['seconds_per_image']:.3f} s/image", "")
     for row in r["growth"]["area"]:
         table.add_row(f"  {row['area']}x area", f"{row['seconds_per_image']:.3f} s/image", "")
+    for case, seconds in r["threads_s"].items():
+        table.add_row(f"synth in a new process: {case} (s)", f"{seconds:.1f}", "passive never catastrophic")
     Console().print(table)
     print(f"wrote {path} ({r['bench_seconds']:.0f} s)")
 

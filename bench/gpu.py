@@ -121,7 +121,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results-gpu.json"))
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--models", default="sd15-random", help="tiny + --device cpu: a smoke run of this script")
+    parser.add_argument(
+        "--models",
+        default="sd15-random",
+        help="a model set or folder (a folder of saved weights times real loading); tiny + --device cpu: a smoke run",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (see the README)")
     args = parser.parse_args()
@@ -139,6 +143,7 @@ def main() -> None:
         "dtype": {role: str(dtype) for role, dtype in models.dtypes.items()},
         "torch": torch.__version__,
         "build_models_s": build,
+        "load_s": dict(models.load_seconds),  # per network: built (random sets) or read from its files
         "synth": bench_synth(models),
         "segment": bench_segment(models, args.images),
     }
@@ -148,6 +153,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{results['device']} (precision {models.precision}), models built in {build:.1f} s")
+    print("load: " + ", ".join(f"{role} {sec:.1f} s" for role, sec in results["load_s"].items()))
     print(f"synth 32x30 capture on  {s['capture_on_s']:.2f} s  ({s['vs_floor']:.2f}x floor; goal <= 1.5x)")
     print(f"synth 32x30 capture off {s['capture_off_s']:.2f} s  (on/off {s['ratio']:.3f}; goal <= 1.10)")
     print(f"segment 512x512 {g['ms_per_image']:.1f} ms/image ({g['vs_floor']:.2f}x floor; goal <= 2x)")

@@ -53,6 +53,10 @@ _STAT_NAMES = ("hits", "misses", "corrupt", "writes")
 _MISSING = object()
 
 
+# What the pipeline caches (pipeline.py): support images with their attribution, mask proposals, prototype banks.
+STAGES = ("support", "proposals", "bank")
+
+
 class CacheError(Exception):
     """The cache directory cannot be used (not a cache, newer format, unreadable database)."""
 
@@ -327,6 +331,16 @@ class Cache:
             " ELSE size END) FROM Cache WHERE tag IS NOT NULL GROUP BY tag ORDER BY tag"
         ).fetchall()
         return {str(tag): {"entries": int(n), "bytes": int(size or 0)} for tag, n, size in rows}
+
+    def listing(self, stage: str) -> list[tuple[str, float, int]]:
+        """``(key, stored at (Unix time), stored bytes)`` of every entry of ``stage``, oldest first."""
+        rows = self._cache._sql(
+            "SELECT key, store_time, CASE WHEN filename IS NULL THEN COALESCE(LENGTH(value), 0) ELSE size END"
+            " FROM Cache WHERE tag = ? ORDER BY store_time",
+            (stage,),
+        ).fetchall()
+        prefix = stage + "/"
+        return [(str(k).removeprefix(prefix), float(t), int(n or 0)) for k, t, n in rows]
 
     def clear(self, stage: str | None = None) -> int:
         """Remove every entry of ``stage`` (all stages if None) and return how many; the marker stays."""

@@ -53,6 +53,8 @@ def read_classes_file(path: Path) -> list[tuple[str, bool | None]]:
         text = path.read_text(encoding="utf-8-sig")  # tolerate the BOM some editors write
     except FileNotFoundError:
         raise ValueError(f"--classes-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--classes-file {path}: is a folder; expected a text file, one class per line") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"--classes-file {path}: cannot read it as UTF-8 text ({exc.__class__.__name__})") from None
     out = []

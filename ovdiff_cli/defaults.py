@@ -20,8 +20,10 @@ SCHEDULER = "dpmsolver++"
 SCHEDULERS = ("dpmsolver++", "ddim")
 SEED = 42
 # Images are generated in fixed-shape batches of this size (the last one padded) so that an image's bytes never
-# depend on which other images shared its batch.
+# depend on which other images shared its batch. On the CPU a batch buys no parallelism while every padded slot
+# costs a whole forward pass (and batches of 512-pixel VAE activations cost gigabytes), so batches hold one image.
 BATCH_SIZE = 8
+CPU_BATCH_SIZE = 1
 
 # --- 3.3 attribution + masks ------------------------------------------------------------------------------------
 MASKER = "auto"  # cutler when its checkpoint is here (the paper's), else maskcut with a note
@@ -64,8 +66,9 @@ STRIDE = 224
 WHOLE_IMAGE = True  # the whole resized image is one more window (REFERENCE 6)
 SHORT_SIDE = 448  # images are resized (Lanczos) so their short side is this before windowing
 BACKGROUND = True  # False = the no-background protocol of paper 4.4 (no bg prototypes)
-SEGMENT_BATCH_SIZE = 8  # windows per network forward (fixed shape, last batch padded)
-OVERLAY_ALPHA = 0.5  # weight of the label colours in overlays
+SEGMENT_BATCH_SIZE = 8  # windows per network forward (fixed shape, last batch padded); CPU_BATCH_SIZE on the CPU
+OVERLAY_ALPHA = 0.7  # weight of the label colours in overlays: a region reads as its legend swatch's colour
+OVERLAY_NAME_MIN_AREA = 0.02  # overlays name every connected region covering at least this share of the image
 MAX_PIXELS = 100_000_000  # decompression-bomb guard for inputs (a 12000 x 8000 photo is 96 megapixels)
 
 # --- 3.4 filters ------------------------------------------------------------------------------------------------

@@ -147,6 +147,8 @@ def load_result(path: Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder; expected an eval result file (--save FILE)") from None
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a JSON eval result ({exc.__class__.__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") != RESULT_FORMAT:

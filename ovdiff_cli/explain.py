@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import defaults as D
-from .outputs import colour, load_font
+from .outputs import boundaries, colour, load_font
 from .prototypes import KIND_NAMES, REGION_NAMES
 from .segmentation import BACKGROUND_NAME, EXCLUDED_SCORE, Segmentation, Segmenter
 
@@ -293,6 +293,18 @@ def _crop(support: np.ndarray, region: SupportRegion, col: tuple[int, int, int])
     return Image.fromarray(_highlight(support, mask, col)[y0:y1, x0:x1])
 
 
+def _no_wins(thumb, font, class_name: str):
+    """The region map of a prototype that wins no pixel: the query, faded, saying so."""
+    from PIL import Image, ImageDraw
+
+    faded = Image.blend(thumb.convert("RGB"), Image.new("RGB", thumb.size, (255, 255, 255)), 0.6)
+    draw = ImageDraw.Draw(faded)
+    lines = ("wins no pixel:", f"on every '{class_name}' pixel", "another of its class's", "prototypes is closer")
+    for i, text in enumerate(lines):
+        draw.text((8, 8 + 16 * i), text, fill=(0, 0, 0), font=font)
+    return faded
+
+
 def _missing(font):
     """The stand-in for a support image that is not in this cache (banks imported without their images)."""
     from PIL import Image, ImageDraw
@@ -334,26 +346,30 @@ def render(
     query = Image.fromarray(image)
     head = _fit(query, (2 * 320, 320))
     lab = np.array(Image.fromarray(expl.labels.astype(np.int32)).resize(head.size, Image.NEAREST))
-    edges = np.zeros_like(lab, dtype=bool)
-    edges[:, 1:] |= lab[:, 1:] != lab[:, :-1]
-    edges[1:] |= lab[1:] != lab[:-1]
+    # Each region outlined in its own class colour (as in segment's overlays), so the header reads like a legend.
+    edges = boundaries(lab, width=2)
     head_px = np.array(head.convert("RGB"))
-    head_px[edges] = (255, 255, 255)
+    head_px[edges] = np.array([colour(int(i)) for i in range(int(lab.max()) + 1)], dtype=np.uint8)[lab[edges]]
     head = Image.fromarray(head_px)
 
     rows = []
     for rank, ev in enumerate(expl.prototypes, start=1):
         wins = np.array(Image.fromarray(ev.wins).resize(head.size, Image.NEAREST))
-        region_map = _fit(Image.fromarray(_highlight(np.array(query.resize(head.size)), wins, col)), (2 * THUMB, THUMB))
+        if ev.wins.any():
+            region_map = _fit(
+                Image.fromarray(_highlight(np.array(query.resize(head.size)), wins, col)), (2 * THUMB, THUMB)
+            )
+        else:  # not an all-dimmed picture: say it
+            region_map = _no_wins(_fit(query.resize(head.size), (2 * THUMB, THUMB)), small, ev.class_name)
         crops = []
         for r in ev.support[:max_crops]:
             support = load_support(r.key)
             crops.append((r, _crop(support, r, col) if support is not None else _missing(small)))
         rows.append((rank, ev, region_map, crops))
 
-    width = max(
-        [head.width + 16 + 2 * TEXT_W] + [2 * THUMB + TEXT_W + 24 + len(c) * (THUMB + 8) for _, _, _, c in rows]
-    )
+    # The caption starts right after the region map (every map has the query's aspect ratio): no empty gap.
+    map_w = max((m.width for _, _, m, _ in rows), default=0)
+    width = max([head.width + 16 + 2 * TEXT_W] + [map_w + TEXT_W + 24 + len(c) * (THUMB + 8) for _, _, _, c in rows])
     canvas = Image.new("RGB", (width, HEADER_H + ROW_H * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     canvas.paste(head, (8, 8))
@@ -381,7 +397,7 @@ def render(
             f"similarity {ev.similarity:.3f} ({ev.extractor} features)",
             f"wins {count_noun(int(ev.wins.sum()), 'pixel')} of the query (left)",
         ]
-        x0 = 16 + 2 * THUMB
+        x0 = 16 + map_w
         for i, text in enumerate(caption):
             draw.text((x0, top + 18 * i), text, fill=(0, 0, 0), font=small)
         x = x0 + TEXT_W

@@ -170,20 +170,29 @@ def load_image(path: Path, max_pixels: int = D.MAX_PIXELS) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Shard:
-    """Process every ``count``-th item starting at ``index`` (0-based). ``source`` says where it came from."""
+    """Process every ``count``-th item starting at ``index`` (0-based). ``source`` says where it came from
+    ("--shard", "SLURM array", "torchrun"), ``origin`` exactly how (the option or the variables' values)."""
 
     index: int = 0
     count: int = 1
     source: str = "none"
+    origin: str = ""
 
     def take(self, items: Sequence) -> list:
         return list(items[self.index :: self.count])
+
+    def describe(self, taken: int, total: int) -> str:
+        """For summary lines: "shard 1/2 from SLURM array (SLURM_ARRAY_TASK_ID=1, ...): 2 of 4 images"; "" when
+        there is no sharding."""
+        if self.count == 1:
+            return ""
+        return f"shard {self.index}/{self.count} from {self.origin or self.source}: {taken} of {total} images"
 
 
 def _shard_from(index: int, count: int, what: str, source: str) -> Shard:
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"{what}: shard {index} of {count} does not exist; expected K/N with 0 <= K < N")
-    return Shard(index, count, source)
+    return Shard(index, count, source, what)
 
 
 # (source, index variable, count variable, variable holding the first index)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
+import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,15 +59,60 @@ def build_legend(
     return legend
 
 
+STDOUT = "-"  # a file option given as "-" writes to standard output
+
+
+def is_stream(path: Path) -> bool:
+    """Whether ``path`` is written in place rather than replaced: "-" (stdout), or an existing character device,
+    FIFO or socket (/dev/stdout, a named pipe)."""
+    if str(path) == STDOUT:
+        return True
+    try:
+        mode = os.stat(path).st_mode  # follows links: /dev/stdout is a link to a device
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success rename it onto ``path``, on failure delete it."""
-    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """Yield a temp path to write; on success its bytes reach ``path``, on failure they are deleted.
+
+    A regular file is replaced atomically (the temp file sits next to it and is renamed onto it), so an output
+    that exists is complete. A symlink is written through: its target is replaced atomically and the link is
+    kept. "-", a character device or a FIFO is never replaced: the finished bytes are written into it.
+    """
+    stream = is_stream(path)
+    final = Path(os.path.realpath(path))  # a link's target; the path itself otherwise
+    if stream:
+        fd, name = tempfile.mkstemp(prefix="ovdiff-")
+        os.close(fd)
+        tmp = Path(name)
+    else:  # beside the final file, so the rename is atomic (same file system)
+        tmp = final.with_name(f".{final.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        os.replace(tmp, path)
+        if stream:
+            _copy_into(tmp, path)
+        else:
+            os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _copy_into(src: Path, dest: Path) -> None:
+    """Write the bytes of ``src`` into the stream ``dest`` ("-" = standard output)."""
+    data = src.read_bytes()
+    if str(dest) == STDOUT:
+        out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+        if out is None:  # a text-only stdout (some test harnesses): documents are text
+            sys.stdout.write(data.decode("utf-8"))
+        else:
+            out.write(data)
+        sys.stdout.flush()
+        return
+    with open(dest, "wb") as f:
+        f.write(data)
 
 
 def save_atomically(path: Path, write: Callable[[Path], None], what: str) -> None:
@@ -74,7 +122,8 @@ def save_atomically(path: Path, write: Callable[[Path], None], what: str) -> Non
         ValueError: the folder or file cannot be written (one line naming ``what``, e.g. "--json out.json").
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not is_stream(path):
+            Path(os.path.realpath(path)).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             write(tmp)
     except OSError as exc:
@@ -109,15 +158,23 @@ def write_legend(out_dir: Path, legend: dict[str, dict], overwrite: bool = False
     return path
 
 
+_SUFFIXES = {"labels": ".png", "overlay": "_overlay.jpg", "scores": "_scores.npz"}
+
+
 def output_paths(out_dir: Path, rel: os.PathLike | str, overlay: bool, scores: bool) -> dict[str, Path]:
     """The files ``segment`` writes for one input: kind -> path (labels always, overlay and scores on request)."""
     base = out_dir / Path(rel)
-    paths = {"labels": base.with_name(base.name + ".png")}
-    if overlay:
-        paths["overlay"] = base.with_name(base.name + "_overlay.jpg")
-    if scores:
-        paths["scores"] = base.with_name(base.name + "_scores.npz")
-    return paths
+    wanted = {"labels": True, "overlay": overlay, "scores": scores}
+    return {kind: base.with_name(base.name + suffix) for kind, suffix in _SUFFIXES.items() if wanted[kind]}
+
+
+def unwritten_outputs(paths: dict[str, Path]) -> list[Path]:
+    """The output files of the same input that a run writing ``paths`` does not write (an overlay or scores from an
+    earlier run with other options or classes): they are removed when the input's outputs are rewritten, so an
+    input's files always come from one run."""
+    labels = paths["labels"]
+    base = labels.with_name(labels.name.removesuffix(_SUFFIXES["labels"]))
+    return [base.with_name(base.name + suffix) for kind, suffix in _SUFFIXES.items() if kind not in paths]
 
 
 def write_labels(path: Path, labels: np.ndarray, num_ids: int) -> None:
@@ -148,9 +205,49 @@ def load_font(size: int):
         return ImageFont.load_default()
 
 
+def boundaries(labels: np.ndarray, width: int = 1) -> np.ndarray:
+    """(H, W) bool: pixels with a 4-neighbour of another label, grown inwards to ``width`` pixels (each region's
+    own rim, so a rim drawn in the region's colour stays inside it)."""
+    from scipy import ndimage
+
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[1:] |= labels[1:] != labels[:-1]
+    edge[:-1] |= labels[:-1] != labels[1:]
+    if width > 1:
+        edge = ndimage.binary_dilation(edge, iterations=width - 1)
+    return edge
+
+
+def region_anchors(labels: np.ndarray, min_fraction: float = D.OVERLAY_NAME_MIN_AREA) -> list[tuple[int, int, int]]:
+    """(label, y, x) for every connected region covering at least ``min_fraction`` of the image: its most interior
+    pixel (farthest from the region's edge), where its name is written."""
+    from scipy import ndimage
+
+    out = []
+    for label in np.unique(labels):
+        regions, count = ndimage.label(labels == label)
+        if not count:
+            continue
+        sizes = np.bincount(regions.ravel())[1:]
+        for i in np.flatnonzero(sizes >= min_fraction * labels.size):
+            region = np.pad(regions == i + 1, 1)  # the image border counts as an edge
+            depth = ndimage.distance_transform_edt(region)[1:-1, 1:-1]
+            ys, xs = np.nonzero(depth == depth.max())
+            cy, cx = np.argwhere(region[1:-1, 1:-1]).mean(0)
+            best = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))  # of the deepest pixels, the most central
+            out.append((int(label), int(ys[best]), int(xs[best])))
+    return out
+
+
 def render_overlay(image: np.ndarray, labels: np.ndarray, legend: dict[str, dict], alpha: float = D.OVERLAY_ALPHA):
-    """The image with each labelled region tinted by its colour (background untinted), above a legend strip
+    """The image with each labelled region filled with its colour at ``alpha`` and outlined in it at full strength
+    (background neither filled nor outlined), the class name written on every large region, above a legend strip
     naming the classes present.
+
+    The fill is strong enough (0.7 by default) that a region reads as its swatch's colour whatever lies under it;
+    the outline in the pure colour and the name settle it where the image beneath shifts the hue.
 
     Args:
         image: (H, W, 3) uint8 RGB.
@@ -160,13 +257,15 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, legend: dict[str, dict
     Returns:
         A PIL RGB image of width W and height H plus the legend strip.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     palette = np.array([colour(i) for i in range(int(labels.max()) + 1)], dtype=np.float32)
     tint = (labels != 0) if "0" in legend else np.ones(labels.shape, dtype=bool)
     blended = image.astype(np.float32)
     blended[tint] = (1 - alpha) * blended[tint] + alpha * palette[labels[tint]]
     h, w = labels.shape
+    rim = boundaries(labels, width=max(1, min(h, w) // 200 + 1)) & tint
+    blended[rim] = palette[labels[rim]]
     font = load_font(max(10, min(24, w // 40)))
     line = font.getbbox("Ag")[3] + 8
     entries = [(legend[str(i)]["name"], colour(int(i))) for i in np.unique(labels) if str(i) in legend]
@@ -181,6 +280,14 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, legend: dict[str, dict
     canvas = Image.new("RGB", (w, h + y + line + 4), (255, 255, 255))
     canvas.paste(Image.fromarray(np.round(blended).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
+    for label, ay, ax in region_anchors(np.where(tint, labels, -1)):
+        if label >= 0 and str(label) in legend:
+            name = legend[str(label)]["name"]
+            # White with a black rim, centred on the anchor: legible on any colour (the rim needs FreeType).
+            rim_px = 2 if isinstance(font, ImageFont.FreeTypeFont) else 0
+            left, top, right, bottom = draw.textbbox((0, 0), name, font=font, stroke_width=rim_px)
+            at = (ax - (right - left) // 2, ay - (bottom - top) // 2)
+            draw.text(at, name, fill=(255, 255, 255), font=font, stroke_width=rim_px, stroke_fill=(0, 0, 0))
     for x, y, name, col in placed:
         top = h + y
         draw.rectangle([x, top + 2, x + line - 6, top + line - 4], fill=col, outline=(0, 0, 0))

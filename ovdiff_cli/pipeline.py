@@ -54,7 +54,7 @@ class SynthOptions:
     scheduler: str = D.SCHEDULER
     guidance: float = D.GUIDANCE
     seed: int = D.SEED
-    batch_size: int = D.BATCH_SIZE
+    batch_size: int | None = None  # None: D.BATCH_SIZE, or D.CPU_BATCH_SIZE on the CPU (see batch_size())
     masker: str = D.MASKER
     extractors: tuple[str, ...] = D.EXTRACTORS
     k: int = D.K_PARTS
@@ -62,7 +62,7 @@ class SynthOptions:
 
     def __post_init__(self) -> None:
         for name in ("n", "steps", "batch_size", "k"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.scheduler not in D.SCHEDULERS:
             raise ValueError(f"--scheduler {self.scheduler!r}: expected one of {', '.join(D.SCHEDULERS)}")
@@ -105,11 +105,22 @@ class _Silent:
 # --- keys ---------------------------------------------------------------------------------------------------------
 
 
+def batch_size(opts: SynthOptions, models: Models) -> int:
+    """Images per network batch: the user's ``--batch-size``, else D.BATCH_SIZE on an accelerator and
+    D.CPU_BATCH_SIZE on the CPU; never more than N, so a small support set never generates images it does not
+    need (every slot of a batch holds a genuine image)."""
+    size = opts.batch_size
+    if size is None:
+        size = D.CPU_BATCH_SIZE if models.device.type == "cpu" else D.BATCH_SIZE
+    return min(size, opts.n)
+
+
 def support_key(models: Models, class_name: str, index: int, opts: SynthOptions) -> str:
     """Cache key of support image ``index`` of ``class_name``: everything that determines its bytes.
 
-    N is deliberately absent (image i is the same whatever N is). The batch size is present: it fixes the batch
-    shape the networks ran with, which can change low-order bits on some devices. So is the dtype SD ran in.
+    N is deliberately absent (image i is the same whatever N is, once N is at least the batch size). The batch
+    size is present: it fixes the batch shape the networks ran with, which can change low-order bits on some
+    devices. So is the dtype SD ran in.
     """
     return cachelib.make_key(
         "support",
@@ -118,7 +129,7 @@ def support_key(models: Models, class_name: str, index: int, opts: SynthOptions)
         negative_prompt=opts.negative_prompt,
         class_name=class_name,
         image_seed=synthesis.image_seed(opts.seed, class_name, index),
-        batch_slot=[index // opts.batch_size, index % opts.batch_size, opts.batch_size],
+        batch_slot=[index // (b := batch_size(opts, models)), index % b, b],
         model=models.hashes["sd"],
         steps=opts.steps,
         guidance=opts.guidance,
@@ -207,7 +218,7 @@ def ensure_support(
     missing = {i for i, k in enumerate(keys) if cache.get("support", k) is None}
     progress.start(f"{class_name}: images", opts.n)
     progress.advance(opts.n - len(missing))
-    b = opts.batch_size
+    b = batch_size(opts, models)
     for batch in sorted({i // b for i in missing}):
         # Every slot holds its genuine image (even past N), so the batch is the same whoever asks for it.
         slots = range(batch * b, (batch + 1) * b)
@@ -302,7 +313,7 @@ def support_masks(
         feats = None
         if masker.needs_features:
             # On the models' device: MaskCut's eigenproblems are milliseconds on a GPU, seconds on a CPU.
-            feats = _batched(images[todo], build_extractor("dino", models).maskcut_keys, opts.batch_size)
+            feats = _batched(images[todo], build_extractor("dino", models).maskcut_keys, batch_size(opts, models))
             feats = feats.to(models.device)
         for i, props in zip(todo, masker.propose(attr[todo], feats, images[todo]), strict=True):
             proposals[i] = props.cpu()
@@ -332,7 +343,8 @@ def build_class_bank(
     features = {}
     for name in opts.extractors:
         ext = build_extractor(name, models)
-        features[name] = _batched(images, lambda x, ext=ext: ext(x, support=True), opts.batch_size).to(models.device)
+        support_features = _batched(images, lambda x, ext=ext: ext(x, support=True), batch_size(opts, models))
+        features[name] = support_features.to(models.device)
     return prototypes.build_bank(
         class_name,
         features,
@@ -341,7 +353,7 @@ def build_class_bank(
         k=opts.k,
         seed=D.KMEANS_SEED,
         support_keys=keys,
-        meta={"model_set": models.spec.name, "masker": effective_masker(opts, models), "n": opts.n, "seed": opts.seed},
+        meta=bank_meta(opts, models),
     )
 
 
@@ -390,6 +402,82 @@ def synthesize(
 def missing_banks(classes: Iterable[ClassSpec], opts: SynthOptions, models: Models, cache: cachelib.Cache) -> list[str]:
     """Names of the classes whose prototype bank is not cached yet (no model is loaded to find out)."""
     return [c.name for c in classes if not cache.contains("bank", class_keys(models, c.name, opts)[1])]
+
+
+def bank_meta(opts: SynthOptions, models: Models) -> dict:
+    """The settings a bank records about how it was made (``ovdiff cache ls`` shows them). Batch size and SD
+    precision are among them because they are in the support keys: a bank made with others has other keys."""
+    return {
+        "model_set": models.spec.name,
+        "masker": effective_masker(opts, models),
+        "n": opts.n,
+        "seed": opts.seed,
+        "steps": opts.steps,
+        "scheduler": opts.scheduler,
+        "guidance": opts.guidance,
+        "k": opts.k,
+        "batch_size": batch_size(opts, models),
+        "precision": dtype_name(models.dtype("sd")),
+    }
+
+
+@dataclass
+class CachedBank:
+    """One cached prototype bank, as ``ovdiff cache ls`` lists it: its class, the settings that made it (the
+    bank's ``meta``: model set, n, steps, seed, masker...), its extractors, when it was stored and its size."""
+
+    class_name: str
+    key: str
+    stored_at: float
+    bytes: int
+    extractors: list[str]
+    meta: dict
+
+    def settings(self) -> str:
+        """``"sd15, n 4, steps 30, seed 42, masker maskcut, sd+dino+clip"`` (fields older banks lack are left out)."""
+        m = self.meta
+        parts = [str(m["model_set"])] if "model_set" in m else []
+        parts += [
+            f"{name} {m[name]}" for name in ("n", "steps", "seed", "masker", "batch_size", "precision") if name in m
+        ]
+        return ", ".join([*parts, "+".join(sorted(self.extractors))])
+
+
+def cached_banks(cache: cachelib.Cache, class_name: str | None = None) -> list[CachedBank]:
+    """Every readable bank in the cache (only ``class_name``'s when given), oldest first. Reads each bank's header,
+    not its tensors; an entry that is not a readable bank is left out."""
+    out = []
+    for key, stored_at, size in cache.listing("bank"):
+        payload = cache.get("bank", key)
+        try:
+            info = prototypes.read_bank_info(payload) if payload is not None else None
+        except ValueError:
+            info = None
+        if info is None or (class_name is not None and info["class_name"] != class_name):
+            continue
+        out.append(CachedBank(info["class_name"], key, stored_at, size, list(info["extractors"]), dict(info["meta"])))
+    return out
+
+
+def synthesis_notes(missing: list[str], opts: SynthOptions, models: Models, cache: cachelib.Cache) -> list[str]:
+    """What a segment, explain or eval run says before it synthesises classes itself: which ones, why (no bank for
+    these settings), and the settings of the banks the cache does hold for them (so a mismatch is visible)."""
+    if not missing:
+        return []
+    wanted = CachedBank("", "", 0.0, 0, list(opts.extractors), bank_meta(opts, models)).settings()
+    notes = [
+        f"synthesising {len(missing)} {'class' if len(missing) == 1 else 'classes'} first"
+        f" ({opts.n} images each; no cached prototypes for {wanted}): {', '.join(missing)}"
+    ]
+    held: dict[str, list[str]] = {}
+    for bank in cached_banks(cache):
+        if bank.class_name in missing:
+            held.setdefault(bank.class_name, []).append(bank.settings())
+    for name in missing:
+        if held.get(name):
+            shown = "; ".join(dict.fromkeys(held[name]))
+            notes.append(f"cached for {name} with other settings: {shown} (pass those options to use them)")
+    return notes
 
 
 def segment_roles(
@@ -555,6 +643,8 @@ def segment_files(
                         outputs.write_scores(paths["scores"], maps, ids, names, np.array(kept))
                     if "overlay" in paths:
                         outputs.write_overlay(paths["overlay"], img, labels, legend)
+                    for stale in outputs.unwritten_outputs(paths):
+                        stale.unlink(missing_ok=True)
                     # The label map last: its presence means the image's outputs are complete.
                     outputs.write_labels(paths["labels"], labels, segmenter.protoset.num_channels)
             except OSError as exc:
@@ -673,6 +763,13 @@ def score_predictions(
     from PIL import Image
 
     files = prediction_files(pred_dir)
+    matched = [s for s in samples if PurePosixPath(s.id).name in files or s.image.stem in files]
+    if samples and not matched:  # the wrong folder: one line, not one error per image
+        first = PurePosixPath(samples[0].id).name
+        raise ValueError(
+            f"--pred-dir {pred_dir}: no prediction for any of the {len(samples)} images"
+            f" ({len(files)} PNG files there; expected names such as {first}.png)"
+        )
     scorer = _Scorer(spec, progress or _Silent(), on_failure)
     scorer.progress.start(f"{spec.name}: predictions", len(samples))
     t0 = time.perf_counter()

@@ -427,32 +427,11 @@ class PrototypeBank:
         from safetensors.torch import load
 
         data = bytes(data)
-        # Read the metadata from the header ourselves (8-byte little-endian length + JSON, the safetensors
-        # layout) since safetensors' Python API only exposes metadata for files.
-        if len(data) < 8:
-            raise ValueError("prototype bank payload is truncated")
-        (hlen,) = struct.unpack("<Q", data[:8])
-        if hlen > len(data) - 8:
-            raise ValueError("prototype bank payload is truncated")
+        info = read_bank_info(data)
         try:
             tensors = load(data)
-            header = json.loads(data[8 : 8 + hlen])
         except Exception as exc:  # safetensors raises its own error types; all mean "not a valid bank"
             raise ValueError(f"prototype bank payload is not valid safetensors ({type(exc).__name__})") from None
-        raw = header.get("__metadata__", {}).get(_META_KEY) if isinstance(header, dict) else None
-        if not isinstance(raw, str):
-            raise ValueError("payload is not an ovdiff prototype bank (no bank metadata)")
-        try:
-            info = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ValueError("prototype bank metadata is not valid JSON") from None
-        if not isinstance(info, dict) or info.get("format") != FORMAT:
-            raise ValueError("payload is not an ovdiff prototype bank")
-        if info.get("version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported prototype bank version {info.get('version')!r}")
-        for key in ("class_name", "extractors", "support_keys", "meta"):
-            if key not in info:
-                raise ValueError(f"prototype bank metadata lacks {key!r}")
         extractors = info["extractors"]
         if not isinstance(extractors, list) or not all(isinstance(e, str) for e in extractors):
             raise ValueError("prototype bank extractors must be a list of strings")
@@ -485,6 +464,40 @@ class PrototypeBank:
     def digest(self) -> str:
         """sha256 hex digest of :meth:`to_bytes`."""
         return hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+def read_bank_info(data: bytes) -> dict:
+    """A bank payload's metadata (class_name, extractors, support_keys, meta, format, version) from its
+    safetensors header alone, without reading a tensor (``ovdiff cache ls`` lists banks this way).
+
+    Raises ValueError with a one-line reason when the payload is not a bank of this format version.
+    """
+    # Read the metadata from the header ourselves (8-byte little-endian length + JSON, the safetensors layout)
+    # since safetensors' Python API only exposes metadata for files.
+    if len(data) < 8:
+        raise ValueError("prototype bank payload is truncated")
+    (hlen,) = struct.unpack("<Q", data[:8])
+    if hlen > len(data) - 8:
+        raise ValueError("prototype bank payload is truncated")
+    try:
+        header = json.loads(data[8 : 8 + hlen])
+    except ValueError:
+        raise ValueError("prototype bank payload is not valid safetensors (unreadable header)") from None
+    raw = header.get("__metadata__", {}).get(_META_KEY) if isinstance(header, dict) else None
+    if not isinstance(raw, str):
+        raise ValueError("payload is not an ovdiff prototype bank (no bank metadata)")
+    try:
+        info = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError("prototype bank metadata is not valid JSON") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError("payload is not an ovdiff prototype bank")
+    if info.get("version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported prototype bank version {info.get('version')!r}")
+    for key in ("class_name", "extractors", "support_keys", "meta"):
+        if key not in info:
+            raise ValueError(f"prototype bank metadata lacks {key!r}")
+    return info
 
 
 # ----------------------------------------------------------------------------------------------------

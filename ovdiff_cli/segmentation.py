@@ -18,7 +18,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ class SegmentOptions:
     pamr: bool = D.PAMR
     pamr_iters: int = D.PAMR_ITERS
     pamr_dilations: tuple[int, ...] = D.PAMR_DILATIONS
-    batch_size: int = D.SEGMENT_BATCH_SIZE
+    batch_size: int | None = None  # None: D.SEGMENT_BATCH_SIZE, or D.CPU_BATCH_SIZE on the CPU (Segmenter)
     max_pixels: int = D.MAX_PIXELS
 
     def __post_init__(self) -> None:
@@ -78,7 +78,7 @@ class SegmentOptions:
         object.__setattr__(self, "scales", scales)
         object.__setattr__(self, "pamr_dilations", parse_int_list(self.pamr_dilations, "--pamr-dilations"))
         for name in ("stride", "short_side", "eta", "batch_size", "max_pixels"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         for s in scales:
             if s < WINDOW_MULTIPLE or s % WINDOW_MULTIPLE:
@@ -390,6 +390,9 @@ class Segmenter:
                 self.extractors[name] = copy.copy(ext)
                 self.extractors[name].forward = torch.compile(ext.forward, dynamic=False)
         self.options = options or SegmentOptions()
+        if self.options.batch_size is None:
+            cpu = self.device.type == "cpu"
+            self.options = replace(self.options, batch_size=D.CPU_BATCH_SIZE if cpu else D.SEGMENT_BATCH_SIZE)
         self.prefilter = prefilter
         self.timings = timings or Timings()
 

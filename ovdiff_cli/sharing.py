@@ -108,6 +108,8 @@ def read_export(path: Path) -> list[Entry]:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder; expected a file written by `ovdiff cache export`") from None
     except OSError as exc:
         raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     try:

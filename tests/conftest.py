@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# As the CLI does before torch loads: OpenMP threads that spin while waiting made the suite 15x slower on a
+# 2-core machine with one other busy process.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from ovdiff_cli import __version__
@@ -132,6 +135,23 @@ def test_cache_info_and_clear(tmp_path):
     assert cleared.exit_code == 0 and "removed 1 entries" in cleared.stdout
     info = json.loads(invoke("cache", "info", "--json").stdout)
     assert "bank" not in info["stages"] and info["stages"]["support"]["entries"] == 2
+    one_line_error(invoke("cache", "clear", "--stage", "banks"), "'banks'", "support, proposals, bank")
+
+
+def test_cache_clear_asks_on_a_terminal(tmp_path, monkeypatch):
+    from ovdiff_cli.cli import cache as cache_cli
+
+    assert invoke("synth", "cat", *TINY).exit_code == 0
+    monkeypatch.setattr(cache_cli, "_on_a_terminal", lambda: True)
+
+    def clear(answer: str, *extra: str):
+        return runner.invoke(app, ["cache", "clear", "--stage", "support", *extra], input=answer)
+
+    no = clear("n\n")
+    assert no.exit_code == 1 and "delete 2 entries" in no.output and "nothing deleted" in no.output
+    assert json.loads(invoke("cache", "info", "--json").stdout)["stages"]["support"]["entries"] == 2
+    yes = clear("", "--yes")  # no question asked
+    assert yes.exit_code == 0 and "delete" not in yes.output and "removed 2 entries" in yes.stdout
 
 
 def test_not_a_cache_folder(tmp_path):
@@ -152,6 +172,15 @@ def test_real_subprocess_synth_json_stdout_is_pure(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["classes"][0]["images_generated"] == 2
     assert "not meaningful" in proc.stderr
+    # -q: nothing but errors, the random-weights note included; -v: the load times too.
+    quiet = subprocess.run(
+        [sys.executable, "-m", "ovdiff_cli", "synth", "dog", *TINY, "--json", "-q"], capture_output=True, text=True
+    )
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    loud = subprocess.run(
+        [sys.executable, "-m", "ovdiff_cli", "synth", "cow", *TINY, "--json", "-v"], capture_output=True, text=True
+    )
+    assert loud.returncode == 0 and "loaded Stable Diffusion in " in loud.stderr and "(fp32, cpu)" in loud.stderr
 
 
 def test_environment_is_offline_and_quiet_unless_asked(monkeypatch):
@@ -161,10 +190,17 @@ def test_environment_is_offline_and_quiet_unless_asked(monkeypatch):
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     root = logging.getLogger()
     monkeypatch.setattr(root, "level", logging.WARNING)
+    ours = logging.getLogger("ovdiff")
+    monkeypatch.setattr(ours, "handlers", [])
+    monkeypatch.setattr(ours, "level", logging.NOTSET)
+    monkeypatch.setattr(ours, "propagate", True)  # restored after the test, as the level and handlers are
     _environment(["ovdiff", "synth", "cat"])
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # weights are never fetched implicitly: no network at all
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # never spin-wait on a shared machine
+    assert ours.level == logging.WARNING  # notes by default; load times only with -v
     assert os.environ["TRANSFORMERS_VERBOSITY"] == os.environ["DIFFUSERS_VERBOSITY"] == "error"
     assert root.level == logging.ERROR
     # -v shows the libraries' own messages; models fetch may use the network.
@@ -174,3 +210,76 @@ def test_environment_is_offline_and_quiet_unless_asked(monkeypatch):
     _environment(["ovdiff", "models", "fetch", "sd15", "-v"])
     assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_VERBOSITY" not in os.environ
     assert root.level == logging.WARNING
+    assert len(ours.handlers) == 1 and ours.level == logging.INFO
+    _environment(["ovdiff", "segment", "x", "-q"])
+    assert len(ours.handlers) == 1 and ours.level == logging.ERROR  # quiet is quiet: errors only
+
+
+def test_threads_option_is_checked(tmp_path):
+    result = CliRunner().invoke(app, ["synth", "cat", "--models", "tiny", "--threads", "0"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: --threads 0: expected a whole number of threads, at least 1"
+    ]
+
+
+def test_a_folder_where_a_file_is_expected_says_so(tmp_path):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    f = str(folder)
+    one_line_error(invoke("explain", f, "--xy", "1,1", "--classes", "cat", "--models", "tiny"), "is a folder")
+    one_line_error(invoke("synth", "--classes-file", f, "--models", "tiny"), f"--classes-file {f}: is a folder")
+    one_line_error(invoke("cache", "import", f), f"{f}: is a folder")
+    one_line_error(invoke("eval", "merge", f), f"{f}: is a folder")
+    one_line_error(invoke("models", "convert", "cutler", f), f"{f}: is a folder")
+
+
+def test_cache_ls_and_segment_says_what_it_synthesises(tmp_path):
+    """No silent work: segment names the classes it must synthesise for its settings and the settings the cache
+    holds for them, and its summary counts that time; `cache ls` lists every bank with its settings."""
+    small = ["--models", "tiny", "--steps", "2", "--k", "3"]
+    assert invoke("synth", "cat", *small, "--n", "2").exit_code == 0
+    assert invoke("synth", "cat", *small, "--n", "3", "--masker", "maskcut").exit_code == 0
+    listing = json.loads(invoke("cache", "ls", "--json").stdout)["banks"]
+    assert [(b["class"], b["n"], b["steps"], b["masker"], b["model_set"], b["precision"]) for b in listing] == [
+        ("cat", 2, 2, "cutler", "tiny", "fp32"),
+        ("cat", 3, 2, "maskcut", "tiny", "fp32"),
+    ]
+    assert all(b["extractors"] == ["clip", "dino", "sd"] and b["bytes"] > 0 for b in listing)
+    table = invoke("cache", "ls", "--class", "dog")
+    assert table.exit_code == 0 and "no prototype banks for 'dog'" in table.stdout
+    img = tmp_path / "img.png"
+    Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8)).save(img)
+    seg = invoke("segment", str(img), "--classes", "cat", *small, "--n", "4", "--out", str(tmp_path / "out"))
+    assert seg.exit_code == 0, seg.output
+    notes = [ln for ln in seg.stderr.splitlines() if ln.startswith("note:")]
+    assert notes[0] == (
+        "note: synthesising 1 class first (4 images each; no cached prototypes for tiny, n 4, steps 2, seed 42,"
+        " masker cutler, batch_size 1, precision fp32, clip+dino+sd): cat"
+    )
+    assert notes[1] == (
+        "note: cached for cat with other settings: tiny, n 2, steps 2, seed 42, masker cutler, batch_size 1,"
+        " precision fp32, clip+dino+sd; tiny, n 3, steps 2, seed 42, masker maskcut, batch_size 1, precision fp32,"
+        " clip+dino+sd (pass those options to use them)"
+    )
+    assert "; before that, synthesised cat in " in seg.stdout
+    again = invoke("segment", str(img), "--classes", "cat", *small, "--n", "4", "--out", str(tmp_path / "o2"))
+    assert "synthesising" not in again.output and "before that" not in again.stdout  # nothing to make this time
+
+
+def test_readme_generated_blocks_have_their_markers():
+    """`make readme` rewrites the README's real outputs between markers; every block it makes must be marked."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "readme_outputs.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_progress_off_a_terminal_is_plain_lines_and_quiet_has_none():
+    """Logs and batch jobs (stderr not a terminal) get plain progress lines: one when a stage starts, then as it
+    advances; -q prints none."""
+    result = invoke("synth", "cat", *TINY)
+    assert result.exit_code == 0
+    lines = result.stderr.splitlines()
+    assert "cat: images: 0/2" in lines and any(ln.startswith("cat: images: 2/2 (") for ln in lines)
+    assert any(ln.startswith("cat: prototypes: 1/1 (") for ln in lines)
+    quiet = invoke("synth", "dog", *TINY, "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""

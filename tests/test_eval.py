@@ -195,11 +195,23 @@ def test_pred_dir_with_ground_truth_scores_one(tmp_path, name):
     make_dataset(tmp_path, name, n=3)
     preds = copy_gt_as_predictions(tmp_path, name)
     out = tmp_path / "r.json"
-    result = invoke("eval", name, "--root", str(tmp_path), "--pred-dir", str(preds), "--json", str(out), "--quiet")
+    result = invoke("eval", name, "--root", str(tmp_path), "--pred-dir", str(preds), "--save", str(out), "--quiet")
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["miou"] == 1.0 and doc["pixel_acc"] == 1.0 and doc["n_images"] == 3 and doc["models"] is None
-    assert "mIoU=100.00" in result.stdout
+    assert "mIoU=100.00% pixel_acc=100.00%" in result.stdout
+
+
+def test_a_pred_dir_without_any_prediction_is_one_line(tmp_path):
+    make_dataset(tmp_path, "voc", n=3)
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    write_labels(wrong / "unrelated.png", np.zeros((4, 4), dtype=np.uint8), 256)
+    result = invoke("eval", "voc", "--root", str(tmp_path), "--pred-dir", str(wrong), "--quiet")
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        f"error: --pred-dir {wrong}: no prediction for any of the 3 images (1 PNG files there; expected names such"
+        " as 2008_000000.png)"
+    ]
 
 
 def test_pred_dir_missing_and_wrong_predictions_fail_per_image(tmp_path):
@@ -207,7 +219,7 @@ def test_pred_dir_missing_and_wrong_predictions_fail_per_image(tmp_path):
     preds = copy_gt_as_predictions(tmp_path, "voc")
     (preds / "2008_000000.png").unlink()
     write_labels(preds / "2008_000001.png", np.full((30, 40), 21), 256)  # 21 is not a VOC id
-    result = invoke("eval", "voc", "--root", str(tmp_path), "--pred-dir", str(preds), "--json", str(tmp_path / "r"))
+    result = invoke("eval", "voc", "--root", str(tmp_path), "--pred-dir", str(preds), "--save", str(tmp_path / "r"))
     assert result.exit_code == 1
     errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert "2008_000000: no prediction" in errors[0] and "label 21" in errors[1] and "2 of 3 images" in errors[2]
@@ -226,13 +238,15 @@ def test_shards_merge_to_the_unsharded_result_bit_for_bit(tmp_path):
     for p in preds.glob("*.png"):  # imperfect predictions, so the matrices are not trivial
         write_labels(p, rng.integers(0, 21, (30, 40)), 256)
     common = ["eval", "voc", "--root", str(tmp_path), "--pred-dir", str(preds), "--quiet"]
-    assert invoke(*common, "--json", str(tmp_path / "all.json")).exit_code == 0
+    assert invoke(*common, "--save", str(tmp_path / "all.json")).exit_code == 0
     for k in range(3):
-        assert invoke(*common, "--shard", f"{k}/3", "--json", str(tmp_path / f"p{k}.json")).exit_code == 0
+        assert invoke(*common, "--shard", f"{k}/3", "--save", str(tmp_path / f"p{k}.json")).exit_code == 0
+    shown = invoke(*common[:-1], "--shard", "1/3", "--save", str(tmp_path / "p1.json"))
+    assert "(partial: shard 1/3 from --shard 1/3: 2 of 7 images)" in shown.stdout, shown.stdout
     part = json.loads((tmp_path / "p1.json").read_text())
     assert part["shard"] == {"index": 1, "count": 3, "partial": True} and part["n_images"] == 2
     parts = [str(tmp_path / f"p{k}.json") for k in (2, 0, 1)]
-    merged = invoke("eval", "merge", *parts, "--json", str(tmp_path / "merged.json"), "--quiet")
+    merged = invoke("eval", "merge", *parts, "--save", str(tmp_path / "merged.json"), "--quiet")
     assert merged.exit_code == 0, merged.output
     assert (tmp_path / "merged.json").read_bytes() == (tmp_path / "all.json").read_bytes()
 
@@ -242,8 +256,8 @@ def test_merge_refuses_incomplete_or_mixed_parts(tmp_path):
     preds = copy_gt_as_predictions(tmp_path, "voc")
     common = ["eval", "voc", "--root", str(tmp_path), "--pred-dir", str(preds), "--quiet"]
     for k in range(2):
-        invoke(*common, "--shard", f"{k}/2", "--json", str(tmp_path / f"p{k}.json"))
-    invoke(*common, "--limit", "2", "--shard", "1/2", "--json", str(tmp_path / "other.json"))
+        invoke(*common, "--shard", f"{k}/2", "--save", str(tmp_path / f"p{k}.json"))
+    invoke(*common, "--limit", "2", "--shard", "1/2", "--save", str(tmp_path / "other.json"))
     cases = [
         ([tmp_path / "p0.json"], "shard 1/2 is missing"),
         ([tmp_path / "p0.json", tmp_path / "p0.json"], "both shard 0/2"),
@@ -253,7 +267,7 @@ def test_merge_refuses_incomplete_or_mixed_parts(tmp_path):
     for files, needle in cases:
         result = invoke("eval", "merge", *map(str, files))
         assert result.exit_code == 2 and needle in result.output, result.output
-    assert "give --json FILE" in invoke(*common, "--shard", "0/2").output
+    assert "give --save FILE" in invoke(*common, "--shard", "0/2").output
 
 
 def test_prepare_coco_object(tmp_path):
@@ -280,7 +294,7 @@ def test_tiny_eval_json_and_save_pred(tmp_path):
     make_dataset(tmp_path, "voc", n=3, size=(64, 48))
     out = tmp_path / "r.json"
     result = invoke(
-        "eval", "voc", "--root", str(tmp_path), *TINY, "--json", str(out), "--save-pred", str(tmp_path / "sp")
+        "eval", "voc", "--root", str(tmp_path), *TINY, "--save", str(out), "--save-pred", str(tmp_path / "sp")
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
@@ -290,7 +304,7 @@ def test_tiny_eval_json_and_save_pred(tmp_path):
     assert doc["seeds"][0]["seed"] == 42 and len(doc["per_class"]) == 21
     # the saved predictions score exactly as the run did
     rescored = invoke(
-        "eval", "voc", "--root", str(tmp_path), "--pred-dir", str(tmp_path / "sp"), "--json", str(tmp_path / "x")
+        "eval", "voc", "--root", str(tmp_path), "--pred-dir", str(tmp_path / "sp"), "--save", str(tmp_path / "x")
     )
     assert rescored.exit_code == 0
     assert json.loads((tmp_path / "x").read_text())["confusion"] == doc["confusion"]
@@ -299,7 +313,7 @@ def test_tiny_eval_json_and_save_pred(tmp_path):
 def test_tiny_eval_two_seeds_and_protocol_errors(tmp_path):
     make_dataset(tmp_path, "voc20", n=2, size=(64, 48))
     out = tmp_path / "r.json"
-    result = invoke("eval", "voc20", "--root", str(tmp_path), *TINY, "--seeds", "1,2", "--json", str(out))
+    result = invoke("eval", "voc20", "--root", str(tmp_path), *TINY, "--seeds", "1,2", "--save", str(out))
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert [s["seed"] for s in doc["seeds"]] == [1, 2] and "miou_std" in doc and "over 2 seeds" in result.stdout
@@ -310,3 +324,38 @@ def test_tiny_eval_two_seeds_and_protocol_errors(tmp_path):
         "give one of them"
         in invoke("eval", "voc20", "--root", str(tmp_path), *TINY, "--seed", "1", "--seeds", "2").output
     )
+
+
+def test_json_prints_and_save_writes_through_links_fifos_and_stdout(tmp_path):
+    """--json prints the document to stdout (pipeable); --save FILE writes it: a regular file atomically, a
+    symlink through to its target (the link stays), a FIFO and "-" in place (never replaced by a file)."""
+    import os
+    import threading
+
+    make_dataset(tmp_path, "voc", n=2)
+    preds = copy_gt_as_predictions(tmp_path, "voc")
+    common = ["eval", "voc", "--root", str(tmp_path), "--pred-dir", str(preds), "--quiet"]
+    printed = invoke(*common, "--json")
+    assert printed.exit_code == 0 and json.loads(printed.stdout)["miou"] == 1.0  # stdout is the document alone
+    regular = tmp_path / "r.json"
+    assert invoke(*common, "--save", str(regular)).exit_code == 0
+    text = regular.read_text()
+    assert json.loads(text) == json.loads(printed.stdout)
+    # A link: the target gets the document, the link is still a link.
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    assert invoke(*common, "--save", str(link)).exit_code == 0
+    assert link.is_symlink() and target.read_text() == text
+    # "-": stdout, and no file named "-".
+    dash = invoke(*common, "--save", "-")
+    assert dash.exit_code == 0 and json.loads(dash.stdout) == json.loads(text) and not Path("-").exists()
+    # A FIFO: a reader gets the bytes, the FIFO is still a FIFO.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    assert invoke(*common, "--save", str(fifo)).exit_code == 0
+    reader.join(10)
+    assert got == [text.encode()] and fifo.is_fifo()

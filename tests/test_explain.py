@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -123,6 +124,24 @@ def test_picture_rows_and_json_round_trip(planted):
     assert expl.label == "b" and len(expl.prototypes) == 2
     picture = X.render(expl, query(), lambda key: pipeline.load_support(cache, key)[0], "planted")
     assert picture.height == X.HEADER_H + 2 * X.ROW_H
+    px = np.array(picture)
+    # The header's outlines are drawn in each region's class colour (the query is fitted 10x: 480 x 320 at 8, 8).
+    lab = np.kron(expl.labels, np.ones((10, 10), dtype=expl.labels.dtype))
+    edges = outputs.boundaries(lab, width=2)
+    ys, xs = np.nonzero(edges)
+    far = np.abs(xs - (20 * 10 + 5)) + np.abs(ys - (10 * 10 + 5)) > 30  # away from the pixel marker
+    assert far.sum() > 100
+    want = np.array([outputs.colour(int(v)) for v in lab[ys[far], xs[far]]])
+    assert (px[8 + ys[far], 8 + xs[far]] == want).all()
+    # Each row's caption starts right after its region map (240 x 160 here): no empty gap between them.
+    top = X.HEADER_H
+    assert (px[top : top + 160, 8 + 240 : 8 + 248] == 255).all()  # the 8-pixel margin
+    assert (px[top : top + 14, 256:300] < 100).any()  # then the caption's text
+    # A prototype that wins no pixel says so instead of showing an all-dimmed map.
+    none = dataclasses.replace(expl.prototypes[0], wins=np.zeros_like(expl.prototypes[0].wins))
+    lonely = X.render(dataclasses.replace(expl, prototypes=[none]), query(), lambda key: None, "")
+    region = np.array(lonely)[top : top + 160, 8 : 8 + 240].astype(int)
+    assert region.mean() > 150 and (region < 60).any()  # faded query with dark words on it
     doc = expl.to_json()
     assert json.loads(json.dumps(doc)) == doc
     assert doc["pixel"] == [20, 10] and doc["label"] == "b" and doc["size"] == [48, 32]
@@ -193,9 +212,13 @@ def test_cli_bad_coordinates(photo, xy, needle):
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
 
 
-def test_cli_needs_an_output_and_a_readable_image(photo, tmp_path):
+def test_cli_without_outputs_prints_the_summary_and_needs_a_readable_image(photo, tmp_path):
     path, cache_dir = photo
-    assert "nothing to write" in cli(cache_dir, "explain", str(path), "--xy", "1,1", "--classes", "cat").output
+    plain = cli(cache_dir, "explain", str(path), "--xy", "1,1", "--classes", "cat")
+    assert plain.exit_code == 0, plain.output
+    assert (
+        plain.stdout.startswith(f"pixel (1, 1) of {path}: ") and "#1 " in plain.stdout and "wrote" not in plain.stdout
+    )
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"")
     result = cli(cache_dir, "explain", str(bad), "--xy", "1,1", "--classes", "cat", "--json")

@@ -139,11 +139,15 @@ def test_shards_partition_every_item_exactly_once(n):
 
 
 def test_resolve_shard_sources():
-    assert inputs.resolve_shard("1/4", {}) == inputs.Shard(1, 4, "--shard")
+    assert inputs.resolve_shard("1/4", {}) == inputs.Shard(1, 4, "--shard", "--shard 1/4")
     assert inputs.resolve_shard(None, {}) == inputs.Shard(0, 1, "none")
     slurm = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}
-    assert inputs.resolve_shard(None, slurm) == inputs.Shard(2, 4, "SLURM array")
-    assert inputs.resolve_shard(None, {"RANK": "1", "WORLD_SIZE": "2"}) == inputs.Shard(1, 2, "torchrun")
+    origin = "SLURM array (SLURM_ARRAY_TASK_ID=3, SLURM_ARRAY_TASK_COUNT=4, SLURM_ARRAY_TASK_MIN=1)"
+    assert inputs.resolve_shard(None, slurm) == inputs.Shard(2, 4, "SLURM array", origin)
+    assert inputs.resolve_shard(None, slurm).describe(3, 10) == f"shard 2/4 from {origin}: 3 of 10 images"
+    torchrun = inputs.Shard(1, 2, "torchrun", "torchrun (RANK=1, WORLD_SIZE=2)")
+    assert inputs.resolve_shard(None, {"RANK": "1", "WORLD_SIZE": "2"}) == torchrun
+    assert inputs.resolve_shard(None, {}).describe(10, 10) == ""  # not sharded: nothing to say
     assert inputs.resolve_shard("0/1", slurm).source == "--shard"  # the flag wins over the environment
 
 
@@ -222,9 +226,28 @@ def test_overlay_tints_labels_and_adds_a_legend_strip():
     assert out.shape[1] == 60 and out.shape[0] > 40
     assert out[5, 5].tolist() == [100, 100, 100]  # background untinted
     assert out[5, 45].tolist() == [114, 50, 50]  # (100 + 128) / 2, 100 / 2, 100 / 2
+    assert out[5, 30].tolist() == [128, 0, 0]  # the region's rim: its pure colour, the swatch's
+    assert out[5, 29].tolist() == [100, 100, 100]  # ... drawn inside the region, not over the background
     no_bg = outputs.build_legend(["cat", "dog"], [False, False], background=False)
     labels[:, :30] = 2
     assert np.array(outputs.render_overlay(image, labels, no_bg, 0.5))[5, 5].tolist() == [50, 114, 50]
+
+
+def test_overlay_names_large_regions_at_their_most_interior_point():
+    labels = np.zeros((200, 300), np.int64)
+    labels[40:160, 50:150] = 1  # a 100 x 120 box: 20% of the image
+    labels[:, 200:] = 2  # a band at the right edge
+    labels[0:3, 0:3] = 1  # a speck: under 2% of the image, not named
+    # The box's centre and the band's; one anchor for label 1 (the speck is too small); background has one too.
+    assert [a for a in outputs.region_anchors(labels) if a[0]] == [(1, 99, 99), (2, 99, 249)]
+    image = np.full((200, 300, 3), 100, np.uint8)
+    legend = outputs.build_legend(["cat", "sky"], [False, True])
+    out = np.array(outputs.render_overlay(image, labels, legend, alpha=0.5))
+    fill = [114, 50, 50]
+    around = out[90:110, 85:115].astype(int).sum(-1)
+    assert around.max() > 3 * 230 and around.min() < 3 * 30  # the name, white with a black rim (antialiased)
+    assert out[60, 60].tolist() == fill  # elsewhere in the region: the plain fill
+    assert (out[150:200, 160:200] == 100).all()  # background (its anchor is here) is not named
 
 
 def test_scores_npz_loads_without_pickle(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -21,13 +22,23 @@ SOT, EOT = 49406, 49407
 WEIGHT_FILES = {role: list(files) for role, files in ROLE_FILES.items()}
 
 
+def fake_weight(name: str, content: bytes) -> bytes:
+    """A file named ``name`` holding ``content``: for a .safetensors name, a well-framed safetensors file with
+    ``content`` as one uint8 tensor (weight files are checked for truncation against their own headers)."""
+    if not name.endswith(".safetensors"):
+        return content
+    from safetensors.torch import save
+
+    return save({"w": torch.frombuffer(bytearray(content), dtype=torch.uint8)})
+
+
 def _fake_model_folder(root: Path) -> Path:
     """sd/, dino/, clip/ with a few bytes in files named like weights (never loaded, only hashed)."""
     for role, files in WEIGHT_FILES.items():
         for i, rel in enumerate(files):
             f = root / role / rel
             f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_bytes(bytes([i, 1, 2, 3, 4, 5, 6, 7]) + role.encode())
+            f.write_bytes(fake_weight(rel, bytes([i, 1, 2, 3, 4, 5, 6, 7]) + role.encode()))
     return root
 
 
@@ -44,6 +55,8 @@ def test_resolve_named_sets():
     sd15 = resolve_models(" sd15 ")
     assert sd15.name == "sd15" and sd15.meaningful and (sd15.image_size, sd15.grid) == (512, 64)
     assert sd15.components["sd"].revision == SD15_REVISION
+    # SD and CLIP are pinned to commits (DINO's could not be verified: see models/sd15.py).
+    assert re.fullmatch("[0-9a-f]{40}", sd15.components["clip"].revision)
     assert sd15.components["dino"].hub_id == "timm/vit_base_patch8_224.dino"
     assert sd15.sd_feature_layers == (0, 6, 7, 8, 9, 10, 11, 12, 15)
 
@@ -166,7 +179,7 @@ def test_local_folder_hash_sees_every_byte_of_big_files(tmp_path):
     root = _fake_model_folder(tmp_path / "models")
     comp = resolve_models(str(root)).components["dino"]
     big = root / "dino" / "model.safetensors"
-    data = bytearray(9 << 20)  # 9 MiB
+    data = bytearray(fake_weight(big.name, bytes(9 << 20)))  # 9 MiB of tensor data
     big.write_bytes(bytes(data))
     h0 = component_hash(comp)
     for where in (-5, 5 << 20):  # the tail, and the middle (a swapped tensor of the same shape)
@@ -189,6 +202,23 @@ def test_missing_or_empty_weight_file_is_named(tmp_path):
     (root / "clip" / "open_clip_model.safetensors").write_bytes(b"")
     with pytest.raises(ModelUnavailable, match=r"open_clip_model\.safetensors is empty"):
         component_hash(spec.components["clip"])
+    # Cut short: found from the file's own framing, before anything is loaded.
+    whole = fake_weight("x.safetensors", bytes(1000))
+    (root / "clip" / "open_clip_model.safetensors").write_bytes(whole[:-10])
+    with pytest.raises(ModelUnavailable, match=r"open_clip_model\.safetensors is truncated \([\d,]+ bytes where"):
+        weight_files(spec.components["clip"])
+    (root / "clip" / "open_clip_model.safetensors").write_bytes(whole[:5])
+    with pytest.raises(ModelUnavailable, match=r"is truncated .*shorter than its own header"):
+        weight_files(spec.components["clip"])
+    (root / "clip" / "open_clip_model.safetensors").write_bytes(whole)
+    assert weight_files(spec.components["clip"])
+    # A zip-format torch checkpoint (CutLER's .pth) without its central directory.
+    ckpt = tmp_path / "cutler.pth"
+    torch.save({"model": {"w": torch.zeros(100)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:-30])
+    cutler = resolve_models(f"tiny,cutler={ckpt}").components["cutler"]
+    with pytest.raises(ModelUnavailable, match=r"cutler\.pth is truncated .*zip directory is missing"):
+        weight_files(cutler)
 
 
 def test_missing_local_folder_is_unavailable(tmp_path):
@@ -214,7 +244,7 @@ def _fake_snapshot(cache: Path, repo: str, sha: str, files: list[str], ref: str 
     snap = repo_dir / "snapshots" / sha
     for name in files:
         (snap / name).parent.mkdir(parents=True, exist_ok=True)
-        (snap / name).write_bytes(b"not really weights")
+        (snap / name).write_bytes(fake_weight(name, b"not really weights"))
     if ref:
         (repo_dir / "refs").mkdir(parents=True)
         (repo_dir / "refs" / ref).write_text(sha)
@@ -282,7 +312,7 @@ def test_hashes_load_nothing(tmp_path):
     assert local.dtype("sd") == local.dtype("dino") == torch.float32
 
 
-def test_get_loads_lazily_and_once(monkeypatch, capsys):
+def test_get_loads_lazily_and_once(monkeypatch, caplog):
     calls = []
 
     def fake_loader(comp, device, dtype):
@@ -300,10 +330,10 @@ def test_get_loads_lazily_and_once(monkeypatch, capsys):
     assert set(m._loaded) == {"dino"}
     assert m.get("clip") is not first
     assert [c[0] for c in calls] == ["dino", "clip"]
-    # Random weights are announced once per process, on stderr.
-    out = capsys.readouterr()
-    assert out.out == ""
-    assert out.err.count("not meaningful") == 1 and "'tiny'" in out.err
+    # Random weights are announced once per process, as a warning of ovdiff's logger (the CLI prints it on stderr,
+    # and hides it with -q).
+    notes = [r for r in caplog.records if r.name == "ovdiff" and "not meaningful" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelname == "WARNING" and "'tiny'" in notes[0].getMessage()
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -423,7 +453,7 @@ def test_hub_hash_follows_the_blobs_a_snapshot_links_to(hub_cache):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
     for name, blob in (("config.json", "a" * 64), ("model.safetensors", "b" * 64), ("other", "c" * 64)):
-        (repo / "blobs" / blob).write_bytes(name.encode())
+        (repo / "blobs" / blob).write_bytes(fake_weight("blob.safetensors", name.encode()))
     (snap / "config.json").symlink_to(repo / "blobs" / ("a" * 64))
     (snap / "model.safetensors").symlink_to(repo / "blobs" / ("b" * 64))
     dino = resolve_models("sd15").components["dino"]
@@ -496,7 +526,7 @@ def test_bad_weight_files_never_make_or_reuse_a_cached_entry(tmp_path):
     save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, folder / "open_clip_model.safetensors")
     cache_dir = tmp_path / "cache"
     args = ["synth", "cat", "--models", f"tiny,clip={folder}", "--n", "1", "--steps", "1", "--k", "2"]
-    args += ["--extractors", "clip", "--cache-dir", str(cache_dir), "--json"]
+    args += ["--extractors", "clip", "--cache-dir", str(cache_dir), "--json", "-q"]
     runner = CliRunner()
     good = runner.invoke(app, args)
     assert good.exit_code == 0, good.output
@@ -510,7 +540,12 @@ def test_bad_weight_files_never_make_or_reuse_a_cached_entry(tmp_path):
     assert banks() == 1
     weights = folder / "open_clip_model.safetensors"
     original = weights.read_bytes()
-    weights.write_bytes(original[: len(original) // 2])  # truncated
+    weights.write_bytes(original[: len(original) // 2])  # truncated: found before any work, from its header
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1, bad.output
+    assert "CLIP ViT: weight file open_clip_model.safetensors is truncated" in bad.output
+    # Whole but not what the network needs (another model's tensors): the load fails, one line.
+    save_file({"unrelated": torch.zeros(3)}, weights)
     bad = runner.invoke(app, args)
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1, bad.output
     assert "CLIP ViT" in bad.output and "cannot load" in bad.output
@@ -594,3 +629,44 @@ def test_downloads_give_up_on_a_silent_server(silent_server, monkeypatch, tmp_pa
     monkeypatch.setenv("OVDIFF_FETCH_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="OVDIFF_FETCH_TIMEOUT='soon'"):
         fetch_timeouts()
+
+
+def test_threads_default_to_the_cores_this_process_may_use(monkeypatch):
+    from ovdiff_cli.models.loading import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OVDIFF_THREADS", raising=False)
+        assert set_threads() == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        assert set_threads(1) == 1 == torch.get_num_threads()
+        monkeypatch.setenv("OVDIFF_THREADS", "2")
+        assert set_threads() == 2 == torch.get_num_threads()
+        assert set_threads(1) == 1  # --threads wins over the variable
+        for bad, named in (("0", "OVDIFF_THREADS '0'"), ("two", "OVDIFF_THREADS 'two'")):
+            monkeypatch.setenv("OVDIFF_THREADS", bad)
+            with pytest.raises(ValueError, match=named):
+                set_threads()
+        with pytest.raises(ValueError, match="--threads 0"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_masker_auto_refuses_a_broken_cutler_checkpoint_instead_of_falling_back(tmp_path):
+    """A CutLER checkpoint that is not there means MaskCut with a note; one that is there but cut short is an
+    error naming it (falling back would hide it), unless the run does not use CutLER at all."""
+    from typer.testing import CliRunner
+
+    from ovdiff_cli.cli import app
+
+    ckpt = tmp_path / "cutler.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:-40])
+    args = ["synth", "cat", "--models", f"tiny,cutler={ckpt}", "--n", "1", "--steps", "1", "--k", "2", "-q"]
+    broken = CliRunner().invoke(app, args)
+    assert broken.exit_code == 2 and broken.output.strip().splitlines() == [
+        f"error: CutLER detector: weight file {ckpt} is truncated ({ckpt.stat().st_size:,} bytes; the checkpoint's"
+        " zip directory is missing): fetch it again with `ovdiff models fetch`, or pass a complete folder with"
+        " --models NAME,cutler=PATH"
+    ]
+    assert CliRunner().invoke(app, [*args, "--masker", "maskcut"]).exit_code == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,28 @@ def test_segment_roles_only_what_the_run_needs(cache, tiny_models):
     # everything cached: a dino-only run without the pre-filter needs neither Stable Diffusion nor CLIP
     assert pipeline.segment_roles(classes, opts, seg, tiny_models, cache) == ["dino"]
     assert pipeline.segment_roles(classes, opts, SegmentOptions(), tiny_models, cache) == ["clip", "dino"]
+
+
+def test_cpu_batches_hold_one_image_and_generate_only_what_is_asked(cache, tiny_models, monkeypatch):
+    """On the CPU a padded batch slot costs a whole forward: the default batch there is one image, so --n 1
+    generates one image (not a padded batch of 8) and features run once per image."""
+    from ovdiff_cli import defaults as D
+    from ovdiff_cli import synthesis
+
+    opts = pipeline.SynthOptions(n=1, steps=2, k=2)
+    assert opts.batch_size is None and pipeline.batch_size(opts, tiny_models) == D.CPU_BATCH_SIZE == 1
+    assert pipeline.batch_size(pipeline.SynthOptions(batch_size=3), tiny_models) == 3  # the user's wins
+    assert pipeline.batch_size(pipeline.SynthOptions(n=2, batch_size=8), tiny_models) == 2  # never more than N
+    generated = []
+    real = synthesis.generate
+    monkeypatch.setattr(
+        synthesis,
+        "generate",
+        lambda gen, name, seeds, **kw: generated.append(len(seeds)) or real(gen, name, seeds, **kw),
+    )
+    res = pipeline.synthesize([ClassSpec("cat")], opts, tiny_models, cache)
+    assert generated == [1] and res[0].images_generated == 1
+    # The key records the batch the image was generated in: slot 0 of batch 0 of size 1.
+    key_cpu = pipeline.support_key(tiny_models, "cat", 0, opts)
+    assert key_cpu == pipeline.support_key(tiny_models, "cat", 0, replace(opts, batch_size=1))
+    assert key_cpu != pipeline.support_key(tiny_models, "cat", 0, replace(opts, n=8, batch_size=8))

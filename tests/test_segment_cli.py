@@ -105,8 +105,11 @@ def test_shards_cover_every_image_once(cache_dir, photos, tmp_path):
     assert sorted(seen) == sorted(EXPECTED)  # broken.jpg belongs to one shard and fails there
     env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
     out = tmp_path / "slurm"
-    segment(cache_dir, str(photos), "--classes", "cat,sky", "--out", str(out), env=env)
+    slurm = segment(cache_dir, str(photos), "--classes", "cat,sky", "--out", str(out), env=env)
     assert outputs_of(out) - {"legend.json"} == outputs_of(tmp_path / "out1") - {"legend.json"}
+    # The summary says where the shard came from.
+    origin = "SLURM array (SLURM_ARRAY_TASK_ID=1, SLURM_ARRAY_TASK_COUNT=3)"
+    assert f"; shard 1/3 from {origin}: 2 of 5 images" in slurm.stdout, slurm.stdout
 
 
 def test_no_background_pamr_and_no_overlay(cache_dir, photos, tmp_path):
@@ -149,6 +152,13 @@ def test_out_is_a_file_and_other_vocabulary(cache_dir, photos, tmp_path):
     assert segment(cache_dir, str(photos / "a.jpg"), "--classes", "cat,sky", "--out", str(out)).exit_code == 0
     other = segment(cache_dir, str(photos / "a.jpg"), "--classes", "dog", "--out", str(out))
     assert other.exit_code == 2 and "other classes" in other.output
+    # --overwrite with the new classes: the image's files all come from the new run, none left from the old one.
+    one = segment(cache_dir, str(photos / "a.jpg"), "--classes", "cat,sky", "--out", str(out), "--scores")
+    assert one.exit_code == 0 and outputs_of(out) == {"legend.json", "a.png", "a_overlay.jpg", "a_scores.npz"}
+    args = ["--classes", "dog", "--out", str(out), "--overwrite", "--no-overlay"]
+    new = segment(cache_dir, str(photos / "a.jpg"), *args)
+    assert new.exit_code == 0 and outputs_of(out) == {"legend.json", "a.png"}
+    assert [v["name"] for v in json.loads((out / "legend.json").read_text()).values()] == ["background", "dog"]
 
 
 def test_real_subprocess_json(cache_dir, photos, tmp_path):

@@ -349,3 +349,14 @@ def test_compiled_extractors_give_the_eager_scores(tiny_models):
     eager = S.Segmenter(ps, ext, opts)([img])[0].scores
     compiled = S.Segmenter(ps, ext, opts, compile=True)([img])[0].scores
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+
+
+def test_window_batches_default_to_one_window_on_the_cpu():
+    from ovdiff_cli import defaults as D
+
+    ps = protoset({"x": [[0, 0, 1], [1, 0, 0], [0, 1, 0]]}, channel=[0, 1, 2], source=[1, 1, 2])
+    seg = S.Segmenter(ps, {"x": object()}, S.SegmentOptions(), device="cpu")
+    assert seg.options.batch_size == D.CPU_BATCH_SIZE == 1
+    # 448x448: one 448 window and four 336 windows, each its own batch; no padded slots.
+    assert [size for _, size in seg._batches([torch.zeros(3, 448, 448)])] == [1] * 6
+    assert S.Segmenter(ps, {"x": object()}, S.SegmentOptions(batch_size=4), device="cpu").options.batch_size == 4

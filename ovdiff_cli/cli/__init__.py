@@ -63,7 +63,19 @@ def _environment(argv: list[str]) -> None:
     """
     if argv[1:3] != ["models", "fetch"]:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    if not {"-v", "--verbose"} & set(argv):
+    # OpenMP threads that spin while waiting turn a busy machine into a stalled one (see loading.set_threads).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    verbose, quiet = bool({"-v", "--verbose"} & set(argv)), bool({"-q", "--quiet"} & set(argv))
+    # ovdiff's own messages: notes (random weights...) by default, detail such as load times with -v, only errors
+    # with -q. They go to stderr so that --json output stays clean.
+    ours = logging.getLogger("ovdiff")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
+    ours.propagate = False
+    if not verbose:
         for name, value in (
             ("TRANSFORMERS_VERBOSITY", "error"),
             ("DIFFUSERS_VERBOSITY", "error"),
@@ -96,4 +108,7 @@ def main() -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_INTERRUPTED)
+        # The command finished and reported: a Ctrl-C during the interpreter's teardown has nothing left to stop
+        # and must not turn a finished run into a killed one.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise

@@ -1,4 +1,4 @@
-"""``ovdiff cache info|clear|export|import``."""
+"""``ovdiff cache info|ls|clear|export|import``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from .common import CacheDirOpt, JsonOpt, open_cache, out, user_errors
+from .common import CacheDirOpt, JsonOpt, err, open_cache, out, user_errors
 
-app = typer.Typer(help="Inspect, clear, export or import the cache.", no_args_is_help=True)
+app = typer.Typer(help="List, inspect, clear, export or import the cache.", no_args_is_help=True)
 
 
 @app.command("info")
@@ -35,13 +35,88 @@ def info(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@app.command("ls")
+def ls(
+    cache_dir: CacheDirOpt = None,
+    class_name: Annotated[str | None, typer.Option("--class", help="Only this class's banks.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One row per cached prototype bank: its class and the settings that made it, when, and its size."""
+    from datetime import datetime
+
+    from ..pipeline import cached_banks
+
+    with user_errors(), open_cache(cache_dir) as cache:
+        banks = cached_banks(cache, class_name)
+        where = str(cache.directory)
+    fields = ("model_set", "n", "steps", "seed", "scheduler", "masker", "k", "batch_size", "precision")
+    rows = [
+        {
+            "class": b.class_name,
+            **{f: b.meta.get(f) for f in fields},
+            "extractors": b.extractors,
+            "stored": datetime.fromtimestamp(b.stored_at).astimezone().isoformat(timespec="seconds"),
+            "bytes": b.bytes,
+            "key": b.key,
+        }
+        for b in sorted(banks, key=lambda b: (b.class_name, b.stored_at))
+    ]
+    if as_json:
+        typer.echo(json.dumps({"directory": where, "banks": rows}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(
+        "class",
+        "models",
+        "n",
+        "steps",
+        "seed",
+        "masker",
+        "batch",
+        "precision",
+        "extractors",
+        "stored",
+        "size",
+        title=where,
+    )
+    for r in rows:
+        shown = [r["model_set"], r["n"], r["steps"], r["seed"], r["masker"], r["batch_size"], r["precision"]]
+        table.add_row(
+            r["class"],
+            *("?" if v is None else str(v) for v in shown),
+            ",".join(r["extractors"]),
+            r["stored"].replace("T", " ")[:16],
+            _human(r["bytes"]),
+        )
+    out.print(table)
+    if not rows:
+        out.print("no prototype banks" + (f" for {class_name!r}" if class_name else ""))
+
+
 @app.command("clear")
 def clear(
     cache_dir: CacheDirOpt = None,
-    stage: Annotated[str | None, typer.Option("--stage", help="Only this stage (see `cache info`).")] = None,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="Only this stage: support, proposals or bank (see `cache info`).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Delete cached entries (all, or one stage's)."""
+    """Delete cached entries (all, or one stage's). On a terminal it asks first; --yes skips the question."""
+    from ..cache import STAGES
+
     with user_errors(), open_cache(cache_dir) as cache:
+        if stage is not None and stage not in STAGES:
+            raise ValueError(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")
+        stages = cache.info()
+        chosen = [stage] if stage is not None else list(stages)
+        count = sum(stages.get(s, {}).get("entries", 0) for s in chosen)
+        size = sum(stages.get(s, {}).get("bytes", 0) for s in chosen)
+        what = f"{count} entries ({_human(size)})" + (f" of stage {stage}" if stage else "")
+        asked = count and not yes and _on_a_terminal()
+        if asked and not typer.confirm(f"delete {what} from {cache.directory}?", default=False, err=True):
+            err.print("nothing deleted")
+            raise typer.Exit(1)
         removed = cache.clear(stage)
         where = cache.directory
     out.print(f"removed {removed} entries from {where}")
@@ -84,6 +159,13 @@ def import_(
             added, present = import_entries(cache, entries)
             where = cache.directory
     out.print(f"imported {describe(entries)} into {where}: {added} new, {present} already there")
+
+
+def _on_a_terminal() -> bool:
+    """Whether a person can answer a question (scripts and pipes are never asked)."""
+    import sys
+
+    return sys.stdin.isatty()
 
 
 def _human(n: int) -> str:

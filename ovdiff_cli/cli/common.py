@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +25,10 @@ ModelsOpt = Annotated[
     typer.Option("--models", help="Model set (sd15, tiny), a folder with sd/ dino/ clip/, or NAME,ROLE=PATH,..."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", help="CPU threads [default: $OVDIFF_THREADS, else the cores this process may use]."),
+]
 CacheDirOpt = Annotated[
     Path | None,
     typer.Option("--cache-dir", help="Cache folder [default: $OVDIFF_CACHE or the XDG cache dir]."),
@@ -32,6 +37,10 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help=f"Run seed for suppo
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail while working.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
+SaveOpt = Annotated[
+    Path | None,
+    typer.Option("--save", metavar="FILE", help="Write the same JSON object to FILE ('-': stdout)."),
+]
 
 # What determines a class's prototypes: synth, segment, explain and eval all accept these.
 ClassesFileOpt = Annotated[
@@ -116,6 +125,23 @@ def print_notes(class_names: list[str], quiet: bool = False, more: list[str | No
         err.print(f"note: {note}", highlight=False, markup=False)
 
 
+def emit(doc: dict[str, Any], as_json: bool, save: Path | None, dumps: Callable[[Any], str] | None = None) -> bool:
+    """Deliver a command's result document: to FILE with ``--save`` (atomically; a link is written through, "-",
+    a device or a FIFO is written into), to stdout with ``--json``. Returns whether stdout now holds the document
+    (then the human summary must not be printed)."""
+    import json
+
+    from ..outputs import STDOUT, save_atomically
+
+    text = dumps(doc) if dumps is not None else json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    if save is not None:
+        with user_errors():
+            save_atomically(save, lambda tmp: tmp.write_text(text, encoding="utf-8"), f"--save {save}")
+    if as_json:
+        typer.echo(text, nl=False)
+    return as_json or (save is not None and str(save) == STDOUT)
+
+
 def open_cache(cache_dir: Path | None):
     from ..cache import Cache, default_cache_dir
 
@@ -123,22 +149,47 @@ def open_cache(cache_dir: Path | None):
 
 
 class RichProgress:
-    """Progress bars on a terminal (stderr); nothing when stderr is not a TTY or --quiet."""
+    """Progress on stderr: bars with rate and time left on a terminal; off a terminal (logs, batch jobs), plain
+    lines, one when a stage starts and then one per item at most every PLAIN_EVERY seconds and at its end.
+    Nothing with --quiet."""
+
+    PLAIN_EVERY = 10.0
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self.terminal = sys.stderr.isatty()
         self._progress = None
         self._task = None
+        self._plain: dict[str, Any] = {}
 
     def __enter__(self) -> RichProgress:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        if self.enabled and self.terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                ProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.text import Text
+
+            class Rate(ProgressColumn):
+                def render(self, task) -> Text:
+                    speed = task.finished_speed or task.speed
+                    if not speed:
+                        return Text("")
+                    return Text(f"{speed:.2f}/s" if speed >= 1 else f"{1 / speed:.1f} s each")
 
             self._progress = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
+                Rate(),
                 TimeElapsedColumn(),
+                TextColumn("left"),
+                TimeRemainingColumn(),
                 console=err,
                 transient=False,
             )
@@ -152,7 +203,22 @@ class RichProgress:
     def start(self, label: str, total: int) -> None:
         if self._progress is not None:
             self._task = self._progress.add_task(label, total=total)
+        elif self.enabled:
+            now = time.monotonic()
+            self._plain = {"label": label, "total": total, "done": 0, "t0": now, "last": now}
+            err.print(f"{label}: 0/{total}", highlight=False, markup=False)
 
     def advance(self, n: int = 1) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
+        elif self.enabled and self._plain and n:
+            plain = self._plain
+            plain["done"] += n
+            now = time.monotonic()
+            if plain["done"] >= plain["total"] or now - plain["last"] >= self.PLAIN_EVERY:
+                plain["last"] = now
+                err.print(
+                    f"{plain['label']}: {plain['done']}/{plain['total']} ({now - plain['t0']:.0f} s)",
+                    highlight=False,
+                    markup=False,
+                )

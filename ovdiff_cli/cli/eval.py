@@ -1,7 +1,7 @@
 """``ovdiff eval``: benchmark mIoU (paper section 4) from the shell, shardable, with machine-readable results.
 
 ovdiff eval DATASET --root DIR ...        (= ovdiff eval run DATASET ...)
-ovdiff eval merge PART.json... --json FILE
+ovdiff eval merge PART.json... --save FILE
 ovdiff eval prepare object --coco-stuff-root DIR
 """
 
@@ -18,9 +18,12 @@ from .. import defaults as D
 from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    JsonOpt,
     QuietOpt,
     RichProgress,
+    SaveOpt,
     VerboseOpt,
+    emit,
     err,
     fail,
     given,
@@ -47,31 +50,31 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-JsonFileOpt = Annotated[Path | None, typer.Option("--json", help="Write the result document (JSON) to this file.")]
+
+def _deliver(doc: dict[str, Any], as_json: bool, save: Path | None, quiet: bool, sharded: str = "") -> None:
+    """The result document to --save FILE and/or stdout (--json); else the table and the summary line."""
+    from ..evaluation import dumps
+
+    if not emit(doc, as_json, save, dumps):
+        _print_result(doc, quiet, sharded)
 
 
-def _write(path: Path, text: str) -> None:
-    from ..outputs import save_atomically
-
-    save_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), f"--json {path}")
-
-
-def _print_result(doc: dict[str, Any], quiet: bool) -> None:
-    """The per-class table (unless quiet) and the one summary line."""
+def _print_result(doc: dict[str, Any], quiet: bool, sharded: str = "") -> None:
+    """The per-class table (unless quiet) and the one summary line (``sharded``: which shard this was)."""
     from rich.table import Table
 
     def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}"
+        return "n/a" if v is None else f"{100 * v:.2f}%"  # the document holds fractions and null
 
     if not quiet:
-        table = Table("class", "IoU (%)")
+        table = Table("class", "IoU")
         for name, iou in doc["per_class"].items():
             table.add_row(name, pct(iou))
         out.print(table)
     line = f"mIoU={pct(doc['miou'])}"
     if "miou_std" in doc:
         line = f"mIoU={pct(doc['miou'])} ± {pct(doc['miou_std'])} over {len(doc['seeds'])} seeds"
-    part = f" (partial: shard {doc['shard']['index']}/{doc['shard']['count']})" if doc["shard"]["partial"] else ""
+    part = f" (partial: {sharded})" if sharded else ""
     out.print(f"{line} pixel_acc={pct(doc['pixel_acc'])} {doc['dataset']} {doc['split']} n={doc['n_images']}{part}")
 
 
@@ -90,7 +93,8 @@ def run(
     seeds: Annotated[
         str | None, typer.Option("--seeds", help="Comma list: repeat with support sets from each seed.")
     ] = None,
-    json_file: JsonFileOpt = None,
+    as_json: JsonOpt = False,
+    save: SaveOpt = None,
     save_pred: Annotated[
         Path | None, typer.Option("--save-pred", help="Write predicted label PNGs (dataset ids) here.")
     ] = None,
@@ -114,7 +118,7 @@ def run(
     """Segment every image of DATASET with its own vocabulary and report per-class IoU, mIoU and pixel accuracy."""
     from ..classes import build_class_list, split_list
     from ..datasets import get_dataset, list_samples
-    from ..evaluation import dumps, result_doc
+    from ..evaluation import result_doc
     from ..inputs import resolve_shard
     from ..segmentation import parse_int_list
 
@@ -124,10 +128,10 @@ def run(
             raise ValueError(f"--limit {limit}: must be at least 1")
         samples = list_samples(spec, root, split)[:limit]
         part = resolve_shard(shard)
-        if part.count > 1 and json_file is None:
+        if part.count > 1 and save is None:
             raise ValueError(
                 f"--shard {part.index}/{part.count}: a shard's result is partial;"
-                " give --json FILE to keep it for `ovdiff eval merge`"
+                " give --save FILE to keep it for `ovdiff eval merge`"
             )
         if args.background is not None and args.background != spec.background:
             flag = "--background" if args.background else "--no-background"
@@ -150,13 +154,14 @@ def run(
         if len(set(seed_list)) != len(seed_list):
             raise ValueError(f"--seeds {seeds}: a seed is listed twice")
         mine = part.take(samples)
-        if split == "val" and limit is None and spec.val_images and len(samples) != spec.val_images:
+        if not quiet and split == "val" and limit is None and spec.val_images and len(samples) != spec.val_images:
             err.print(f"note: {dataset} val has {spec.val_images} images; --root holds {len(samples)}")
         run_on = (
             None if pred_dir is not None else prepare(dataclasses.replace(args, background=spec.background), classes)
         )
-        if run_on is not None and run_on.note and not quiet:
-            err.print(f"note: {run_on.note}", highlight=False, markup=False)
+        if run_on is not None and not quiet:
+            for note in run_on.notes:
+                err.print(f"note: {note}", highlight=False, markup=False)
 
     def report(image_id: str, reason: str) -> None:
         err.print(f"[bold red]error:[/] {image_id}: {reason}", markup=True, highlight=False)
@@ -209,10 +214,7 @@ def run(
         context={**context, "limit": limit, "root": str(root)},
         failed=[{"id": i, "reason": r} for i, r in failed],
     )
-    with user_errors():
-        if json_file is not None:
-            _write(json_file, dumps(doc))
-    _print_result(doc, quiet)
+    _deliver(doc, as_json, save, quiet, part.describe(len(mine), len(samples)))
     if failed:
         raise fail(
             f"{len(failed)} of {len(mine)} images could not be scored (listed above); the result leaves them out",
@@ -223,18 +225,17 @@ def run(
 @app.command("merge")
 def merge(
     parts: Annotated[list[Path], typer.Argument(metavar="PART.json", help="The shards' result files, all of them.")],
-    json_file: JsonFileOpt = None,
+    as_json: JsonOpt = False,
+    save: SaveOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Sum the confusion matrices of a sharded run into the complete result (equal to an unsharded run's)."""
-    from ..evaluation import dumps, load_result
+    from ..evaluation import load_result
     from ..evaluation import merge as merge_results
 
     with user_errors():
         doc = merge_results([(str(p), load_result(p)) for p in parts])
-        if json_file is not None:
-            _write(json_file, dumps(doc))
-    _print_result(doc, quiet)
+    _deliver(doc, as_json, save, quiet)
 
 
 @app.command("prepare")

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .. import defaults as D
-from .common import JsonOpt, QuietOpt, RichProgress, VerboseOpt, err, given, out, print_notes, user_errors
+from .common import (
+    JsonOpt,
+    QuietOpt,
+    RichProgress,
+    SaveOpt,
+    VerboseOpt,
+    emit,
+    err,
+    given,
+    out,
+    print_notes,
+    user_errors,
+)
 from .shared import SegmentArgs, prepare, segmentation_options
 
 
@@ -31,6 +42,7 @@ def explain(
         typer.Option("--top", help=f"Winning-class prototypes per extractor [default: {D.EXPLAIN_TOP}]."),
     ] = None,
     as_json: JsonOpt = False,
+    save: SaveOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     *,
@@ -47,15 +59,15 @@ def explain(
     from ..pipeline import build_segmenter, support_image
 
     with user_errors():
-        if out_file is None and not as_json:
-            raise ValueError("nothing to write: give --out FILE.png, --json, or both")
         x, y = parse_xy(xy)
         if top is not None and top < 1:
             raise ValueError(f"--top {top}: must be at least 1")
+        if image.is_dir():
+            raise ValueError(f"IMAGE {image}: is a folder; explain takes one image file (segment takes folders)")
         if not image.is_file():
             raise ValueError(f"IMAGE {image}: no such file")
         run_on = prepare(args)
-        print_notes([c.name for c in run_on.classes], quiet, [run_on.note])
+        print_notes([c.name for c in run_on.classes], quiet, run_on.notes)
         try:
             img = load_image(image, run_on.seg.max_pixels)
         except ImageError as exc:
@@ -76,15 +88,15 @@ def explain(
                 save_atomically(out_file, lambda tmp: picture.save(tmp, format="PNG"), f"--out {out_file}")
     finally:
         cache.close()
-    if as_json:
+    if as_json or save is not None:
         doc = {
             "image": str(image),
             "out": str(out_file) if out_file is not None else None,
             "models": {"name": mdl.spec.name, "hashes": mdl.hashes, "meaningful": mdl.spec.meaningful},
             **expl.to_json(),
         }
-        typer.echo(json.dumps(doc, indent=2))
-        return
+        if emit(doc, as_json, save):
+            return
     runner = f", runner-up {expl.runner_up[1]} ({expl.runner_up[2]:.3f})" if expl.runner_up else ""
     out.print(f"pixel ({x}, {y}) of {image}: {expl.label} ({expl.score:.3f}){runner}")
     for rank, ev in enumerate(expl.prototypes, start=1):

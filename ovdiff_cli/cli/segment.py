@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +14,9 @@ from .common import (
     JsonOpt,
     QuietOpt,
     RichProgress,
+    SaveOpt,
     VerboseOpt,
+    emit,
     err,
     fail,
     out,
@@ -38,6 +40,7 @@ def segment(
         typer.Option("--shard", help="K/N: every N-th image from the K-th [default: SLURM array / torchrun env]."),
     ] = None,
     as_json: JsonOpt = False,
+    save: SaveOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     *,
@@ -57,7 +60,7 @@ def segment(
         items = find_images(inputs, exclude=out_dir)
         part = resolve_shard(shard)
         run_on = prepare(args)
-        print_notes([c.name for c in run_on.classes], quiet, [run_on.note])
+        print_notes([c.name for c in run_on.classes], quiet, run_on.notes)
         class_list, mdl, cache, seg_opts = run_on.classes, run_on.models, run_on.cache, run_on.seg
         legend = build_legend(
             [c.name for c in class_list],
@@ -73,21 +76,22 @@ def segment(
     mine = part.take(items)
     if verbose:
         err.print(f"models {mdl.spec.name} on {mdl.device}; cache {cache.directory}; {seg_opts}")
-        if part.count > 1:
-            err.print(f"shard {part.index}/{part.count} ({part.source}): {len(mine)} of {len(items)} images")
 
     def report(path: Path, reason: str) -> None:
         err.print(f"[bold red]error:[/] {path}: {reason}", markup=True, highlight=False)
 
     plan = plan_outputs(mine, out_dir, overlay=overlay, scores=scores, overwrite=overwrite)
+    prepared = 0.0  # seconds spent on prototypes (synthesising missing classes) and models before segmenting
     try:
         with RichProgress(not quiet) as progress, user_errors():
             # Nothing to do (a finished job run again) loads no model at all.
+            t0 = time.perf_counter()
             segmenter = (
                 build_segmenter(class_list, run_on.synth, seg_opts, mdl, cache, progress, run_on.compile)
                 if plan.todo
                 else None
             )
+            prepared = time.perf_counter() - t0
             run = segment_files(plan, segmenter, legend, progress=progress, on_failure=report)
     except KeyboardInterrupt:
         run = None
@@ -98,23 +102,29 @@ def segment(
         err.print(f"interrupted: {done}run the same command again to finish (finished images are skipped)")
         raise typer.Exit(EXIT_INTERRUPTED)
     fractions = run.timings.fractions(run.seconds)
-    if as_json:
+    synthesised = run_on.missing if plan.todo else []  # classes whose prototypes this run made first
+    shown = False
+    if as_json or save is not None:
         doc = {
             "out": str(out_dir),
             "legend": str(out_dir / "legend.json"),
             "models": {"name": mdl.spec.name, "hashes": mdl.hashes, "meaningful": mdl.spec.meaningful},
-            "shard": {"index": part.index, "count": part.count, "source": part.source},
+            "shard": {"index": part.index, "count": part.count, "source": part.source, "origin": part.origin},
             "images": {"total": run.total, "done": run.done, "skipped": run.skipped, "failed": len(run.failed)},
             "failed": [{"path": str(p), "reason": r} for p, r in run.failed],
             "seconds": round(run.seconds, 3),
+            "prepare_seconds": round(prepared, 3),
+            "synthesised": synthesised,
             "images_per_second": round(run.images_per_second, 3),
             "time_fractions": fractions,
         }
-        typer.echo(json.dumps(doc, indent=2))
-    else:
+        shown = emit(doc, as_json, save)
+    if not shown:
         out.print(
             f"{run.done} segmented, {run.skipped} skipped, {len(run.failed)} failed of {run.total} images"
             f" in {run.seconds:.1f} s ({run.images_per_second:.2f} images/s); outputs in {out_dir}"
+            + (f"; {sharded}" if (sharded := part.describe(len(mine), len(items))) else "")
+            + (f"; before that, synthesised {', '.join(synthesised)} in {prepared:.1f} s" if synthesised else "")
         )
         if verbose:
             err.print("time: " + ", ".join(f"{k} {v:.0%}" for k, v in fractions.items()))

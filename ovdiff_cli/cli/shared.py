@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,6 +32,7 @@ from .common import (
     StepsOpt,
     StuffOpt,
     StuffTableOpt,
+    ThreadsOpt,
     given,
     open_cache,
     synth_options,
@@ -73,6 +74,7 @@ class SegmentArgs:
     extractors: str | None = None
     k: int | None = None
     device: str = "auto"
+    threads: int | None = None
     precision: str = D.PRECISION
     compile: bool = False
     cache_dir: Path | None = None
@@ -112,7 +114,10 @@ _OPTIONS: dict[str, Any] = {
     ],
     "batch_size": Annotated[
         int | None,
-        typer.Option("--batch-size", help=f"Windows per network forward [default: {D.SEGMENT_BATCH_SIZE}]."),
+        typer.Option(
+            "--batch-size",
+            help=f"Windows per network forward [default: {D.SEGMENT_BATCH_SIZE}; {D.CPU_BATCH_SIZE} on the CPU].",
+        ),
     ],
     "max_pixels": Annotated[
         int | None,
@@ -126,6 +131,7 @@ _OPTIONS: dict[str, Any] = {
     "extractors": ExtractorsOpt,
     "k": KOpt,
     "device": DeviceOpt,
+    "threads": ThreadsOpt,
     "precision": PrecisionOpt,
     "compile": Annotated[
         bool, typer.Option("--compile", help="torch.compile the feature extractors (pays off on long CUDA runs).")
@@ -175,7 +181,10 @@ class Prepared:
     synth: SynthOptions
     seg: SegmentOptions
     compile: bool = False
-    note: str | None = None  # e.g. --masker auto could not use CutLER for the classes it must synthesise
+    # Said before any work: which classes will be synthesised first and why, and whether --masker auto could not
+    # use CutLER for them.
+    notes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # the classes without a cached bank for these settings
 
 
 def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepared:
@@ -187,8 +196,8 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
     """
     from ..classes import build_class_list, split_list
     from ..models import resolve_models
-    from ..models.loading import Models, resolve_device
-    from ..pipeline import masker_note, missing_banks, segment_roles
+    from ..models.loading import Models, resolve_device, set_threads
+    from ..pipeline import masker_note, missing_banks, segment_roles, synthesis_notes
     from ..segmentation import SegmentOptions
 
     if classes is None:
@@ -223,12 +232,16 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
             max_pixels=args.max_pixels,
         )
     )
+    set_threads(args.threads)
     models = Models(spec, resolve_device(args.device), args.precision)
     cache = open_cache(args.cache_dir)
     try:
         models.check_available(segment_roles(classes, synth, seg, models, cache))
-        note = masker_note(synth, models) if missing_banks(classes, synth, models, cache) else None
+        missing = missing_banks(classes, synth, models, cache)
+        notes = synthesis_notes(missing, synth, models, cache)
+        if missing and (masker := masker_note(synth, models)):
+            notes.append(masker)
     except BaseException:
         cache.close()
         raise
-    return Prepared(classes, models, cache, synth, seg, args.compile, note)
+    return Prepared(classes, models, cache, synth, seg, args.compile, notes, missing)

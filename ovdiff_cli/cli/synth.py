@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -23,12 +22,15 @@ from .common import (
     PrecisionOpt,
     QuietOpt,
     RichProgress,
+    SaveOpt,
     SchedulerOpt,
     SeedOpt,
     StepsOpt,
     StuffOpt,
     StuffTableOpt,
+    ThreadsOpt,
     VerboseOpt,
+    emit,
     err,
     given,
     open_cache,
@@ -51,14 +53,19 @@ def synth(
     extractors: ExtractorsOpt = None,
     k: KOpt = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help=f"Images per network batch [default: {D.BATCH_SIZE}].")
+        int | None,
+        typer.Option(
+            "--batch-size", help=f"Images per network batch [default: {D.BATCH_SIZE}; {D.CPU_BATCH_SIZE} on the CPU]."
+        ),
     ] = None,
     stuff: StuffOpt = None,
     stuff_table: StuffTableOpt = None,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     precision: PrecisionOpt = D.PRECISION,
     cache_dir: CacheDirOpt = None,
     as_json: JsonOpt = False,
+    save: SaveOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -70,7 +77,7 @@ def synth(
             classes, classes_file, split_list(stuff) if stuff else None, **given(stuff_table=stuff_table)
         )
         from ..models import resolve_models
-        from ..models.loading import Models, resolve_device
+        from ..models.loading import Models, resolve_device, set_threads
         from ..pipeline import effective_masker, masker_note, synthesize
 
         spec = resolve_models(models or DEFAULT_MODELS)
@@ -84,6 +91,7 @@ def synth(
             k=k,
             batch_size=batch_size,
         )
+        set_threads(threads)
         mdl = Models(spec, resolve_device(device), precision)
         mdl.check_available(["sd", "dino", "clip"])
         masker_name = effective_masker(opts, mdl)
@@ -101,7 +109,7 @@ def synth(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         cache.close()
-    if as_json:
+    if as_json or save is not None:
         doc = {
             "models": {"name": spec.name, "hashes": mdl.hashes, "meaningful": spec.meaningful},
             "masker": masker_name,
@@ -119,8 +127,8 @@ def synth(
                 for r in results
             ],
         }
-        typer.echo(json.dumps(doc, indent=2))
-        return
+        if emit(doc, as_json, save):
+            return
     from rich.table import Table
 
     table = Table("class", "images new", "images cached", "prototypes class/instance/part", "digest", "seconds")

@@ -59,6 +59,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     truncated or foreign file, and for a pickle that ``weights_only`` loading refuses.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; expected a checkpoint file (.pth or .safetensors)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":

@@ -6,8 +6,9 @@ Heavy imports live here and are only paid by commands that run models.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,12 +23,14 @@ from .registry import (
     Component,
     ModelSetSpec,
     ModelUnavailable,
+    WeightsMissing,
     component_hash,
     local_snapshot,
     weight_files,
 )
 
 CONTEXT_LENGTH = 77
+log = logging.getLogger("ovdiff")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -51,6 +54,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: MPS is not available on this machine (try --device cpu)")
     return torch.device(name)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set the threads torch's CPU kernels use and return how many: ``threads``, else ``$OVDIFF_THREADS``, else the
+    cores this process may run on (its affinity mask, which taskset, cgroups and schedulers narrow), not every core
+    of the machine. Raises ValueError naming a bad value.
+
+    OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set by the CLI before torch loads): spinning threads
+    on a machine where another process holds a core made runs ten times slower.
+    """
+    value: int | str | None = threads if threads is not None else os.environ.get("OVDIFF_THREADS")
+    if value is None:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    else:
+        source = "--threads" if threads is not None else "OVDIFF_THREADS"
+        try:
+            count = int(value)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"{source} {value!r}: expected a whole number of threads, at least 1")
+    torch.set_num_threads(count)
+    return count
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -157,13 +183,17 @@ def _build_random_generator(comp: Component) -> tuple[Any, Any, Any, dict]:
     return unet, vae, text, dict(cfg["scheduler"])
 
 
-def _load_hub_generator(path: Path) -> tuple[Any, Any, Any, dict]:
+def _load_hub_generator(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any, dict]:
+    """SD's parts read from their safetensors straight into ``dtype`` on ``device``: the networks are built on the
+    meta device (accelerate), so no random initialisation runs and no float32 copy of 4 GB is ever made."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    place = {"device_map": str(device)} if device.type != "cpu" else {}
+    common = {"low_cpu_mem_usage": True, **place}
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **common)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **common)
+    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **common)
     config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return unet, vae, text, config
 
@@ -181,7 +211,7 @@ def load_generator(comp: Component, device: torch.device, dtype: torch.dtype, de
     if comp.builtin:
         unet, vae, text, sched = _build_random_generator(comp)
     else:
-        unet, vae, text, sched = _load_hub_generator(local_snapshot(comp))
+        unet, vae, text, sched = _load_hub_generator(local_snapshot(comp), device, dtype)
     if not decoder:
         vae.decoder = vae.post_quant_conv = None
     for m in (unet, vae, text):
@@ -211,6 +241,10 @@ def load_dino(comp: Component, device: torch.device, dtype: torch.dtype) -> torc
     return _prepare(model, device, dtype)
 
 
+# open_clip's names for casting every weight (its plain "fp16"/"bf16" keep some layers in float32).
+_OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}
+
+
 def load_clip(comp: Component, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """An open_clip CLIP model (image and text towers)."""
     import open_clip
@@ -229,7 +263,13 @@ def load_clip(comp: Component, device: torch.device, dtype: torch.dtype) -> torc
     else:
         # OpenAI's CLIP weights were trained with QuickGELU; a config that forgets to say so loads them silently
         # under the wrong activation.
-        model = open_clip.create_model(f"local-dir:{local_snapshot(comp)}", force_quick_gelu=True)
+        model = open_clip.create_model(
+            f"local-dir:{local_snapshot(comp)}",
+            force_quick_gelu=True,
+            require_pretrained=True,
+            precision=_OPEN_CLIP_PRECISION[dtype],
+            device=device,
+        )
     return _prepare(model, device, dtype)
 
 
@@ -286,6 +326,7 @@ class Models:
         self.precision = precision
         self.dtypes = resolve_precision(precision, device)
         self._loaded: dict[str, Any] = {}
+        self.load_seconds: dict[str, float] = {}  # role -> seconds its last load took (building or reading)
 
     def dtype(self, role: str) -> torch.dtype:
         """The dtype network ``role`` runs in (see :func:`resolve_precision`)."""
@@ -294,12 +335,16 @@ class Models:
     @cached_property
     def hashes(self) -> dict[str, str]:
         """role -> model hash, for cache keys. The optional CutLER detector is left out when its checkpoint is not
-        on this machine (no key can use it then); a missing main network raises ModelUnavailable when asked."""
-        return {
-            role: component_hash(comp)
-            for role, comp in self.spec.components.items()
-            if role != "cutler" or self.has_weights(role)
-        }
+        on this machine or is broken (no key can use it then; --masker auto says so); a missing main network raises
+        ModelUnavailable when asked."""
+        out = {}
+        for role, comp in self.spec.components.items():
+            try:
+                out[role] = component_hash(comp)
+            except ModelUnavailable:
+                if role != "cutler":
+                    raise
+        return out
 
     def get(self, role: str, *, decoder: bool = True) -> Any:
         """The loaded network for ``role`` ("sd" -> :class:`Generator`, "dino", "clip" -> nn.Module).
@@ -314,12 +359,16 @@ class Models:
             global _NOTICE_SHOWN
             if not self.spec.meaningful and not _NOTICE_SHOWN:
                 _NOTICE_SHOWN = True
-                print(
-                    f"note: model set '{self.spec.name}' has random weights: results are not meaningful",
-                    file=sys.stderr,
-                )
+                log.warning("note: model set '%s' has random weights: results are not meaningful", self.spec.name)
             extra = {"decoder": decoder} if role == "sd" else {}
+            t0 = time.perf_counter()
             self._loaded[role] = _load(role, self.spec.components[role], self.device, self.dtype(role), **extra)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = self.load_seconds[role] = time.perf_counter() - t0
+            log.info(
+                "loaded %s in %.1f s (%s, %s)", ROLE_TITLES[role], seconds, dtype_name(self.dtype(role)), self.device
+            )
         return self._loaded[role]
 
     def check_available(self, roles: list[str]) -> None:
@@ -332,9 +381,10 @@ class Models:
                 weight_files(comp)
 
     def has_weights(self, role: str) -> bool:
-        """Whether network ``role`` can be loaded here (built in, or its weights are on this machine)."""
+        """Whether network ``role``'s weights are here (built in, or on this machine). Weights that are here but
+        broken (empty, cut short) raise ModelUnavailable: falling back to another network would hide them."""
         try:
             self.check_available([role])
-        except ModelUnavailable:
+        except WeightsMissing:
             return False
         return True

@@ -40,7 +40,11 @@ RANDOM = "random"  # the pseudo-library of networks built in-process with seeded
 
 
 class ModelUnavailable(RuntimeError):
-    """A model's weights are not on this machine (and must not be downloaded implicitly)."""
+    """A model's weights cannot be used: not on this machine (and never downloaded implicitly), or broken."""
+
+
+class WeightsMissing(ModelUnavailable):
+    """The weights are simply not on this machine (as opposed to present but empty or cut short)."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,7 @@ def _checkpoint_in(path: Path) -> Path:
         (p for p in path.iterdir() if p.suffix in _CHECKPOINT_SUFFIXES), key=lambda p: p.suffix != ".safetensors"
     )
     if not found:
-        raise ModelUnavailable(f"CutLER detector: no checkpoint ({', '.join(_CHECKPOINT_SUFFIXES)}) in {path}")
+        raise WeightsMissing(f"CutLER detector: no checkpoint ({', '.join(_CHECKPOINT_SUFFIXES)}) in {path}")
     return found[0]
 
 
@@ -260,12 +264,12 @@ def local_snapshot(comp: Component) -> Path:
     if comp.local:
         path = Path(comp.local)
         if not path.exists():
-            raise ModelUnavailable(f"{ROLE_TITLES[comp.role]}: local path {path} does not exist")
+            raise WeightsMissing(f"{ROLE_TITLES[comp.role]}: local path {path} does not exist")
         return _checkpoint_in(path) if comp.role == "cutler" else path
     if comp.url:
         path = weights_dir() / comp.role / comp.url.rsplit("/", 1)[-1]
         if not path.is_file():
-            raise ModelUnavailable(
+            raise WeightsMissing(
                 f"{ROLE_TITLES[comp.role]} weights ({comp.url}) are not in {path.parent}: run `ovdiff models fetch`"
                 f" on a machine with internet and share OVDIFF_WEIGHTS, or pass --models NAME,{comp.role}=PATH"
             )
@@ -284,7 +288,7 @@ def local_snapshot(comp: Component) -> Path:
             )
         )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
-        raise ModelUnavailable(
+        raise WeightsMissing(
             f"{ROLE_TITLES[comp.role]} weights ({comp.hub_id}@{comp.revision or 'main'}) are not in the "
             f"Hugging Face cache {_hf_cache_dir()}: run `ovdiff models fetch` on a machine with internet and "
             f"share HF_HOME, pass local folders with --models PATH (sd/ dino/ clip/) or "
@@ -293,7 +297,8 @@ def local_snapshot(comp: Component) -> Path:
 
 
 def weight_files(comp: Component) -> list[Path]:
-    """Every file this component's weights are loaded from, checked present and non-empty, without loading them.
+    """Every file this component's weights are loaded from, checked present, non-empty and not cut short (from the
+    files' own framing: safetensors headers, zip directories), without loading them.
 
     Raises ModelUnavailable naming the first missing or empty file and how to provide the weights.
     """
@@ -301,14 +306,44 @@ def weight_files(comp: Component) -> list[Path]:
     names = comp.allow_patterns or ROLE_FILES.get(comp.role, ())
     files = [root] if root.is_file() else [root / rel for rel in names]  # a file: a CutLER checkpoint
     for f in files:
+        state = None
         if not f.is_file() or f.stat().st_size == 0:
             state = "is empty" if f.is_file() else "is missing"
-            rel = f.relative_to(root) if f != root else f.name
-            raise ModelUnavailable(
-                f"{ROLE_TITLES[comp.role]}: weight file {rel} {state} in {root}: fetch it again with"
+        else:
+            state = _incomplete(f)
+        if state:
+            named = f"{f.relative_to(root)} {state} in {root}" if f != root else f"{f} {state}"
+            raise (WeightsMissing if state == "is missing" else ModelUnavailable)(
+                f"{ROLE_TITLES[comp.role]}: weight file {named}: fetch it again with"
                 f" `ovdiff models fetch`, or pass a complete folder with --models NAME,{comp.role}=PATH"
             )
     return files
+
+
+def _incomplete(path: Path) -> str | None:
+    """Why a weight file is visibly cut short, from its own framing and without reading its tensors; None if it
+    looks whole. A safetensors file must end exactly where its header's last tensor ends; a zip-format torch
+    checkpoint must have its central directory (written last)."""
+    import zipfile
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if path.suffix == ".safetensors":
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else size
+            if 8 + header_len > size:
+                return f"is truncated ({size:,} bytes, shorter than its own header)"
+            try:
+                header = json.loads(f.read(header_len))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                return "is not a safetensors file (its header cannot be read)"
+            expected = 8 + header_len + end
+            if expected != size:
+                return f"is truncated ({size:,} bytes where its header lists {expected:,})"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return f"is truncated ({size:,} bytes; the checkpoint's zip directory is missing)"
+    return None
 
 
 def component_hash(comp: Component) -> str:

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from .registry import DIFFUSERS_FILES, ROLE_FILES, SD_FEATURE_LAYERS, Component, ModelSetSpec, register_model_set
 
-# Pinned hub revisions: a cache key names the commit, so results never silently change under a user.
+# Pinned hub revisions: a download always fetches these exact files, and a cache key names the commit and the weight
+# files' sha256, so results never silently change under a user. To move a pin: change the commit here, run
+# `ovdiff models fetch sd15`, and expect every cached entry of that network to be recomputed (its keys change).
 SD15_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+# At this commit open_clip_model.safetensors has sha256 4b8699299b1e8997753c64b052ba32031449d5d853f55a039148560ee02b820f
+CLIP_REVISION = "977e3dd0ec55ab8da155f2fbeb6b5f54948b6e3d"
+# DINO stays on `main`: no commit of timm/vit_base_patch8_224.dino holding model.safetensors could be verified offline.
+# Its cache keys still name the exact weights (the weight file's sha256), so a moved `main` changes keys, never
+# serves stale results.
+DINO_REVISION = "main"
 
 # Only the diffusers-format fp32 safetensors: the repo also holds 4-8 GB of single-file checkpoints we never use.
 SD15_FILES = DIFFUSERS_FILES
@@ -33,7 +41,7 @@ def sd15() -> ModelSetSpec:
                 "timm",
                 "vit_base_patch8_224.dino",
                 hub_id="timm/vit_base_patch8_224.dino",
-                revision="main",
+                revision=DINO_REVISION,
                 allow_patterns=ROLE_FILES["dino"],
             ),
             "clip": Component(
@@ -41,7 +49,7 @@ def sd15() -> ModelSetSpec:
                 "open_clip",
                 "ViT-B-16",
                 hub_id="timm/vit_base_patch16_clip_224.openai",
-                revision="main",
+                revision=CLIP_REVISION,
                 allow_patterns=ROLE_FILES["clip"],
             ),
             # CutLER's released Cascade Mask R-CNN (its README's download link); not on the Hugging Face hub.
