@@ -666,7 +666,85 @@ def test_masker_auto_refuses_a_broken_cutler_checkpoint_instead_of_falling_back(
     broken = CliRunner().invoke(app, args)
     assert broken.exit_code == 2 and broken.output.strip().splitlines() == [
         f"error: CutLER detector: weight file {ckpt} is truncated ({ckpt.stat().st_size:,} bytes; the checkpoint's"
-        " zip directory is missing): fetch it again with `ovdiff models fetch`, or pass a complete folder with"
-        " --models NAME,cutler=PATH"
+        " zip directory is missing): pass a complete file with --models NAME,cutler=PATH"
     ]
     assert CliRunner().invoke(app, [*args, "--masker", "maskcut"]).exit_code == 0
+
+
+# --- issue 16: other names, hints, incomplete folders, fetch --to -------------------------------------------------
+
+
+def test_sd_commit_is_found_under_the_repository_s_other_names(hub_cache):
+    spec = resolve_models("sd15")
+    sd = spec.components["sd"]
+    with pytest.raises(ModelUnavailable) as info:
+        local_snapshot(sd)
+    msg = str(info.value)
+    assert "nor under runwayml/stable-diffusion-v1-5 or sd-legacy/stable-diffusion-v1-5" in msg
+    assert "run `ovdiff models fetch sd15`" in msg  # the hint names the set to fetch
+    snap = _fake_snapshot(hub_cache, "runwayml/stable-diffusion-v1-5", SD15_REVISION, list(ROLE_FILES["sd"]), ref=None)
+    assert Path(local_snapshot(sd)).resolve() == snap.resolve()
+    assert component_hash(sd).startswith(SD15_REVISION + "-")
+
+
+def test_an_incomplete_folder_is_listed_as_incomplete_with_its_file(tmp_path):
+    root = _fake_model_folder(tmp_path / "models")
+    comp = resolve_models(str(root)).components["clip"]
+    assert presence(comp) == "present"
+    weights = root / "clip" / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])
+    status = presence(comp)
+    assert status.startswith("incomplete: open_clip_model.safetensors is truncated (") and str(root) in status
+    weights.unlink()
+    assert presence(comp) == "missing"
+
+
+def test_models_list_piped_prints_whole_values():
+    from typer.testing import CliRunner
+
+    from ovdiff_cli.cli import app
+
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 0
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    sd = next(r for r in rows if r[:2] == ["sd15", "Stable Diffusion"])
+    assert sd == ["sd15", "Stable Diffusion", f"stable-diffusion-v1-5/stable-diffusion-v1-5@{SD15_REVISION}", "missing"]
+
+
+def test_fetch_to_hard_links_or_copies_and_replaces_dangling_links(hub_cache, tmp_path):
+    from ovdiff_cli.models.registry import lay_out
+
+    dino = resolve_models("sd15").components["dino"]
+    snap = _fake_snapshot(hub_cache, "timm/vit_base_patch8_224.dino", "ab" * 20, ["model.safetensors", "config.json"])
+    target = tmp_path / "layout" / "dino"
+    target.parent.mkdir()
+    target.symlink_to(tmp_path / "gone", target_is_directory=True)  # left by an older `--to`: points nowhere
+    said = lay_out(dino, snap, target)
+    assert said == f"{target}: 2 files (2 hard-linked)"
+    assert not target.is_symlink() and all(not (target / n).is_symlink() for n in ("model.safetensors", "config.json"))
+    assert (target / "model.safetensors").read_bytes() == (snap / "model.safetensors").read_bytes()
+    assert lay_out(dino, snap, target) == f"{target}: 2 files (2 already there)"
+    linked = tmp_path / "linked"
+    assert lay_out(dino, snap, linked, link=True) == f"{linked}: 2 files (2 symlinked)"
+    assert (linked / "config.json").is_symlink() and (linked / "config.json").exists()
+    # The laid-out folder is a model folder: --models NAME,dino=PATH reads it.
+    assert presence(resolve_models(f"sd15,dino={target}").components["dino"]) == "present"
+
+
+def test_clip_from_a_folder_runs_quickgelu_even_when_its_config_forgets_it(tmp_path):
+    """OpenAI's CLIP weights were trained with QuickGELU: a folder whose config lacks `quick_gelu` must not load
+    them under plain GELU."""
+    from open_clip.transformer import QuickGELU
+    from safetensors.torch import save_file
+
+    from ovdiff_cli.models.tiny import TINY_CLIP
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    assert "quick_gelu" not in TINY_CLIP
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    tiny = Models(resolve_models("tiny"), torch.device("cpu")).get("clip")
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, folder / "open_clip_model.safetensors")
+    clip = Models(resolve_models(f"tiny,clip={folder}"), torch.device("cpu")).get("clip")
+    acts = [type(m) for m in clip.modules() if isinstance(m, QuickGELU | torch.nn.GELU)]
+    assert acts and set(acts) == {QuickGELU}

@@ -75,6 +75,13 @@ ExtractorsOpt = Annotated[
     typer.Option("--extractors", help=f"Comma list of sd, dino, clip [default: {','.join(D.EXTRACTORS)}]."),
 ]
 KOpt = Annotated[int | None, typer.Option("--k", help=f"Part prototypes per class and region [default: {D.K_PARTS}].")]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help=f"Support images per network batch, at most --n [default: {D.BATCH_SIZE}; {D.CPU_BATCH_SIZE} on the CPU].",
+    ),
+]
 
 DEFAULT_MODELS = "sd15"
 

@@ -30,12 +30,18 @@ def list_(as_json: JsonOpt = False) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    if not out.is_terminal:  # piped or logged: whole values, one tab-separated line per network, never cut
+        for row in rows:
+            for role, c in row["components"].items():
+                typer.echo("\t".join([row["name"], ROLE_TITLES[role], c["source"], c["status"]]))
+        return
     from rich.table import Table
 
     table = Table("set", "network", "source", "status")
     for row in rows:
         for i, (role, c) in enumerate(row["components"].items()):
-            style = {"missing": "red", "present": "green"}.get(c["status"], "cyan")
+            style = {"missing": "red", "present": "green"}.get(c["status"].split(":")[0], "yellow")
+            style = "cyan" if c["status"] == "built-in" else style
             table.add_row(row["name"] if i == 0 else "", ROLE_TITLES[role], c["source"], f"[{style}]{c['status']}")
         table.add_section()
     out.print(table)
@@ -49,6 +55,10 @@ def fetch(
         Path | None,
         typer.Option("--to", help="Also lay the weights out in this folder (sd/, dino/, clip/) for --models PATH."),
     ] = None,
+    link: Annotated[
+        bool,
+        typer.Option("--link", help="With --to: symlink into the download cache instead of hard-linking or copying."),
+    ] = False,
 ) -> None:
     """Download a model set's pinned revisions into the Hugging Face cache (for offline compute nodes)."""
     from ..models.registry import MODEL_SETS, list_model_sets
@@ -72,12 +82,11 @@ def fetch(
                 raise
             except Exception as exc:  # network errors: OSError, httpx timeouts, hub HTTP errors
                 raise fail(_download_failure(comp, exc), code=1) from None
-            if to is not None:
-                target = to / role
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if not target.exists():
-                    target.symlink_to(path, target_is_directory=path.is_dir())
             out.print(f"  {role}: {path}")
+            if to is not None:
+                from ..models.registry import lay_out
+
+                out.print(f"  {lay_out(comp, path, to / role, link)}")
 
 
 def _download_failure(comp, exc: Exception) -> str:

@@ -18,6 +18,7 @@ import typer
 from .. import defaults as D
 from .common import (
     DEFAULT_MODELS,
+    BatchSizeOpt,
     CacheDirOpt,
     ClassesFileOpt,
     DeviceOpt,
@@ -64,7 +65,7 @@ class SegmentArgs:
     short_side: int | None = None
     background: bool | None = None
     stuff_threshold: float | None = None
-    batch_size: int | None = None
+    window_batch: int | None = None
     max_pixels: int | None = None
     n: int | None = None
     steps: int | None = None
@@ -73,6 +74,7 @@ class SegmentArgs:
     masker: str | None = None
     extractors: str | None = None
     k: int | None = None
+    batch_size: int | None = None
     device: str = "auto"
     threads: int | None = None
     precision: str = D.PRECISION
@@ -112,10 +114,10 @@ _OPTIONS: dict[str, Any] = {
         float | None,
         typer.Option("--stuff-threshold", help=f"Stuff filter similarity [default: {D.STUFF_THRESHOLD}]."),
     ],
-    "batch_size": Annotated[
+    "window_batch": Annotated[
         int | None,
         typer.Option(
-            "--batch-size",
+            "--window-batch",
             help=f"Windows per network forward [default: {D.SEGMENT_BATCH_SIZE}; {D.CPU_BATCH_SIZE} on the CPU].",
         ),
     ],
@@ -130,6 +132,7 @@ _OPTIONS: dict[str, Any] = {
     "masker": MaskerOpt,
     "extractors": ExtractorsOpt,
     "k": KOpt,
+    "batch_size": BatchSizeOpt,
     "device": DeviceOpt,
     "threads": ThreadsOpt,
     "precision": PrecisionOpt,
@@ -216,6 +219,7 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
         masker=args.masker,
         extractors=args.extractors,
         k=args.k,
+        batch_size=args.batch_size,
     )
     seg = SegmentOptions(
         **given(
@@ -228,7 +232,7 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
             eta=args.eta,
             stuff_threshold=args.stuff_threshold,
             pamr=args.pamr,
-            batch_size=args.batch_size,
+            batch_size=args.window_batch,
             max_pixels=args.max_pixels,
         )
     )

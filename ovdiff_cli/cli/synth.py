@@ -10,6 +10,7 @@ from .. import defaults as D
 from .common import (
     DEFAULT_MODELS,
     EXIT_INTERRUPTED,
+    BatchSizeOpt,
     CacheDirOpt,
     ClassesFileOpt,
     DeviceOpt,
@@ -52,12 +53,7 @@ def synth(
     masker: MaskerOpt = None,
     extractors: ExtractorsOpt = None,
     k: KOpt = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size", help=f"Images per network batch [default: {D.BATCH_SIZE}; {D.CPU_BATCH_SIZE} on the CPU]."
-        ),
-    ] = None,
+    batch_size: BatchSizeOpt = None,
     stuff: StuffOpt = None,
     stuff_table: StuffTableOpt = None,
     device: DeviceOpt = "auto",

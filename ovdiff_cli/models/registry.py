@@ -68,6 +68,10 @@ class Component:
     local: str | None = None
     config: dict = field(default_factory=dict)
     init_seed: int = 0
+    # Other hub names of the same repository (renamed or mirrored): a user's cache may hold the pinned commit there.
+    hub_aliases: tuple[str, ...] = ()
+    # The model set whose `ovdiff models fetch` downloads this component (for hints); None for local overrides.
+    fetch_set: str | None = None
 
     @property
     def builtin(self) -> bool:
@@ -270,7 +274,7 @@ def local_snapshot(comp: Component) -> Path:
         path = weights_dir() / comp.role / comp.url.rsplit("/", 1)[-1]
         if not path.is_file():
             raise WeightsMissing(
-                f"{ROLE_TITLES[comp.role]} weights ({comp.url}) are not in {path.parent}: run `ovdiff models fetch`"
+                f"{ROLE_TITLES[comp.role]} weights ({comp.url}) are not in {path.parent}: run {_fetch_hint(comp)}"
                 f" on a machine with internet and share OVDIFF_WEIGHTS, or pass --models NAME,{comp.role}=PATH"
             )
         return path
@@ -278,22 +282,30 @@ def local_snapshot(comp: Component) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
-        return Path(
-            snapshot_download(
-                comp.hub_id,
-                revision=comp.revision,
-                allow_patterns=list(comp.allow_patterns) or None,
-                local_files_only=True,
+    for repo in (comp.hub_id, *comp.hub_aliases):
+        try:
+            return Path(
+                snapshot_download(
+                    repo,
+                    revision=comp.revision,
+                    allow_patterns=list(comp.allow_patterns) or None,
+                    local_files_only=True,
+                )
             )
-        )
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
-        raise WeightsMissing(
-            f"{ROLE_TITLES[comp.role]} weights ({comp.hub_id}@{comp.revision or 'main'}) are not in the "
-            f"Hugging Face cache {_hf_cache_dir()}: run `ovdiff models fetch` on a machine with internet and "
-            f"share HF_HOME, pass local folders with --models PATH (sd/ dino/ clip/) or "
-            f"--models NAME,{comp.role}=PATH, or use --models tiny"
-        ) from exc
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+            continue
+    also = f" (nor under {' or '.join(comp.hub_aliases)} at that revision)" if comp.hub_aliases else ""
+    raise WeightsMissing(
+        f"{ROLE_TITLES[comp.role]} weights ({comp.hub_id}@{comp.revision or 'main'}) are not in the "
+        f"Hugging Face cache {_hf_cache_dir()}{also}: run {_fetch_hint(comp)} on a machine with internet and "
+        f"share HF_HOME, pass local folders with --models PATH (sd/ dino/ clip/) or "
+        f"--models NAME,{comp.role}=PATH, or use --models tiny"
+    )
+
+
+def _fetch_hint(comp: Component) -> str:
+    """The command that downloads ``comp``: "`ovdiff models fetch sd15`" (the set is named when known)."""
+    return f"`ovdiff models fetch {comp.fetch_set}`" if comp.fetch_set else "`ovdiff models fetch`"
 
 
 def weight_files(comp: Component) -> list[Path]:
@@ -313,9 +325,10 @@ def weight_files(comp: Component) -> list[Path]:
             state = _incomplete(f)
         if state:
             named = f"{f.relative_to(root)} {state} in {root}" if f != root else f"{f} {state}"
+            again = f"fetch it again with {_fetch_hint(comp)}, or " if comp.fetch_set else ""
             raise (WeightsMissing if state == "is missing" else ModelUnavailable)(
-                f"{ROLE_TITLES[comp.role]}: weight file {named}: fetch it again with"
-                f" `ovdiff models fetch`, or pass a complete folder with --models NAME,{comp.role}=PATH"
+                f"{ROLE_TITLES[comp.role]}: weight file {named}: {again}pass a complete"
+                f" {'file' if f == root else 'folder'} with --models NAME,{comp.role}=PATH"
             )
     return files
 
@@ -428,13 +441,17 @@ def _save_digest_memo(memo: dict[str, str]) -> None:
 
 
 def presence(comp: Component) -> str:
-    """Human-readable availability of one component: 'built-in', 'present' or 'missing'."""
+    """Human-readable availability of one component: 'built-in', 'present', 'missing', or 'incomplete: FILE is
+    truncated (...)' when its files are here but one is empty or cut short (found from headers, nothing loaded)."""
     if comp.builtin:
         return "built-in"
     try:
         weight_files(comp)
-    except ModelUnavailable:
+    except WeightsMissing:
         return "missing"
+    except ModelUnavailable as exc:
+        detail = str(exc).split("weight file ", 1)[-1].split(":", 1)[0]
+        return f"incomplete: {detail}"
     return "present"
 
 
@@ -474,6 +491,45 @@ def _hub_client_with_timeouts() -> None:
         )
 
     set_client_factory(factory)
+
+
+def lay_out(comp: Component, source: Path, target: Path, link: bool = False) -> str:
+    """Put a fetched component's weight files under ``target`` (``models fetch --to``) and say what was written.
+
+    Files are hard-linked from the download cache where the file system allows it, else copied, so the folder
+    works on machines that do not share that cache; ``link`` makes symlinks instead. A file already there with
+    the same size is kept; a link pointing nowhere, or a file of another size, is replaced. A CutLER checkpoint
+    keeps its file name inside ``target``.
+    """
+    import os
+    import shutil
+
+    names = [source.name] if source.is_file() else list(comp.allow_patterns or ROLE_FILES.get(comp.role, ()))
+    base = source.parent if source.is_file() else source
+    counts = {"hard-linked": 0, "copied": 0, "symlinked": 0, "already there": 0}
+    if target.is_symlink() and not target.exists():
+        target.unlink()  # a dangling link from an older layout: never keep it
+    for rel in names:
+        src, dst = (base / rel).resolve(), target / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_symlink() and not dst.exists():
+            dst.unlink()
+        if dst.exists() and not dst.is_symlink() and dst.stat().st_size == src.stat().st_size:
+            counts["already there"] += 1
+            continue
+        dst.unlink(missing_ok=True)
+        if link:
+            dst.symlink_to(src)
+            counts["symlinked"] += 1
+            continue
+        try:
+            os.link(src, dst)
+            counts["hard-linked"] += 1
+        except OSError:  # another file system, or links not allowed: a copy always works
+            shutil.copy2(src, dst)
+            counts["copied"] += 1
+    done = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    return f"{target}: {len(names)} files ({done})"
 
 
 def fetch(comp: Component) -> Path:

@@ -35,6 +35,9 @@ def sd15() -> ModelSetSpec:
                 hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
                 revision=SD15_REVISION,
                 allow_patterns=SD15_FILES,
+                # The same repository under its former and mirror names, where users' caches may hold the commit.
+                hub_aliases=("runwayml/stable-diffusion-v1-5", "sd-legacy/stable-diffusion-v1-5"),
+                fetch_set="sd15",
             ),
             "dino": Component(
                 "dino",
@@ -43,6 +46,7 @@ def sd15() -> ModelSetSpec:
                 hub_id="timm/vit_base_patch8_224.dino",
                 revision=DINO_REVISION,
                 allow_patterns=ROLE_FILES["dino"],
+                fetch_set="sd15",
             ),
             "clip": Component(
                 "clip",
@@ -51,6 +55,7 @@ def sd15() -> ModelSetSpec:
                 hub_id="timm/vit_base_patch16_clip_224.openai",
                 revision=CLIP_REVISION,
                 allow_patterns=ROLE_FILES["clip"],
+                fetch_set="sd15",
             ),
             # CutLER's released Cascade Mask R-CNN (its README's download link); not on the Hugging Face hub.
             "cutler": Component(
@@ -58,6 +63,7 @@ def sd15() -> ModelSetSpec:
                 "detectron2",
                 "cutler-cascade-r50-fpn",
                 url="http://dl.fbaipublicfiles.com/cutler/checkpoints/cutler_cascade_final.pth",
+                fetch_set="sd15",
             ),
         },
     )
