@@ -86,6 +86,8 @@ class ClassResult:
     bank_key: str = ""
     bank_cached: bool = False
     seconds: float = 0.0
+    # Seconds per stage: sampling, encode, decode, masks, features, prototypes (see ensure_support, build_class_bank)
+    stages: dict[str, float] = field(default_factory=dict)
     bank: prototypes.PrototypeBank | None = field(default=None, repr=False)
 
 
@@ -211,9 +213,16 @@ def class_keys(models: Models, class_name: str, opts: SynthOptions) -> tuple[lis
 
 
 def ensure_support(
-    cache: cachelib.Cache, models: Models, class_name: str, opts: SynthOptions, progress: Progress
+    cache: cachelib.Cache,
+    models: Models,
+    class_name: str,
+    opts: SynthOptions,
+    progress: Progress,
+    timings: Timings | None = None,
 ) -> tuple[list[str], int]:
-    """Make sure images 0..N-1 of the class are cached; return their keys and how many were generated."""
+    """Make sure images 0..N-1 of the class are cached; return their keys and how many were generated.
+    ``timings`` accumulates "sampling" (the denoising loop with capture and decoding) and "encode" (PNG + cache)."""
+    timings = timings or Timings()
     keys = [support_key(models, class_name, i, opts) for i in range(opts.n)]
     missing = {i for i, k in enumerate(keys) if cache.get("support", k) is None}
     progress.start(f"{class_name}: images", opts.n)
@@ -223,19 +232,21 @@ def ensure_support(
         # Every slot holds its genuine image (even past N), so the batch is the same whoever asks for it.
         slots = range(batch * b, (batch + 1) * b)
         seeds = [synthesis.image_seed(opts.seed, class_name, i) for i in slots]
-        out = synthesis.generate(
-            models.get("sd"),
-            class_name,
-            seeds,
-            steps=opts.steps,
-            guidance=opts.guidance,
-            negative_prompt=opts.negative_prompt,
-            scheduler=opts.scheduler,
-            image_size=models.spec.image_size,
-        )
+        with timings("sampling"):  # the first batch also loads SD: "load" in synthesize's stages says how long
+            out = synthesis.generate(
+                models.get("sd"),
+                class_name,
+                seeds,
+                steps=opts.steps,
+                guidance=opts.guidance,
+                negative_prompt=opts.negative_prompt,
+                scheduler=opts.scheduler,
+                image_size=models.spec.image_size,
+            )
         for i, img in zip(slots, out, strict=True):
             if i in missing:
-                cache.put("support", keys[i], encode_support(img.image, img.attribution, class_name, i))
+                with timings("encode"):
+                    cache.put("support", keys[i], encode_support(img.image, img.attribution, class_name, i))
                 progress.advance()
     return keys, len(missing)
 
@@ -332,29 +343,40 @@ def _unpack_masks(payload: bytes, size: tuple[int, int]) -> torch.Tensor:
 
 
 def build_class_bank(
-    cache: cachelib.Cache, models: Models, class_name: str, keys: list[str], opts: SynthOptions
+    cache: cachelib.Cache,
+    models: Models,
+    class_name: str,
+    keys: list[str],
+    opts: SynthOptions,
+    timings: Timings | None = None,
 ) -> prototypes.PrototypeBank:
-    """Masks, features and prototypes of one class from its cached support images."""
-    loaded = [load_support(cache, k) for k in keys]
-    images = torch.from_numpy(np.stack([img for img, _ in loaded])).permute(0, 3, 1, 2).float() / 255
-    attr = attribution.at_image_size(torch.from_numpy(np.stack([a for _, a in loaded])), images.shape[-1])
-    images = images.to(models.device)
-    fg, bg = support_masks(cache, models, keys, images, attr, opts)
+    """Masks, features and prototypes of one class from its cached support images. ``timings`` accumulates
+    "decode" (cache reads, PNG decoding, attribution upsampling), "masks", "features" and "prototypes"."""
+    timings = timings or Timings()
+    with timings("decode"):
+        loaded = [load_support(cache, k) for k in keys]
+        images = torch.from_numpy(np.stack([img for img, _ in loaded])).permute(0, 3, 1, 2).float() / 255
+        attr = attribution.at_image_size(torch.from_numpy(np.stack([a for _, a in loaded])), images.shape[-1])
+        images = images.to(models.device)
+    with timings("masks"):
+        fg, bg = support_masks(cache, models, keys, images, attr, opts)
     features = {}
-    for name in opts.extractors:
-        ext = build_extractor(name, models)
-        support_features = _batched(images, lambda x, ext=ext: ext(x, support=True), batch_size(opts, models))
-        features[name] = support_features.to(models.device)
-    return prototypes.build_bank(
-        class_name,
-        features,
-        fg,
-        bg,
-        k=opts.k,
-        seed=D.KMEANS_SEED,
-        support_keys=keys,
-        meta=bank_meta(opts, models),
-    )
+    with timings("features"):
+        for name in opts.extractors:
+            ext = build_extractor(name, models)
+            support_features = _batched(images, lambda x, ext=ext: ext(x, support=True), batch_size(opts, models))
+            features[name] = support_features.to(models.device)
+    with timings("prototypes"):
+        return prototypes.build_bank(
+            class_name,
+            features,
+            fg,
+            bg,
+            k=opts.k,
+            seed=D.KMEANS_SEED,
+            support_keys=keys,
+            meta=bank_meta(opts, models),
+        )
 
 
 def synthesize(
@@ -370,9 +392,12 @@ def synthesize(
     so banks imported from another machine work without Stable Diffusion.
     """
     progress = progress or _Silent()
+    sync = torch.cuda.synchronize if models.device.type == "cuda" else None
     results = []
     for spec in classes:
         t0 = time.perf_counter()
+        loads_before = sum(models.load_seconds.values())
+        stages = Timings(sync)
         result = ClassResult(spec.name, spec.stuff)
         keys, result.bank_key = class_keys(models, spec.name, opts)
         payload = cache.get("bank", result.bank_key)
@@ -381,10 +406,10 @@ def synthesize(
             result.bank_cached = True
             result.images_cached = sum(cache.contains("support", k) for k in keys)
         else:
-            _, result.images_generated = ensure_support(cache, models, spec.name, opts, progress)
+            _, result.images_generated = ensure_support(cache, models, spec.name, opts, progress, stages)
             result.images_cached = opts.n - result.images_generated
             progress.start(f"{spec.name}: prototypes", 1)
-            bank = build_class_bank(cache, models, spec.name, keys, opts)
+            bank = build_class_bank(cache, models, spec.name, keys, opts, stages)
             payload = bank.to_bytes()
             cache.put("bank", result.bank_key, payload)
             progress.advance()
@@ -392,6 +417,9 @@ def synthesize(
         result.prototypes = bank.counts()
         result.digest = hashlib.sha256(payload).hexdigest()  # equal digests = byte-identical prototypes
         result.seconds = time.perf_counter() - t0
+        result.stages = {k: round(v, 3) for k, v in stages.seconds.items()}
+        # "load": networks first loaded while making this class; that time is also inside the stages that needed them.
+        result.stages["load"] = round(sum(models.load_seconds.values()) - loads_before, 3)
         results.append(result)
     return results
 

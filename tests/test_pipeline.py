@@ -197,3 +197,12 @@ def test_cpu_batches_hold_one_image_and_generate_only_what_is_asked(cache, tiny_
     key_cpu = pipeline.support_key(tiny_models, "cat", 0, opts)
     assert key_cpu == pipeline.support_key(tiny_models, "cat", 0, replace(opts, batch_size=1))
     assert key_cpu != pipeline.support_key(tiny_models, "cat", 0, replace(opts, n=8, batch_size=8))
+
+
+def test_each_class_reports_its_stage_times(cache, tiny_models):
+    first = run(cache, tiny_models, ["cat"])[0]
+    assert set(first.stages) == {"sampling", "encode", "decode", "masks", "features", "prototypes", "load"}
+    assert all(v >= 0 for v in first.stages.values())
+    assert sum(v for k, v in first.stages.items() if k != "load") <= first.seconds
+    again = run(cache, tiny_models, ["cat"])[0]
+    assert again.stages == {"load": 0.0}  # a cached bank: no stage ran, nothing was loaded

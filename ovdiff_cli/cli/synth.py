@@ -119,6 +119,7 @@ def synth(
                     "prototypes": r.prototypes,
                     "digest": r.digest,
                     "seconds": round(r.seconds, 3),
+                    "stages": r.stages,
                 }
                 for r in results
             ],
@@ -133,3 +134,8 @@ def synth(
         name = f"{r.name} (stuff)" if r.stuff else r.name
         table.add_row(name, str(r.images_generated), str(r.images_cached), protos, r.digest[:12], f"{r.seconds:.1f}")
     out.print(table)
+    if verbose:
+        for r in results:
+            if r.stages:
+                shown = ", ".join(f"{k} {v:.1f} s" for k, v in r.stages.items() if k != "load")
+                err.print(f"{r.name}: {shown} (loading networks {r.stages.get('load', 0):.1f} s, inside those)")
