@@ -108,12 +108,12 @@ class _Silent:
 
 
 def batch_size(opts: SynthOptions, models: Models) -> int:
-    """Images per network batch: the user's ``--batch-size``, else D.BATCH_SIZE on an accelerator and
-    D.CPU_BATCH_SIZE on the CPU; never more than N, so a small support set never generates images it does not
-    need (every slot of a batch holds a genuine image)."""
+    """Images per network batch: the user's ``--batch-size``, else D.BATCH_SIZE on an accelerator and the model
+    set's ``cpu_batch_size`` on the CPU (D.CPU_BATCH_SIZE for full-size networks); never more than N, so a small
+    support set never generates images it does not need (every slot of a batch holds a genuine image)."""
     size = opts.batch_size
     if size is None:
-        size = D.CPU_BATCH_SIZE if models.device.type == "cpu" else D.BATCH_SIZE
+        size = models.spec.cpu_batch_size if models.device.type == "cpu" else D.BATCH_SIZE
     return min(size, opts.n)
 
 
@@ -545,6 +545,8 @@ def build_segmenter(
         prefilter = ClipPrefilter(models.get("clip"), names, seg_opts.eta, stuff)
     sync = torch.cuda.synchronize if models.device.type == "cuda" else None
     sim_dtype = torch.float32 if models.precision == "fp32" else None  # --precision fp32: the reference's numerics
+    if seg_opts.batch_size is None and models.device.type == "cpu":
+        seg_opts = replace(seg_opts, batch_size=models.spec.cpu_batch_size)  # the set knows its networks' size
     return Segmenter(protoset, extractors, seg_opts, prefilter, models.device, Timings(sync), compile, sim_dtype)
 
 

@@ -254,11 +254,11 @@ def test_cache_ls_and_segment_says_what_it_synthesises(tmp_path):
     notes = [ln for ln in seg.stderr.splitlines() if ln.startswith("note:")]
     assert notes[0] == (
         "note: synthesising 1 class first (4 images each; no cached prototypes for tiny, n 4, steps 2, seed 42,"
-        " masker cutler, batch_size 1, precision fp32, clip+dino+sd): cat"
+        " masker cutler, batch_size 4, precision fp32, clip+dino+sd): cat"
     )
     assert notes[1] == (
-        "note: cached for cat with other settings: tiny, n 2, steps 2, seed 42, masker cutler, batch_size 1,"
-        " precision fp32, clip+dino+sd; tiny, n 3, steps 2, seed 42, masker maskcut, batch_size 1, precision fp32,"
+        "note: cached for cat with other settings: tiny, n 2, steps 2, seed 42, masker cutler, batch_size 2,"
+        " precision fp32, clip+dino+sd; tiny, n 3, steps 2, seed 42, masker maskcut, batch_size 3, precision fp32,"
         " clip+dino+sd (pass those options to use them)"
     )
     assert "; before that, synthesised cat in " in seg.stdout

@@ -177,11 +177,19 @@ def test_segment_roles_only_what_the_run_needs(cache, tiny_models):
 def test_cpu_batches_hold_one_image_and_generate_only_what_is_asked(cache, tiny_models, monkeypatch):
     """On the CPU a padded batch slot costs a whole forward: the default batch there is one image, so --n 1
     generates one image (not a padded batch of 8) and features run once per image."""
+    import torch
+
     from ovdiff_cli import defaults as D
     from ovdiff_cli import synthesis
+    from ovdiff_cli.models import resolve_models
+    from ovdiff_cli.models.loading import Models
 
     opts = pipeline.SynthOptions(n=1, steps=2, k=2)
-    assert opts.batch_size is None and pipeline.batch_size(opts, tiny_models) == D.CPU_BATCH_SIZE == 1
+    assert opts.batch_size is None and pipeline.batch_size(opts, tiny_models) == 1  # never more than N
+    # Full-size networks run one image at a time on the CPU; the toy ones batch as on a GPU (overhead-bound).
+    full = Models(resolve_models("sd15-random"), torch.device("cpu"))  # nothing is built to ask this
+    assert pipeline.batch_size(pipeline.SynthOptions(), full) == D.CPU_BATCH_SIZE == 1
+    assert pipeline.batch_size(pipeline.SynthOptions(), tiny_models) == tiny_models.spec.cpu_batch_size == 8
     assert pipeline.batch_size(pipeline.SynthOptions(batch_size=3), tiny_models) == 3  # the user's wins
     assert pipeline.batch_size(pipeline.SynthOptions(n=2, batch_size=8), tiny_models) == 2  # never more than N
     generated = []

@@ -79,7 +79,8 @@ BatchSizeOpt = Annotated[
     int | None,
     typer.Option(
         "--batch-size",
-        help=f"Support images per network batch, at most --n [default: {D.BATCH_SIZE}; {D.CPU_BATCH_SIZE} on the CPU].",
+        help=f"Support images per network batch, at most --n [default: {D.BATCH_SIZE};"
+        f" on the CPU {D.CPU_BATCH_SIZE}, tiny: {D.BATCH_SIZE}].",
     ),
 ]
 

@@ -118,7 +118,8 @@ _OPTIONS: dict[str, Any] = {
         int | None,
         typer.Option(
             "--window-batch",
-            help=f"Windows per network forward [default: {D.SEGMENT_BATCH_SIZE}; {D.CPU_BATCH_SIZE} on the CPU].",
+            help=f"Windows per network forward [default: {D.SEGMENT_BATCH_SIZE};"
+            f" on the CPU {D.CPU_BATCH_SIZE}, tiny: {D.BATCH_SIZE}].",
         ),
     ],
     "max_pixels": Annotated[

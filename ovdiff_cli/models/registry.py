@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..defaults import CPU_BATCH_SIZE
+
 ROLES = ("sd", "dino", "clip", "cutler")
 ROLE_TITLES = {"sd": "Stable Diffusion", "dino": "DINO ViT", "clip": "CLIP ViT", "cutler": "CutLER detector"}
 # The library a ROLE=PATH override reads its folder or file with, whatever the set's own component was.
@@ -102,6 +104,9 @@ class ModelSetSpec:
         dino_short, dino_max_long: DINO sees an input at its own size when both sides are at most ``dino_short``,
             else resized to short side ``dino_short`` with the long side at most ``dino_max_long``.
         maskcut_input: side of the square DINO input MaskCut cuts (its patch grid is this / 8).
+        cpu_batch_size: images (synth) and windows (segment) per forward on the CPU. Full-size networks run one at
+            a time there (a batch buys no parallelism and a padded slot costs a whole forward); toy-size ones are
+            dominated by per-call overhead, so they batch like on a GPU.
         meaningful: False for ``tiny`` (random weights): its outputs are mechanically real, semantically noise.
 
     SD features always come from the support image size: every SD input is resized to ``image_size`` square.
@@ -118,6 +123,7 @@ class ModelSetSpec:
     dino_short: int = 448
     dino_max_long: int = 800
     maskcut_input: int = 480
+    cpu_batch_size: int = CPU_BATCH_SIZE
 
     def with_local(self, role: str, path: str) -> ModelSetSpec:
         """This set with one component read from a local folder (or, for cutler, a checkpoint file) instead of its
