@@ -208,15 +208,15 @@ def load_font(size: int):
 def boundaries(labels: np.ndarray, width: int = 1) -> np.ndarray:
     """(H, W) bool: pixels with a 4-neighbour of another label, grown inwards to ``width`` pixels (each region's
     own rim, so a rim drawn in the region's colour stays inside it)."""
-    from scipy import ndimage
-
     edge = np.zeros(labels.shape, dtype=bool)
-    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    edge[1:] |= labels[1:] != labels[:-1]
-    edge[:-1] |= labels[:-1] != labels[1:]
-    if width > 1:
-        edge = ndimage.binary_dilation(edge, iterations=width - 1)
+    for _ in range(width):  # each pass adds the ring just inside: pixels with a neighbour already on the rim
+        grown = edge.copy()
+        differs = labels if not edge.any() else np.where(edge, -1, labels)
+        grown[:, 1:] |= differs[:, 1:] != differs[:, :-1]
+        grown[:, :-1] |= differs[:, :-1] != differs[:, 1:]
+        grown[1:] |= differs[1:] != differs[:-1]
+        grown[:-1] |= differs[:-1] != differs[1:]
+        edge = grown
     return edge
 
 
@@ -225,6 +225,10 @@ def region_anchors(labels: np.ndarray, min_fraction: float = D.OVERLAY_NAME_MIN_
     pixel (farthest from the region's edge), where its name is written."""
     from scipy import ndimage
 
+    # On a grid of at most ~160 pixels a side: a name's position needs no finer placement, and the distance
+    # transforms of full-size regions cost more than the rest of writing an overlay.
+    step = max(1, max(labels.shape) // 160)
+    labels = labels[::step, ::step]
     out = []
     for label in np.unique(labels):
         regions, count = ndimage.label(labels == label)
@@ -237,7 +241,7 @@ def region_anchors(labels: np.ndarray, min_fraction: float = D.OVERLAY_NAME_MIN_
             ys, xs = np.nonzero(depth == depth.max())
             cy, cx = np.argwhere(region[1:-1, 1:-1]).mean(0)
             best = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))  # of the deepest pixels, the most central
-            out.append((int(label), int(ys[best]), int(xs[best])))
+            out.append((int(label), int(ys[best]) * step, int(xs[best]) * step))
     return out
 
 
