@@ -332,10 +332,12 @@ def weight_files(comp: Component) -> list[Path]:
         if state:
             named = f"{f.relative_to(root)} {state} in {root}" if f != root else f"{f} {state}"
             again = f"fetch it again with {_fetch_hint(comp)}, or " if comp.fetch_set else ""
-            raise (WeightsMissing if state == "is missing" else ModelUnavailable)(
+            error = (WeightsMissing if state == "is missing" else ModelUnavailable)(
                 f"{ROLE_TITLES[comp.role]}: weight file {named}: {again}pass a complete"
                 f" {'file' if f == root else 'folder'} with --models NAME,{comp.role}=PATH"
             )
+            error.detail = named  # which file and what is wrong with it, for `models list`
+            raise error
     return files
 
 
@@ -456,8 +458,7 @@ def presence(comp: Component) -> str:
     except WeightsMissing:
         return "missing"
     except ModelUnavailable as exc:
-        detail = str(exc).split("weight file ", 1)[-1].split(":", 1)[0]
-        return f"incomplete: {detail}"
+        return f"incomplete: {getattr(exc, 'detail', exc)}"
     return "present"
 
 
