@@ -47,6 +47,7 @@ __all__ = [
     "MaskerUnavailable",
     "available_maskers",
     "build_masker",
+    "maskcut_batch",
     "maskcut_image",
     "register_masker",
     "registered_maskers",
@@ -225,10 +226,12 @@ def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @register_masker("maskcut")
 class MaskCutMasker(Masker):
-    """Training-free MaskCut (CutLER), with the reference's rules (REFERENCE 3): `maskcut_image` per image on
-    DINO keys of a square `maskcut_input` image, proposals resized to the support image by nearest neighbour.
+    """Training-free MaskCut (CutLER), with the reference's rules (REFERENCE 3): `maskcut_batch` on DINO keys of a
+    square `maskcut_input` image, `MASKCUT_BATCH` images at a time, proposals resized to the support image by
+    nearest neighbour.
 
-    Cost: one (h*w)^2 eigenproblem per round (60x60 patches: seconds per round on a CPU, milliseconds on a GPU).
+    Cost: one (h*w)^2 eigenproblem per image and round, solved for the whole batch at once (60x60 patches: about
+    a second per image and round on a CPU; on a GPU the batch's iterations are a few matrix products each).
     """
 
     needs_features = True
@@ -270,50 +273,148 @@ class MaskCutMasker(Masker):
         feats = _check_features(features, attribution)
         size = (int(attribution.shape[1]), int(attribution.shape[2]))
         out = []
-        for n in range(feats.shape[0]):
-            props = maskcut_image(
-                feats[n], self.tau, self.n_masks, self.eps, max_iou=self.max_iou, min_area=self.min_area
+        # A batch iterates until its slowest image converges: worth it where launches and reads dominate (a
+        # GPU), not on a CPU, where every image's arithmetic is paid in full.
+        chunk = 1 if feats.device.type == "cpu" else MASKCUT_BATCH
+        for start in range(0, feats.shape[0], chunk):
+            props = maskcut_batch(
+                feats[start : start + chunk],
+                self.tau,
+                self.n_masks,
+                self.eps,
+                max_iou=self.max_iou,
+                min_area=self.min_area,
             )
-            out.append(_resize_masks(props, size).to(attribution.device))
+            out.extend(_resize_masks(p, size).to(attribution.device) for p in props)
         return out
 
 
 # Up to this many patches a full eigendecomposition is cheap; above it LOBPCG is ~60x faster (64x64 patches).
 EIGH_MAX_NODES = 256
+# LOBPCG: stop an image's iteration once its residual |S x - lambda x| (x unit, |S| <= 2) is below this; the
+# eigenvector is then accurate to about this over the spectral gap, far below the spread of x around its mean.
+LOBPCG_TOL = 1e-10
+LOBPCG_MAX_ITERS = 1000
+LOBPCG_BLOCK = 4
+# Images solved together on an accelerator: their (h*w)^2 float64 cosines and affinities (100 MB each at 60x60
+# patches) are in memory at once.
+MASKCUT_BATCH = 8
 
 
-def _second_eigvec(affinity: torch.Tensor, eigh_max_nodes: int | None = None) -> torch.Tensor:
-    """Second-smallest generalised eigenvector x of (D - A) x = lambda D x, sign fixed (max |x| entry > 0).
+def _second_eigvecs(affinity: torch.Tensor, eigh_max_nodes: int | None = None) -> torch.Tensor:
+    """Second-smallest generalised eigenvectors x of (D - A) x = lambda D x for a batch of graphs, each sign fixed
+    (its max |x| entry > 0).
 
     Solved through M = D^-1/2 A D^-1/2 (L_sym = I - M has the same eigenvectors) and x = D^-1/2 y. Small graphs
-    use a dense eigendecomposition. Large ones need only one eigenvector, so: M's top eigenvector is known in
-    closed form (D^1/2 1, eigenvalue 1), deflate it, shift by I so every eigenvalue is >= 0, and take the
-    largest eigenpair with LOBPCG from a fixed start vector (a few dense products instead of an O(n^3) solve).
+    use a dense batched eigendecomposition. Large ones need only one eigenvector, so: M's top eigenvector is known
+    in closed form (D^1/2 1, eigenvalue 1), deflate it, shift by I so every eigenvalue is >= 0, and take the
+    largest eigenpair of S = M - v1 v1^T + I by a batched LOBPCG (:func:`_top_eigvecs`; a few matrix products per
+    iteration instead of an O(n^3) solve). Every graph's result is its own: solved alone it is the same to rounding
+    (1e-16).
+
+    Args:
+        affinity: (B, n, n) float64, symmetric, positive entries.
+
+    Returns:
+        (B, n) float64.
     """
-    n = affinity.shape[0]
+    b, n, _ = affinity.shape
     eigh_max_nodes = EIGH_MAX_NODES if eigh_max_nodes is None else eigh_max_nodes
-    d_isqrt = affinity.sum(dim=1).rsqrt()
-    m = d_isqrt[:, None] * affinity * d_isqrt[None, :]
-    m = 0.5 * (m + m.T)  # exact symmetry; the solvers assume it
-    eye = torch.eye(n, dtype=m.dtype, device=m.device)
+    degree = affinity.sum(dim=2)
+    d_isqrt = degree.rsqrt()
     if n <= eigh_max_nodes:
-        y = torch.linalg.eigh(eye - m)[1][:, 1]
+        m = d_isqrt[:, :, None] * affinity * d_isqrt[:, None, :]
+        m = 0.5 * (m + m.mT)  # exact symmetry; the solver assumes it
+        eye = torch.eye(n, dtype=m.dtype, device=m.device)
+        y = torch.linalg.eigh(eye - m)[1][:, :, 1]
     else:
-        v1 = F.normalize(affinity.sum(dim=1).sqrt(), dim=0)
-        shifted = m - v1[:, None] * v1[None, :] + eye
-        start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=m.dtype).to(m.device)
-        y = torch.lobpcg(shifted, k=1, X=start, largest=True, niter=1000, tol=1e-9)[1][:, 0]
+        v1 = F.normalize(degree.sqrt(), dim=1)
+
+        def shifted(v: torch.Tensor) -> torch.Tensor:  # S v for v (B, n, k), without forming S
+            mv = d_isqrt[:, :, None] * torch.bmm(affinity, d_isqrt[:, :, None] * v)
+            return mv - v1[:, :, None] * (v1[:, None, :] @ v) + v
+
+        y = _top_eigvecs(shifted, b, n, affinity.dtype, affinity.device)
     x = y * d_isqrt
     # Eigenvectors are defined up to sign; pin it so equal inputs give equal outputs on every run.
-    if x[int(torch.argmax(x.abs()))] < 0:
-        x = -x
-    return x
+    flip = x.gather(1, x.abs().argmax(dim=1, keepdim=True)) < 0
+    return torch.where(flip, -x, x)
 
 
-def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    """IoU of two bool masks; NaN when both are empty (as the reference's metric, so it never rejects)."""
-    union = int((a | b).sum())
-    return int((a & b).sum()) / union if union else float("nan")
+def _top_eigvecs(
+    op: Callable[[torch.Tensor], torch.Tensor], b: int, n: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Unit eigenvectors (B, n) of the largest eigenvalue of B symmetric positive semi-definite operators ``op``
+    ((B, n, k) -> (B, n, k)), by block LOBPCG: each iteration is a Rayleigh-Ritz step on the orthonormalised span
+    of the `LOBPCG_BLOCK` current Ritz vectors X, their residuals S X - X diag(lambda) and the previous search
+    directions; the block's extra vectors make the top one converge at the rate of the gap to the block's
+    last eigenvalue rather than to the second.
+
+    Every graph starts from the same fixed random block, and a graph whose top residual falls below
+    `LOBPCG_TOL` is frozen from that iteration on, so its result does not depend on the other graphs of the
+    batch or on how many there are (to rounding: batched products may sum in another order). The loop stops
+    when all are frozen (checked every few iterations: each check waits for the device) or after
+    `LOBPCG_MAX_ITERS`.
+    """
+    k = min(LOBPCG_BLOCK, max(1, (n - 1) // 3))
+    start = torch.randn(n, k, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    x = _complement_basis(torch.zeros(b, n, 0, dtype=dtype, device=device), start.expand(b, n, k))
+    sx = op(x)
+    p: torch.Tensor | None = None
+    done = torch.zeros(b, 1, 1, dtype=torch.bool, device=device)
+    for it in range(LOBPCG_MAX_ITERS):
+        r = sx - x * (x * sx).sum(dim=1, keepdim=True)
+        done = done | (r[:, :, :1].norm(dim=1, keepdim=True) < LOBPCG_TOL)
+        if it % 8 == 0 and bool(done.all()):
+            break
+        basis = torch.cat([x, _complement_basis(x, r if p is None else torch.cat([r, p], dim=2))], dim=2)
+        sbasis = op(basis)
+        ritz = basis.mT @ sbasis
+        coef = torch.linalg.eigh(0.5 * (ritz + ritz.mT))[1].flip(-1)[:, :, :k]  # the k largest Ritz pairs
+        new_x = basis @ coef
+        new_p = basis[:, :, k:] @ coef[:, k:]  # the step taken away from the block's own span
+        x = torch.where(done, x, new_x)
+        sx = torch.where(done, sx, sbasis @ coef)
+        p = new_p if p is None else torch.where(done, p, new_p)
+    return x[:, :, 0]
+
+
+def _complement_basis(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (B, n, m) of the part of span(w) orthogonal to the orthonormal columns of x (B, n, k).
+
+    Projection against x, then SVQB (Stathopoulos and Wu): scale w's columns to unit length, diagonalise their
+    Gram matrix G = U L U^T, and take w U L^-1/2, dropping directions with L below 1e-12 of the largest (a
+    converged residual, a repeated direction) as zero columns, which add nothing to a Rayleigh-Ritz step. Done
+    twice, as rounding leaves the first pass slightly off. A fixed number of batched products and one small
+    eigendecomposition per pass: no loops over columns, no per-matrix factorisation calls on the device.
+    """
+    for _ in range(2):
+        w = w - x @ (x.mT @ w)
+        d = w.norm(dim=1, keepdim=True).clamp_min(1e-300).reciprocal()  # (B, 1, m)
+        w = w * d
+        lam, u = torch.linalg.eigh(w.mT @ w)
+        keep = lam > 1e-12 * lam[:, -1:].clamp_min(1e-300)
+        w = w @ (u * torch.where(keep, lam.clamp_min(1e-300).rsqrt(), 0.0)[:, None, :])
+    return w
+
+
+def _seed_components(fg: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """The 4-connected component of ``fg`` holding each image's seed.
+
+    Args:
+        fg: (B, h, w) bool.
+        seeds: (B,) int64 flat indices into h*w.
+
+    Returns:
+        (B, h * w) bool on fg's device. A seed outside fg yields the background (as the reference's label
+        lookup does: label 0 is everything outside fg).
+    """
+    # One labelling of the whole stack, connected within each image only (the structure is flat along B).
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndi.generate_binary_structure(2, 1)
+    labels = torch.from_numpy(ndi.label(fg.cpu().numpy(), structure=structure)[0]).flatten(1)
+    seed_labels = labels.gather(1, seeds.cpu()[:, None])
+    return (labels == seed_labels).to(fg.device)
 
 
 def maskcut_image(
@@ -325,54 +426,83 @@ def maskcut_image(
     max_iou: float = MASKCUT_MAX_IOU,
     min_area: float = MASKCUT_MIN_AREA,
 ) -> torch.Tensor:
-    """MaskCut proposals for one image on its feature grid, round by round as CutLER's ``maskcut_forward``.
+    """MaskCut proposals for one image: :func:`maskcut_batch` of a batch of one. (h, w, D) -> (n_masks, h, w)."""
+    return maskcut_batch(features[None], tau, n_masks, eps, max_iou=max_iou, min_area=min_area)[0]
 
-    Each round: A = F F^T binarised at `tau` (non-edges weigh `eps`); x = the second-smallest generalised
-    eigenvector of (D - A) x = lambda D x (sign pinned: its largest-magnitude entry positive); the bipartition
-    is x above the mean of the *whole* x. It is reversed when it holds at least `MASKCUT_CORNERS` of the 4
-    corners, or else when the seed argmax |x| lies outside it; the seed is then argmax x (not reversed) or argmin
-    x (reversed). The round's mask is the seed's 4-connected component. From the second round on, a mask with
-    IoU > `max_iou` to the previous round's mask, or covering at most `min_area` of the grid, is rejected (an
-    empty mask; the next round then compares with that empty mask). Before every later round the features of
-    the patches of the previous rounds' masks are zeroed (so their affinities fall to `eps`). A round's
-    proposal is its mask minus everything earlier rounds proposed.
+
+def maskcut_batch(
+    features: torch.Tensor,
+    tau: float = MASKCUT_TAU,
+    n_masks: int = MASKCUT_N_MASKS,
+    eps: float = 1e-5,
+    *,
+    max_iou: float = MASKCUT_MAX_IOU,
+    min_area: float = MASKCUT_MIN_AREA,
+) -> torch.Tensor:
+    """MaskCut proposals for a batch of images on their feature grids, round by round as CutLER's
+    ``maskcut_forward``, all images of a round solved together on the features' device.
+
+    Each round: A = F F^T binarised at `tau` (non-edges weigh `eps`), in float64 as the reference's solver;
+    x = the second-smallest generalised eigenvector of (D - A) x = lambda D x (sign pinned: its largest-magnitude
+    entry positive); the bipartition is x above the mean of the *whole* x. It is reversed when it holds at least
+    `MASKCUT_CORNERS` of the 4 corners, or else when the seed argmax |x| lies outside it; the seed is then argmax
+    x (not reversed) or argmin x (reversed). The round's mask is the seed's 4-connected component. From the second
+    round on, a mask with IoU > `max_iou` to the previous round's mask, or covering at most `min_area` of the
+    grid, is rejected (an empty mask; the next round then compares with that empty mask). Before every later
+    round the features of the patches of the previous rounds' masks are zeroed (so their affinities fall to
+    `eps`). A round's proposal is its mask minus everything earlier rounds proposed.
+
+    An image's proposals do not depend on the other images of the batch: its eigenvectors are those of a solve
+    of its own to rounding (1e-16), far below anything the split at the mean could notice.
 
     Args:
-        features: (h, w, D) float DINO patch features (L2-normalised here).
+        features: (B, h, w, D) float DINO patch features (L2-normalised here).
         tau: affinity threshold on the cosine similarity.
         n_masks: number of rounds.
         eps: weight of non-edges.
 
     Returns:
-        (n_masks, h, w) bool, pairwise disjoint; a rejected round's proposal is empty.
+        (B, n_masks, h, w) bool on the features' device, pairwise disjoint per image; a rejected round's
+        proposal is empty.
     """
-    h, w, _ = features.shape
-    feats = F.normalize(features.reshape(h * w, -1).to(torch.float64), dim=1)
-    corners = torch.zeros(h * w, dtype=torch.bool, device=feats.device)
-    corners[[0, w - 1, (h - 1) * w, h * w - 1]] = True
+    b, h, w, _ = features.shape
+    n = h * w
+    dev = features.device
+    feats = F.normalize(features.reshape(b, n, -1).to(torch.float64), dim=2)
+    # Cosines once: zeroing a patch's features (below) zeroes exactly its row and column, the rest is unchanged.
+    cosine = feats @ feats.mT
+    del feats
+    corners = torch.zeros(n, dtype=torch.bool, device=dev)
+    corners[[0, w - 1, (h - 1) * w, n - 1]] = True
 
-    painted = torch.zeros(h * w, dtype=torch.bool, device=feats.device)
-    current = torch.zeros(h * w, dtype=torch.bool, device=feats.device)
-    proposed = torch.zeros(h * w, dtype=torch.bool, device=feats.device)
+    painted = torch.zeros(b, n, dtype=torch.bool, device=dev)
+    current = torch.zeros(b, n, dtype=torch.bool, device=dev)
+    proposed = torch.zeros(b, n, dtype=torch.bool, device=dev)
     proposals: list[torch.Tensor] = []
     for round_ in range(n_masks):
         painted |= current
-        feats = torch.where(painted[:, None], torch.zeros_like(feats), feats)
-        affinity = torch.where(feats @ feats.T > tau, 1.0, eps).to(torch.float64)
-        x = _second_eigvec(affinity)
+        kept = ~painted
+        cosine = torch.where(kept[:, :, None] & kept[:, None, :], cosine, 0.0)
+        affinity = torch.where(cosine > tau, 1.0, eps).to(torch.float64)
+        x = _second_eigvecs(affinity)
+        del affinity
 
-        above = x > x.mean()
-        reverse = int((above & corners).sum()) >= MASKCUT_CORNERS or not bool(above[int(x.abs().argmax())])
-        fg, seed = (~above, int(x.argmin())) if reverse else (above, int(x.argmax()))
-
-        labels, _ = ndi.label(fg.reshape(h, w).cpu().numpy())  # default structure = 4-connectivity
-        mask = torch.from_numpy(labels.reshape(-1) == labels.reshape(-1)[seed]).to(feats.device)
-        if round_ >= 1 and (_iou(current, mask) > max_iou or float(mask.double().mean()) <= min_area):
-            mask = torch.zeros_like(mask)
+        above = x > x.mean(dim=1, keepdim=True)
+        seed_side = above.gather(1, x.abs().argmax(dim=1, keepdim=True))[:, 0]
+        reverse = ((above & corners).sum(dim=1) >= MASKCUT_CORNERS) | ~seed_side
+        fg = torch.where(reverse[:, None], ~above, above)
+        seeds = torch.where(reverse, x.argmin(dim=1), x.argmax(dim=1))
+        mask = _seed_components(fg.view(b, h, w), seeds)
+        if round_ >= 1:
+            inter, union = (current & mask).sum(dim=1), (current | mask).sum(dim=1)
+            # Both empty: IoU is undefined (NaN in the reference) and never rejects.
+            overlap = (union > 0) & (inter.to(torch.float64) / union.clamp_min(1) > max_iou)
+            small = mask.to(torch.float64).mean(dim=1) <= min_area
+            mask = mask & ~(overlap | small)[:, None]
         current = mask
-        proposals.append((mask & ~proposed).reshape(h, w))
+        proposals.append((mask & ~proposed).view(b, h, w))
         proposed |= mask
-    return torch.stack(proposals).to(features.device)
+    return torch.stack(proposals, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -185,10 +185,11 @@ def _planted_rounds(monkeypatch, vectors: list[list[float]]) -> list[torch.Tenso
     seen: list[torch.Tensor] = []
 
     def planted(affinity: torch.Tensor) -> torch.Tensor:
-        seen.append(affinity.clone())
-        return torch.tensor(vectors[len(seen) - 1], dtype=torch.float64)
+        assert affinity.shape[0] == 1  # maskcut_image: a batch of one
+        seen.append(affinity[0].clone())
+        return torch.tensor([vectors[len(seen) - 1]], dtype=torch.float64)
 
-    monkeypatch.setattr(masks, "_second_eigvec", planted)
+    monkeypatch.setattr(masks, "_second_eigvecs", planted)
     return seen
 
 
@@ -481,11 +482,71 @@ def test_lobpcg_path_matches_dense_eigh(monkeypatch):
     base = F.normalize(torch.randn(3, 16), dim=1)
     feats = F.normalize(base[labels.flatten()] + 0.3 * torch.randn(h * w, 16) / 4, dim=1)
     affinity = torch.where(feats @ feats.T > 0.15, 1.0, 1e-5).double()
-    dense = masks._second_eigvec(affinity, eigh_max_nodes=h * w)
-    iterative = masks._second_eigvec(affinity, eigh_max_nodes=0)
+    dense = masks._second_eigvecs(affinity[None], eigh_max_nodes=h * w)[0]
+    iterative = masks._second_eigvecs(affinity[None], eigh_max_nodes=0)[0]
     assert F.cosine_similarity(dense, iterative, dim=0) > 1 - 1e-9
     assert h * w > masks.EIGH_MAX_NODES
     iterative_props = masks.maskcut_image(feats.view(h, w, -1))
     monkeypatch.setattr(masks, "EIGH_MAX_NODES", h * w)
     dense_props = masks.maskcut_image(feats.view(h, w, -1))
     assert torch.equal(iterative_props, dense_props) and bool(dense_props[0].any())
+
+
+def _textured_features(seed: int, side: int = 20, dim: int = 32) -> torch.Tensor:
+    """(side, side, dim) DINO-like features with no clean clusters, so the iterative solver has real work: smooth
+    random fields, one or two blobs with a direction of their own, and per-patch noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, 4, 4, 4, generator=g)
+    fields = F.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)[0]  # (4, side, side)
+    f = torch.einsum("khw,kd->hwd", fields, 3 * torch.randn(4, dim, generator=g))
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    for _ in range(1 + seed % 2):
+        cy, cx, r = (int(v) for v in torch.randint(3, side - 3, (3,), generator=g))
+        f[(yy - cy) ** 2 + (xx - cx) ** 2 < (r // 2 + 2) ** 2] += 2 * torch.randn(dim, generator=g)
+    return f + 0.8 * torch.randn(side, side, dim, generator=g)
+
+
+def _reference_solver(affinity: torch.Tensor, eigh_max_nodes: int | None = None) -> torch.Tensor:
+    """CutLER's own solve, per graph: scipy's generalised eigh(D - A, D), second-smallest eigenvector, float64."""
+    import numpy as np
+    import scipy.linalg
+
+    out = []
+    for a in affinity.numpy():
+        d = np.diag(a.sum(axis=1))
+        x = torch.from_numpy(scipy.linalg.eigh(d - a, d, subset_by_index=[1, 2])[1][:, 0].copy())
+        out.append(-x if x[x.abs().argmax()] < 0 else x)
+    return torch.stack(out)
+
+
+def test_batched_maskcut_equals_per_image_and_the_reference_solver(monkeypatch) -> None:
+    """Issue 15: MaskCut solves all images of a batch together (block LOBPCG, each image frozen once converged);
+    the proposals equal those of each image alone and those of the reference's exact generalised solver."""
+    feats = torch.stack([_textured_features(seed) for seed in range(4)])
+    assert masks.EIGH_MAX_NODES < 20 * 20  # the iterative path
+    batched = masks.maskcut_batch(feats)
+    assert batched.shape == (4, MASKCUT_N_MASKS, 20, 20) and batched.dtype == torch.bool
+    assert bool(batched[:, 0].flatten(1).any(1).all())  # every image has a first-round object
+    assert batched.flatten(1).sum(1).unique().numel() == 4  # four different answers, not one repeated
+    for i in range(4):
+        assert torch.equal(maskcut_image(feats[i]), batched[i])
+    monkeypatch.setattr(masks, "_second_eigvecs", _reference_solver)
+    assert torch.equal(masks.maskcut_batch(feats), batched)
+
+
+def test_lobpcg_batch_agrees_with_dense_eigh_per_graph() -> None:
+    """A batch mixing a quickly converging graph (clean clusters) with slow ones: each graph's vector is the dense
+    solver's, and the same (to rounding) as when it is solved alone, though the batch iterates longer for it."""
+    labels = torch.zeros(20, 20, dtype=torch.long)
+    labels[5:12, 4:15] = 1
+    feats = [_planted_features(labels).view(400, -1)] + [_textured_features(s).view(400, -1) for s in (3, 5)]
+    affinity = []
+    for f in feats:
+        f = F.normalize(f.double(), dim=1)
+        affinity.append(torch.where(f @ f.T > MASKCUT_TAU, 1.0, 1e-5).double())
+    affinity = torch.stack(affinity)
+    together = masks._second_eigvecs(affinity)
+    dense = masks._second_eigvecs(affinity, eigh_max_nodes=400)
+    assert bool((F.cosine_similarity(together, dense, dim=1) > 1 - 1e-12).all())
+    for i in range(3):
+        assert torch.allclose(masks._second_eigvecs(affinity[i : i + 1])[0], together[i], rtol=0, atol=1e-13)
