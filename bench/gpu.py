@@ -9,6 +9,7 @@ Measures, after building the models (each network's load time is recorded):
     attribution capture on, and again off;
   * synth of two classes through the command's own code (pipeline.synthesize): seconds and stages per class
     (sampling, encode, decode, masks, features, prototypes), the second class being the steady state;
+  * MaskCut alone on N images' worth of DINO-like keys at 60x60 patches (the masks stage without DINO);
   * segment: milliseconds per 512x512 image (steady state, and a process's first batch) with sd + dino + clip,
     windows of 448 and 336 plus the whole image (the paper's defaults), a VOC-sized vocabulary (20 classes of 130
     prototypes each, fg and bg), the CLIP pre-filter on; and the share of that time inside network forward passes.
@@ -81,6 +82,24 @@ def bench_synth_command(models: Models, n: int, steps: int) -> dict:
             (result,) = pipeline.synthesize([ClassSpec(name)], opts, models, cache)
             out[label] = {"seconds": result.seconds, "stages": result.stages}
     return out
+
+
+def bench_maskcut(models: Models, n: int = 32) -> dict:
+    """MaskCut alone on ``n`` support images' worth of DINO-like keys (60x60 patches, 768 channels: smooth random
+    fields plus noise, so the eigen-solves have real work), through the masker ``synth`` uses."""
+    from ovdiff_cli import masks
+
+    side, dim = models.spec.maskcut_input // 8, 768
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.randn(n, 8, 6, 6, generator=gen)
+    fields = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)
+    feats = torch.einsum("nkhw,kd->nhwd", fields, 3 * torch.randn(8, dim, generator=gen))
+    feats = (feats + torch.randn(n, side, side, dim, generator=gen)).to(models.device)
+    attr = torch.zeros(n, models.spec.image_size, models.spec.image_size, device=models.device)
+    masker = masks.build_masker("maskcut")
+    masker.propose(attr[:1], feats[:1])  # warm-up
+    seconds = sync_time(lambda: masker.propose(attr, feats))
+    return {"images": n, "grid": side, "seconds": seconds, "batch": masks.MASKCUT_BATCH}
 
 
 def random_protoset(models: Models, extractors: dict, classes: int = 20, per_class: int = 130) -> PrototypeSet:
@@ -167,6 +186,7 @@ def main() -> None:
         "load_s": dict(models.load_seconds),  # per network: built (random sets) or read from its files
         "synth": bench_synth(models),
         "synth_command": bench_synth_command(models, args.n, args.steps),
+        "maskcut": bench_maskcut(models, args.n),
         "segment": bench_segment(models, args.images),
     }
     s, g = results["synth"], results["segment"]
@@ -181,6 +201,9 @@ def main() -> None:
     sc = results["synth_command"]["second_class"]
     stages = ", ".join(f"{k} {v:.2f}" for k, v in sc["stages"].items() if k != "load")
     print(f"synth command, second class of a run: {sc['seconds']:.2f} s ({stages}; goal <= 6 s)")
+    mc = results["maskcut"]
+    grid = f"{mc['grid']}x{mc['grid']}"
+    print(f"maskcut alone, {mc['images']} images of {grid} patches: {mc['seconds']:.2f} s (goal <= 0.5 s)")
     print(f"segment 512x512 {g['ms_per_image']:.1f} ms/image ({g['vs_floor']:.2f}x floor; goal <= 2x)")
     print(f"segment first batch of a process {g['first_batch_ms_per_image']:.0f} ms/image")
     print(f"segment time in network forwards {g['forward_share']:.1%} (goal >= 85%)")

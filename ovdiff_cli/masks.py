@@ -235,6 +235,10 @@ class MaskCutMasker(Masker):
     """
 
     needs_features = True
+    # 3: the batched block LOBPCG (issue 15). Same masks wherever the second eigenvector is defined; on a graph
+    # whose second eigenvalue is repeated (random-weight DINO keys make every patch an edge of every other) any
+    # vector of its eigenspace is an answer, and the new solver picks another one than the old.
+    version = 3
 
     def __init__(
         self,

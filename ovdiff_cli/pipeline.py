@@ -212,6 +212,51 @@ def class_keys(models: Models, class_name: str, opts: SynthOptions) -> tuple[lis
 # --- stages -------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class SupportSet:
+    """What :func:`ensure_support` did for one class: its N support keys, how many images it generated, and those
+    images themselves (key -> SupportImage, pixels still on the models' device) for the rest of the run."""
+
+    keys: list[str]
+    generated: int = 0
+    fresh: dict[str, synthesis.SupportImage] = field(default_factory=dict)
+
+
+class _SupportWriter:
+    """Stores support images in the cache, encoding them (PNG, a few tens of ms each at 512x512) on a worker thread
+    while the device generates the next batch. Entries are put into the cache from the calling thread, in order,
+    as their encoding finishes. Leaving the block, also on Ctrl-C or an error, stores every image handed over:
+    nothing generated is lost. ``timings`` gets "encode": the time the calling thread waits for encodings and
+    writes (what the background work still costs the run)."""
+
+    def __init__(self, cache: cachelib.Cache, class_name: str, timings: Timings) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cache, self.class_name, self.timings = cache, class_name, timings
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovdiff-encode")
+        self._pending: list = []
+
+    def __enter__(self) -> _SupportWriter:
+        return self
+
+    def submit(self, key: str, index: int, image: synthesis.SupportImage) -> None:
+        future = self._pool.submit(encode_support, image.image, image.attribution, self.class_name, index)
+        self._pending.append((key, future))
+        self._store(wait=False)
+
+    def _store(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][1].done()):
+            key, future = self._pending.pop(0)
+            with self.timings("encode"):
+                self.cache.put("support", key, future.result())
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._store(wait=True)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def ensure_support(
     cache: cachelib.Cache,
     models: Models,
@@ -219,36 +264,40 @@ def ensure_support(
     opts: SynthOptions,
     progress: Progress,
     timings: Timings | None = None,
-) -> tuple[list[str], int]:
-    """Make sure images 0..N-1 of the class are cached; return their keys and how many were generated.
-    ``timings`` accumulates "sampling" (the denoising loop with capture and decoding) and "encode" (PNG + cache)."""
+) -> SupportSet:
+    """Make sure images 0..N-1 of the class are cached; return their keys and the images generated here.
+    ``timings`` accumulates "sampling" (the denoising loop with capture and decoding) and "encode" (PNG + cache,
+    as far as it is not hidden behind the next batch's sampling)."""
     timings = timings or Timings()
-    keys = [support_key(models, class_name, i, opts) for i in range(opts.n)]
+    support = SupportSet([support_key(models, class_name, i, opts) for i in range(opts.n)])
+    keys = support.keys
     missing = {i for i, k in enumerate(keys) if cache.get("support", k) is None}
     progress.start(f"{class_name}: images", opts.n)
     progress.advance(opts.n - len(missing))
     b = batch_size(opts, models)
-    for batch in sorted({i // b for i in missing}):
-        # Every slot holds its genuine image (even past N), so the batch is the same whoever asks for it.
-        slots = range(batch * b, (batch + 1) * b)
-        seeds = [synthesis.image_seed(opts.seed, class_name, i) for i in slots]
-        with timings("sampling"):  # the first batch also loads SD: "load" in synthesize's stages says how long
-            out = synthesis.generate(
-                models.get("sd"),
-                class_name,
-                seeds,
-                steps=opts.steps,
-                guidance=opts.guidance,
-                negative_prompt=opts.negative_prompt,
-                scheduler=opts.scheduler,
-                image_size=models.spec.image_size,
-            )
-        for i, img in zip(slots, out, strict=True):
-            if i in missing:
-                with timings("encode"):
-                    cache.put("support", keys[i], encode_support(img.image, img.attribution, class_name, i))
-                progress.advance()
-    return keys, len(missing)
+    with _SupportWriter(cache, class_name, timings) as writer:
+        for batch in sorted({i // b for i in missing}):
+            # Every slot holds its genuine image (even past N), so the batch is the same whoever asks for it.
+            slots = range(batch * b, (batch + 1) * b)
+            seeds = [synthesis.image_seed(opts.seed, class_name, i) for i in slots]
+            with timings("sampling"):  # the first batch also loads SD: "load" in synthesize's stages says how long
+                out = synthesis.generate(
+                    models.get("sd"),
+                    class_name,
+                    seeds,
+                    steps=opts.steps,
+                    guidance=opts.guidance,
+                    negative_prompt=opts.negative_prompt,
+                    scheduler=opts.scheduler,
+                    image_size=models.spec.image_size,
+                )
+            for i, img in zip(slots, out, strict=True):
+                if i in missing:
+                    writer.submit(keys[i], i, img)
+                    support.fresh[keys[i]] = img
+                    support.generated += 1
+                    progress.advance()
+    return support
 
 
 def encode_support(image: np.ndarray, attribution: np.ndarray, class_name: str, index: int) -> bytes:
@@ -343,6 +392,29 @@ def _unpack_masks(payload: bytes, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool).reshape(count, *size))
 
 
+def support_tensors(
+    cache: cachelib.Cache, models: Models, keys: list[str], fresh: dict[str, synthesis.SupportImage] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class's support images and attribution maps on the models' device, ready for masks and features.
+
+    Images generated in this run (``fresh``) are taken as they are, already on the device; the others are read from
+    the cache (PNG, lossless: the same values). Returns (N, 3, S, S) float32 images in [0, 1] and (N, S, S) float32
+    attribution maps at the image size in [0, 1].
+    """
+    fresh = fresh or {}
+    pixels, maps = [], []
+    for key in keys:
+        if key in fresh:
+            pixels.append(fresh[key].pixels.to(models.device))
+            maps.append(torch.from_numpy(fresh[key].attribution))
+        else:
+            image, attr = load_support(cache, key)
+            pixels.append(torch.from_numpy(image).permute(2, 0, 1).to(models.device))
+            maps.append(torch.from_numpy(attr))
+    images = torch.stack(pixels).float() / 255
+    return images, attribution.at_image_size(torch.stack(maps).to(models.device), images.shape[-1])
+
+
 def build_class_bank(
     cache: cachelib.Cache,
     models: Models,
@@ -350,15 +422,14 @@ def build_class_bank(
     keys: list[str],
     opts: SynthOptions,
     timings: Timings | None = None,
+    fresh: dict[str, synthesis.SupportImage] | None = None,
 ) -> prototypes.PrototypeBank:
-    """Masks, features and prototypes of one class from its cached support images. ``timings`` accumulates
-    "decode" (cache reads, PNG decoding, attribution upsampling), "masks", "features" and "prototypes"."""
+    """Masks, features and prototypes of one class from its support images: those generated in this run
+    (``fresh``, see :func:`support_tensors`) and the cached ones. ``timings`` accumulates "decode" (cache reads,
+    PNG decoding, attribution upsampling), "masks", "features" and "prototypes"."""
     timings = timings or Timings()
     with timings("decode"):
-        loaded = [load_support(cache, k) for k in keys]
-        images = torch.from_numpy(np.stack([img for img, _ in loaded])).permute(0, 3, 1, 2).float() / 255
-        attr = attribution.at_image_size(torch.from_numpy(np.stack([a for _, a in loaded])), images.shape[-1])
-        images = images.to(models.device)
+        images, attr = support_tensors(cache, models, keys, fresh)
     with timings("masks"):
         fg, bg = support_masks(cache, models, keys, images, attr, opts)
     features = {}
@@ -406,10 +477,11 @@ def synthesize(
             result.bank_cached = True
             result.images_cached = sum(cache.contains("support", k) for k in keys)
         else:
-            _, result.images_generated = ensure_support(cache, models, spec.name, opts, progress, stages)
+            support = ensure_support(cache, models, spec.name, opts, progress, stages)
+            result.images_generated = support.generated
             result.images_cached = opts.n - result.images_generated
             progress.start(f"{spec.name}: prototypes", 1)
-            bank = build_class_bank(cache, models, spec.name, keys, opts, stages)
+            bank = build_class_bank(cache, models, spec.name, keys, opts, stages, support.fresh)
             payload = bank.to_bytes()
             cache.put("bank", result.bank_key, payload)
             progress.advance()

@@ -80,13 +80,16 @@ class SupportImage:
     """One generated support image.
 
     Attributes:
-        image: (H, W, 3) uint8 RGB.
+        image: (H, W, 3) uint8 RGB in host memory (what the cache stores, as PNG).
         attribution: (G, G) float32 in [0, 1], min-max normalised class-token attribution on the latent grid
             (:func:`attribution.at_image_size` gives the image-resolution map the masks are chosen on).
+        pixels: the same image as (3, H, W) uint8 on the device that generated it, so a run's later stages
+            start from it there instead of from the decoded PNG (the same values: PNG is lossless).
     """
 
     image: np.ndarray
     attribution: np.ndarray
+    pixels: torch.Tensor
 
 
 def _initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -138,5 +141,6 @@ def generate(
             latents = sampler.step(eps, t, latents).prev_sample
         maps = attribution.minmax(attribution.aggregate(tap)) if capture else torch.zeros(b, g, g)
     decoded = gen.vae.decode(latents / gen.vae.config.scaling_factor).sample
-    images = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    return [SupportImage(images[i].numpy(), maps[i].cpu().numpy()) for i in range(b)]
+    pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W) on the device
+    host, maps = pixels.permute(0, 2, 3, 1).cpu().numpy(), maps.cpu().numpy()
+    return [SupportImage(host[i], maps[i], pixels[i]) for i in range(b)]

@@ -550,3 +550,12 @@ def test_lobpcg_batch_agrees_with_dense_eigh_per_graph() -> None:
     assert bool((F.cosine_similarity(together, dense, dim=1) > 1 - 1e-12).all())
     for i in range(3):
         assert torch.allclose(masks._second_eigvecs(affinity[i : i + 1])[0], together[i], rtol=0, atol=1e-13)
+
+
+def test_maskcut_on_a_complete_graph_is_deterministic() -> None:
+    """Random-weight DINO keys can make every patch similar to every other: the second eigenvalue is then repeated
+    and any vector of its eigenspace is an answer. The solver still gives one answer, batched or alone, every run."""
+    feats = torch.ones(2, 20, 20, 8) + 1e-3 * torch.randn(2, 20, 20, 8, generator=torch.Generator().manual_seed(0))
+    first = masks.maskcut_batch(feats)
+    assert torch.equal(masks.maskcut_batch(feats), first)
+    assert torch.equal(maskcut_image(feats[1]), first[1])

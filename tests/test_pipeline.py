@@ -66,15 +66,35 @@ def test_image_alone_equals_image_in_its_batch(tmp_path, tiny_models):
     """Image 3 regenerated on its own is byte-identical to image 3 generated with its batch of 4."""
     opts = pipeline.SynthOptions(**FAST)
     with Cache(tmp_path / "a") as full:
-        keys, generated = pipeline.ensure_support(full, tiny_models, "cat", opts, pipeline._Silent())
-        assert generated == 4
+        support = pipeline.ensure_support(full, tiny_models, "cat", opts, pipeline._Silent())
+        keys = support.keys
+        assert support.generated == 4 and list(support.fresh) == keys
         together = full.get("support", keys[3])
     with Cache(tmp_path / "b") as alone:
         for i in range(3):  # images 0-2 already there: only image 3 is generated
             alone.put("support", keys[i], full_payload(tmp_path / "a", keys[i]))
-        _, generated = pipeline.ensure_support(alone, tiny_models, "cat", opts, pipeline._Silent())
-        assert generated == 1
+        support = pipeline.ensure_support(alone, tiny_models, "cat", opts, pipeline._Silent())
+        assert support.generated == 1 and list(support.fresh) == [keys[3]]
         assert alone.get("support", keys[3]) == together
+
+
+def test_bank_from_images_in_memory_equals_bank_from_the_cache(tmp_path, tiny_models, monkeypatch):
+    """Issue 15: a run hands its generated images to masks and features on the device, without the PNG round
+    trip; a bank rebuilt later from the cached PNGs alone is byte-identical."""
+    loads = []
+    real_load = pipeline.load_support
+    monkeypatch.setattr(pipeline, "load_support", lambda c, k: loads.append(k) or real_load(c, k))
+    with Cache(tmp_path / "a") as first:
+        made = run(first, tiny_models, ["cat"])[0]
+        keys = pipeline.class_keys(tiny_models, "cat", pipeline.SynthOptions(**FAST))[0]
+        payloads = {k: first.get("support", k) for k in keys}
+    assert made.images_generated == 4 and loads == []  # nothing read back from the cache
+    with Cache(tmp_path / "b") as second:
+        for k, payload in payloads.items():
+            second.put("support", k, payload)
+        rebuilt = run(second, tiny_models, ["cat"])[0]
+    assert rebuilt.images_generated == 0 and loads == keys
+    assert rebuilt.digest == made.digest
 
 
 def full_payload(directory: Path, key: str) -> bytes:
