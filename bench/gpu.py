@@ -171,8 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA device (or --models tiny --device cpu for a smoke run)")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    # No TF32 switch here: the bench runs with torch's defaults, as the commands do (matmuls in full float32).
     build = time.perf_counter()
     models = Models(resolve_models(args.models), torch.device(args.device), args.precision)
     for role in ("sd", "dino", "clip"):

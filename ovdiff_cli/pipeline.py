@@ -222,12 +222,12 @@ class SupportSet:
     fresh: dict[str, synthesis.SupportImage] = field(default_factory=dict)
 
 
-class _SupportWriter:
-    """Stores support images in the cache, encoding them (PNG, a few tens of ms each at 512x512) on a worker thread
-    while the device generates the next batch. Entries are put into the cache from the calling thread, in order,
-    as their encoding finishes. Leaving the block, also on Ctrl-C or an error, stores every image handed over:
-    nothing generated is lost. ``timings`` gets "encode": the time the calling thread waits for encodings and
-    writes (what the background work still costs the run)."""
+class SupportWriter:
+    """Stores support images in the cache, encoding them (PNG: about 0.15 s of one core each at 512x512, seconds
+    for a class) on a worker thread while the device generates the next batch and then builds the bank. Entries
+    are put into the cache from the calling thread, in order, as their encoding finishes. Leaving the block, also
+    on Ctrl-C or an error, stores every image handed over: nothing generated is lost. ``timings`` gets "encode":
+    the time the calling thread waits for encodings and writes (what the background work still costs the run)."""
 
     def __init__(self, cache: cachelib.Cache, class_name: str, timings: Timings) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -236,7 +236,7 @@ class _SupportWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovdiff-encode")
         self._pending: list = []
 
-    def __enter__(self) -> _SupportWriter:
+    def __enter__(self) -> SupportWriter:
         return self
 
     def submit(self, key: str, index: int, image: synthesis.SupportImage) -> None:
@@ -264,39 +264,44 @@ def ensure_support(
     opts: SynthOptions,
     progress: Progress,
     timings: Timings | None = None,
+    writer: SupportWriter | None = None,
 ) -> SupportSet:
     """Make sure images 0..N-1 of the class are cached; return their keys and the images generated here.
     ``timings`` accumulates "sampling" (the denoising loop with capture and decoding) and "encode" (PNG + cache,
-    as far as it is not hidden behind the next batch's sampling)."""
+    as far as it is not hidden behind other work). With a caller's ``writer``, the last images are in the cache
+    once that writer's block ends (so their encoding can overlap the caller's next stages); without one, on
+    return."""
     timings = timings or Timings()
+    if writer is None:
+        with SupportWriter(cache, class_name, timings) as own:
+            return ensure_support(cache, models, class_name, opts, progress, timings, own)
     support = SupportSet([support_key(models, class_name, i, opts) for i in range(opts.n)])
     keys = support.keys
     missing = {i for i, k in enumerate(keys) if cache.get("support", k) is None}
     progress.start(f"{class_name}: images", opts.n)
     progress.advance(opts.n - len(missing))
     b = batch_size(opts, models)
-    with _SupportWriter(cache, class_name, timings) as writer:
-        for batch in sorted({i // b for i in missing}):
-            # Every slot holds its genuine image (even past N), so the batch is the same whoever asks for it.
-            slots = range(batch * b, (batch + 1) * b)
-            seeds = [synthesis.image_seed(opts.seed, class_name, i) for i in slots]
-            with timings("sampling"):  # the first batch also loads SD: "load" in synthesize's stages says how long
-                out = synthesis.generate(
-                    models.get("sd"),
-                    class_name,
-                    seeds,
-                    steps=opts.steps,
-                    guidance=opts.guidance,
-                    negative_prompt=opts.negative_prompt,
-                    scheduler=opts.scheduler,
-                    image_size=models.spec.image_size,
-                )
-            for i, img in zip(slots, out, strict=True):
-                if i in missing:
-                    writer.submit(keys[i], i, img)
-                    support.fresh[keys[i]] = img
-                    support.generated += 1
-                    progress.advance()
+    for batch in sorted({i // b for i in missing}):
+        # Every slot holds its genuine image (even past N), so the batch is the same whoever asks for it.
+        slots = range(batch * b, (batch + 1) * b)
+        seeds = [synthesis.image_seed(opts.seed, class_name, i) for i in slots]
+        with timings("sampling"):  # the first batch also loads SD: "load" in synthesize's stages says how long
+            out = synthesis.generate(
+                models.get("sd"),
+                class_name,
+                seeds,
+                steps=opts.steps,
+                guidance=opts.guidance,
+                negative_prompt=opts.negative_prompt,
+                scheduler=opts.scheduler,
+                image_size=models.spec.image_size,
+            )
+        for i, img in zip(slots, out, strict=True):
+            if i in missing:
+                writer.submit(keys[i], i, img)
+                support.fresh[keys[i]] = img
+                support.generated += 1
+                progress.advance()
     return support
 
 
@@ -477,11 +482,13 @@ def synthesize(
             result.bank_cached = True
             result.images_cached = sum(cache.contains("support", k) for k in keys)
         else:
-            support = ensure_support(cache, models, spec.name, opts, progress, stages)
-            result.images_generated = support.generated
-            result.images_cached = opts.n - result.images_generated
-            progress.start(f"{spec.name}: prototypes", 1)
-            bank = build_class_bank(cache, models, spec.name, keys, opts, stages, support.fresh)
+            # The writer stays open while the bank is built: the last batch's PNGs are encoded meanwhile.
+            with SupportWriter(cache, spec.name, stages) as writer:
+                support = ensure_support(cache, models, spec.name, opts, progress, stages, writer)
+                result.images_generated = support.generated
+                result.images_cached = opts.n - result.images_generated
+                progress.start(f"{spec.name}: prototypes", 1)
+                bank = build_class_bank(cache, models, spec.name, keys, opts, stages, support.fresh)
             payload = bank.to_bytes()
             cache.put("bank", result.bank_key, payload)
             progress.advance()
