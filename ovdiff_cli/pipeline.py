@@ -410,13 +410,15 @@ def support_tensors(
     pixels, maps = [], []
     for key in keys:
         if key in fresh:
-            pixels.append(fresh[key].pixels.to(models.device))
+            pixels.append(fresh[key].pixels.to(models.device).permute(1, 2, 0))
             maps.append(torch.from_numpy(fresh[key].attribution))
         else:
             image, attr = load_support(cache, key)
-            pixels.append(torch.from_numpy(image).permute(2, 0, 1).to(models.device))
+            pixels.append(torch.from_numpy(image).to(models.device))
             maps.append(torch.from_numpy(attr))
-    images = torch.stack(pixels).float() / 255
+    # (N, H, W, 3) viewed as (N, 3, H, W): channels-last memory, the layout the networks have always been given
+    # (convolutions' last bits depend on it, and with them the cached banks).
+    images = torch.stack(pixels).permute(0, 3, 1, 2).float() / 255
     return images, attribution.at_image_size(torch.stack(maps).to(models.device), images.shape[-1])
 
 
