@@ -10,6 +10,7 @@ Measures, after building the models (each network's load time is recorded):
   * synth of two classes through the command's own code (pipeline.synthesize): seconds and stages per class
     (sampling, encode, decode, masks, features, prototypes), the second class being the steady state;
   * MaskCut alone on N images' worth of DINO-like keys at 60x60 patches (the masks stage without DINO);
+  * with --compile-unet, an experiment: sampling with the UNet's forward through torch.compile;
   * segment: milliseconds per 512x512 image (steady state, and a process's first batch) with sd + dino + clip,
     windows of 448 and 336 plus the whole image (the paper's defaults), a VOC-sized vocabulary (20 classes of 130
     prototypes each, fg and bg), the CLIP pre-filter on; and the share of that time inside network forward passes.
@@ -52,19 +53,36 @@ def sync_time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_synth(models: Models) -> dict:
+def sample_class(models: Models, capture: bool = True) -> None:
+    """32 support images of one class, 30 steps, batches of 8: the sampling part of synth."""
     gen = models.get("sd")
     seeds = [synthesis.image_seed(42, "cat", i) for i in range(32)]
+    for start in range(0, 32, 8):
+        size = models.spec.image_size
+        synthesis.generate(gen, "cat", seeds[start : start + 8], steps=30, image_size=size, capture=capture)
 
-    def run(capture: bool) -> None:
-        for start in range(0, 32, 8):
-            size = models.spec.image_size
-            synthesis.generate(gen, "cat", seeds[start : start + 8], steps=30, image_size=size, capture=capture)
 
-    run(True)  # warm-up (cuDNN autotuning, allocator)
-    on = min(sync_time(lambda: run(True)) for _ in range(2))
-    off = min(sync_time(lambda: run(False)) for _ in range(2))
+def bench_synth(models: Models) -> dict:
+    sample_class(models)  # warm-up (cuDNN autotuning, allocator)
+    on = min(sync_time(lambda: sample_class(models)) for _ in range(2))
+    off = min(sync_time(lambda: sample_class(models, capture=False)) for _ in range(2))
     return {"capture_on_s": on, "capture_off_s": off, "ratio": on / off, "floor_s": FLOOR_SYNTH_S}
+
+
+def bench_compiled_unet(models: Models) -> dict:
+    """An experiment, not a code path of the commands (``--compile-unet``): sampling as bench_synth's capture-on
+    run with the UNet's forward through ``torch.compile`` (static shapes), to decide whether synth should offer
+    it. The first run includes the compilation: 397 s for the tiny set on a 2-core CPU (no faster after it), so
+    give it a separate call on a GPU."""
+    unet = models.get("sd").unet
+    eager = unet.forward
+    unet.forward = torch.compile(eager, dynamic=False)
+    try:
+        first = sync_time(lambda: sample_class(models))
+        steady = min(sync_time(lambda: sample_class(models)) for _ in range(2))
+    finally:
+        unet.forward = eager
+    return {"first_run_s": first, "capture_on_s": steady}
 
 
 def bench_synth_command(models: Models, n: int, steps: int) -> dict:
@@ -168,6 +186,9 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (see the README)")
     parser.add_argument("--n", type=int, default=32, help="support images per class for the synth command timing")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps for the synth command timing")
+    parser.add_argument(
+        "--compile-unet", action="store_true", help="also time sampling with the UNet compiled (an experiment)"
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA device (or --models tiny --device cpu for a smoke run)")
@@ -188,6 +209,8 @@ def main() -> None:
         "maskcut": bench_maskcut(models, args.n),
         "segment": bench_segment(models, args.images),
     }
+    if args.compile_unet:
+        results["compiled_unet"] = bench_compiled_unet(models)
     s, g = results["synth"], results["segment"]
     s["vs_floor"] = s["capture_on_s"] / FLOOR_SYNTH_S
     g["vs_floor"] = g["ms_per_image"] / FLOOR_SEGMENT_MS
@@ -207,6 +230,9 @@ def main() -> None:
     print(f"segment first batch of a process {g['first_batch_ms_per_image']:.0f} ms/image")
     print(f"segment time in network forwards {g['forward_share']:.1%} (goal >= 85%)")
     print("shares: " + ", ".join(f"{k} {v:.1%}" for k, v in g["shares"].items()))
+    if args.compile_unet:
+        cu = results["compiled_unet"]
+        print(f"synth 32x30 capture on, UNet compiled {cu['capture_on_s']:.2f} s (first run {cu['first_run_s']:.1f} s)")
     print(f"wrote {args.out}")
 
 
