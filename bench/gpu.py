@@ -11,7 +11,8 @@ Measures, after building the models (each network's load time is recorded):
     (sampling, encode, decode, masks, features, prototypes), the second class being the steady state;
   * MaskCut alone on N images' worth of DINO-like keys at 60x60 patches (the masks stage without DINO);
   * with --compile-unet, an experiment: sampling with the UNet's forward through torch.compile;
-  * segment: milliseconds per 512x512 image (steady state, and a process's first batch) with sd + dino + clip,
+  * segment through the command's own code (pipeline.segment_files: JPEG files decoded, labels and overlays
+    written): milliseconds per 512x512 image (steady state, and a process's first batch) with sd + dino + clip,
     windows of 448 and 336 plus the whole image (the paper's defaults), a VOC-sized vocabulary (20 classes of 130
     prototypes each, fg and bg), the CLIP pre-filter on; and the share of that time inside network forward passes.
 Floors (H100, from FLOPs): synth 2.1 s per class, segment ~20 ms per image. Goals: synth <= 1.5x, segment <= 2x
@@ -22,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # draw_scenes: the drawn test scenes
 
 from ovdiff_cli import synthesis
 from ovdiff_cli.classes import ClassSpec
@@ -144,32 +148,53 @@ def random_protoset(models: Models, extractors: dict, classes: int = 20, per_cla
 
 
 def bench_segment(models: Models, n_images: int) -> dict:
+    """segment's own code path (pipeline.segment_files: decoding JPEG files, segmenting, writing labels and overlays)
+    over ``n_images`` drawn 512x512 scenes: a new segmenter's first batch, then the steady state; and, for
+    comparison with earlier results, the segmenter alone over the same images in memory (no decoding, no writing)."""
+    import tempfile
+
+    from draw_scenes import draw_scene
+
+    from ovdiff_cli import outputs, pipeline
+    from ovdiff_cli.inputs import find_images, load_image
+
     extractors = {name: build_extractor(name, models) for name in ("sd", "dino", "clip")}
     protoset = random_protoset(models, extractors)
-    prefilter = ClipPrefilter(models.get("clip"), [c.name for c in protoset.classes])
+    names = [c.name for c in protoset.classes]
+    prefilter = ClipPrefilter(models.get("clip"), names)
     sim_dtype = torch.float32 if models.precision == "fp32" else None
     timings = Timings(sync)
     segmenter = Segmenter(protoset, extractors, SegmentOptions(), prefilter, models.device, timings, False, sim_dtype)
-    images = [torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8) for _ in range(n_images)]
+    legend = outputs.build_legend(names, [False] * len(names))
     per_batch = 2  # 5 windows each: 10 windows, a little over one batch of 8, as segment groups them
-    first = sync_time(lambda: [seg.labels() for seg in segmenter(images[:per_batch])])  # a new process's first batch
-    timings.seconds.clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for i in range(n_images + per_batch):
+            draw_scene(512, 512, i).save(folder / f"scene_{i:03d}.jpg", quality=92)
+        items = find_images([str(folder)])
+        first = pipeline.segment_files(pipeline.plan_outputs(items[:per_batch], Path(tmp) / "first"), segmenter, legend)
+        timings.seconds.clear()
+        run = pipeline.segment_files(pipeline.plan_outputs(items[per_batch:], Path(tmp) / "out"), segmenter, legend)
+        shares = {k: v / run.seconds for k, v in sorted(timings.seconds.items())}
+        images = [torch.from_numpy(load_image(item.path)).permute(2, 0, 1) for item in items[per_batch:]]
 
-    def run() -> None:
+    def loop() -> None:
         for start in range(0, n_images, per_batch):
             for seg in segmenter(images[start : start + per_batch]):
-                with timings("upsample"):
-                    seg.labels()
+                seg.labels()
 
-    seconds = sync_time(run)
-    forwards = timings.seconds.get("forward", 0.0) + timings.seconds.get("prefilter", 0.0)
+    loop_seconds = sync_time(loop)
+    forwards = shares.get("forward", 0.0) + shares.get("prefilter", 0.0)
     return {
-        "images": n_images,
-        "ms_per_image": 1000 * seconds / n_images,
-        "forward_share": forwards / seconds,
-        "shares": {k: v / seconds for k, v in sorted(timings.seconds.items())},
+        "images": run.done,
+        "ms_per_image": 1000 * run.seconds / run.done,
+        "forward_share": forwards,
+        "shares": shares,
         "floor_ms": FLOOR_SEGMENT_MS,
-        "first_batch_ms_per_image": 1000 * first / per_batch,
+        "first_batch_ms_per_image": 1000 * first.seconds / first.done,
+        "loop_ms_per_image": 1000 * loop_seconds / n_images,
+        "writes_in_background": pipeline.writes_in_background(segmenter),
     }
 
 
@@ -227,6 +252,7 @@ def main() -> None:
     grid = f"{mc['grid']}x{mc['grid']}"
     print(f"maskcut alone, {mc['images']} images of {grid} patches: {mc['seconds']:.2f} s (goal <= 0.5 s)")
     print(f"segment 512x512 {g['ms_per_image']:.1f} ms/image ({g['vs_floor']:.2f}x floor; goal <= 2x)")
+    print(f"segment 512x512, the segmenter alone (no decoding, no writing) {g['loop_ms_per_image']:.1f} ms/image")
     print(f"segment first batch of a process {g['first_batch_ms_per_image']:.0f} ms/image")
     print(f"segment time in network forwards {g['forward_share']:.1%} (goal >= 85%)")
     print("shares: " + ", ".join(f"{k} {v:.1%}" for k, v in g["shares"].items()))

@@ -304,6 +304,36 @@ def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray, legend: dic
         render_overlay(image, labels, legend).save(tmp, format="JPEG", quality=90)
 
 
+def write_image_outputs(
+    paths: dict[str, Path],
+    image: np.ndarray,
+    labels: np.ndarray,
+    legend: dict[str, dict],
+    num_ids: int,
+    scores: np.ndarray | None = None,
+    kept: np.ndarray | None = None,
+) -> None:
+    """Every planned output of one input (see :func:`output_paths`): scores (when planned and given) and overlay,
+    stale files of earlier runs removed, and the label map last, so its presence means the outputs are complete.
+
+    Args:
+        image: (H, W, 3) uint8 input image (for the overlay).
+        labels: (H, W) integer label ids in [0, num_ids) (see :func:`write_labels`).
+        scores: (K, H, W) float scores per legend id, with ``kept`` (K,) bool, for ``_scores.npz``.
+    Raises:
+        OSError: a file could not be written (what was written before it stays consistent).
+    """
+    ids = list(map(int, legend))
+    paths["labels"].parent.mkdir(parents=True, exist_ok=True)
+    if "scores" in paths and scores is not None and kept is not None:
+        write_scores(paths["scores"], scores, ids, [legend[str(i)]["name"] for i in ids], kept)
+    if "overlay" in paths:
+        write_overlay(paths["overlay"], image, labels, legend)
+    for stale in unwritten_outputs(paths):
+        stale.unlink(missing_ok=True)
+    write_labels(paths["labels"], labels, num_ids)
+
+
 def write_scores(path: Path, scores: np.ndarray, ids: Sequence[int], names: Sequence[str], kept: np.ndarray) -> None:
     """``_scores.npz``: ``scores`` (K, H, W) float16, ``ids`` (K,) label ids, ``names`` (K,) str, ``kept`` (K,)
     bool (False = removed by the pre-filter for this image). Readable with ``np.load`` (no pickle)."""

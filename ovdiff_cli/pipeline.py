@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Protocol, TypeVar
@@ -43,6 +45,8 @@ T = TypeVar("T")
 SUPPORT_VERSION = 2
 PROPOSALS_VERSION = 2
 BANK_VERSION = 2
+# Segmented images whose outputs may wait for the writer thread before the next image waits for them.
+WRITE_QUEUE = 4
 
 
 @dataclass(frozen=True)
@@ -709,6 +713,11 @@ def iter_segmentations(
         yield from flush()
 
 
+def writes_in_background(segmenter: Segmenter) -> bool:
+    """Whether segment_files writes outputs on a worker thread: when the segmenter runs on an accelerator."""
+    return segmenter.device.type != "cpu"
+
+
 def segment_files(
     plan: OutputPlan,
     segmenter: Segmenter | None,
@@ -719,8 +728,10 @@ def segment_files(
 ) -> SegmentRun:
     """Segment the planned images and write their outputs (label PNG, then overlay and scores if planned).
 
-    A file that cannot be read or written is reported through ``on_failure(path, reason)`` and the others go
-    on. Ctrl-C stops at the next image and returns with ``interrupted`` set; what was written is complete.
+    Outputs are written on a worker thread while the next images are segmented (see
+    :func:`outputs.write_image_outputs`). A file that cannot be read or written is reported through
+    ``on_failure(path, reason)`` and the others go on. Ctrl-C stops at the next image and returns with
+    ``interrupted`` set, once the images already segmented are written; what was written is complete.
     ``segmenter`` may be None only when there is nothing to do.
     """
     progress = progress or _Silent()
@@ -732,7 +743,7 @@ def segment_files(
     run.timings = timings = segmenter.timings
     t0 = time.perf_counter()
     ids = list(map(int, legend))
-    names = [legend[str(i)]["name"] for i in ids]
+    channels = segmenter.protoset.num_channels
 
     def failed(item: InputImage, _paths: dict[str, Path], reason: str) -> None:
         run.failed.append((item.path, reason))
@@ -740,31 +751,53 @@ def segment_files(
             on_failure(item.path, reason)
         progress.advance()
 
+    # On an accelerator, outputs are written on a worker thread (overlay drawing, PNG and JPEG encoding) while the
+    # device segments the next images; at most WRITE_QUEUE images wait for it, and "write" is the time the run
+    # waits for it. On the CPU every core is busy segmenting already: a writer thread would only compete with
+    # them (measured: fewer images per second), so outputs are written in line there.
+    pending: deque[tuple[InputImage, dict[str, Path], Future]] = deque()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ovdiff-write") if writes_in_background(segmenter) else None
+
+    def write(*args: object) -> Future:
+        if pool is not None:
+            return pool.submit(outputs.write_image_outputs, *args)
+        done: Future = Future()
+        with timings("write"):
+            try:
+                done.set_result(outputs.write_image_outputs(*args))
+            except OSError as exc:
+                done.set_exception(exc)
+        return done
+
+    def settle(limit: int) -> None:
+        while len(pending) > limit:
+            item, paths, future = pending.popleft()
+            with timings("write"):
+                error = future.exception()
+            if isinstance(error, OSError):
+                failed(item, paths, f"cannot write outputs ({error.strerror or error})")
+            elif error is not None:
+                raise error
+            else:
+                run.done += 1
+                progress.advance()
+
     progress.start("segment", len(plan.todo))
     try:
         for item, paths, img, seg in iter_segmentations(plan.todo, segmenter, failed):
             with timings("upsample"):
                 labels = seg.labels()
                 maps = seg.input_scores() if "scores" in paths else None
-            try:
-                with timings("write"):
-                    paths["labels"].parent.mkdir(parents=True, exist_ok=True)
-                    if maps is not None:
-                        kept = [i == 0 or i in seg.kept for i in ids]
-                        outputs.write_scores(paths["scores"], maps, ids, names, np.array(kept))
-                    if "overlay" in paths:
-                        outputs.write_overlay(paths["overlay"], img, labels, legend)
-                    for stale in outputs.unwritten_outputs(paths):
-                        stale.unlink(missing_ok=True)
-                    # The label map last: its presence means the image's outputs are complete.
-                    outputs.write_labels(paths["labels"], labels, segmenter.protoset.num_channels)
-            except OSError as exc:
-                failed(item, paths, f"cannot write outputs ({exc.strerror or exc})")
-                continue
-            run.done += 1
-            progress.advance()
+            kept = np.array([i == 0 or i in seg.kept for i in ids])
+            pending.append((item, paths, write(paths, img, labels, legend, channels, maps, kept)))
+            settle(WRITE_QUEUE)
+        settle(0)
     except KeyboardInterrupt:
         run.interrupted = True
+        settle(0)  # the images already segmented are written whole (a few at most)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     run.seconds = time.perf_counter() - t0
     return run
 

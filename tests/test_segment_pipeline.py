@@ -40,7 +40,7 @@ def planted(tmp_path):
     return root, expected
 
 
-def test_files_get_the_hand_computed_labels(planted, tmp_path):
+def test_files_get_the_hand_computed_labels(planted, tmp_path, writes):
     root, expected = planted
     out = tmp_path / "out"
     legend = outputs.build_legend(["a", "b"], [False, False])
@@ -71,7 +71,14 @@ def test_plan_skips_complete_images_only(planted, tmp_path):
     assert len(pipeline.plan_outputs(items, out, overwrite=True).todo) == 3
 
 
-def test_interrupt_stops_cleanly_with_complete_outputs(planted, tmp_path):
+@pytest.fixture(params=["in line", "worker thread"])
+def writes(request, monkeypatch):
+    """Both ways segment_files writes: in line (CPU) and on a worker thread (accelerators)."""
+    monkeypatch.setattr(pipeline, "writes_in_background", lambda segmenter: request.param == "worker thread")
+    return request.param
+
+
+def test_interrupt_stops_cleanly_with_complete_outputs(planted, tmp_path, writes):
     root, _ = planted
 
     class CtrlCOnSecondBatch(S.Segmenter):
@@ -103,3 +110,23 @@ def test_unreadable_file_is_reported_and_the_rest_done(planted, tmp_path):
         on_failure=lambda path, reason: seen.append((path.name, reason)),
     )
     assert run.done == 3 and seen == [("zero.png", "empty file (0 bytes)")] and run.total == 4
+
+
+def test_an_unwritable_output_is_reported_and_the_rest_written(planted, tmp_path, writes):
+    """Outputs are written on a worker thread: a write that fails there still reaches on_failure, in order, and the
+    other images' outputs are complete."""
+    root, expected = planted
+    out = tmp_path / "out"
+    (out / "wide_overlay.jpg").mkdir(parents=True)  # a folder where the overlay should go
+    seen = []
+    run = pipeline.segment_files(
+        pipeline.plan_outputs(find_images([str(root)]), out),
+        colour_segmenter(batch_size=1),
+        outputs.build_legend(["a", "b"], [False] * 2),
+        on_failure=lambda path, reason: seen.append((path.name, reason)),
+    )
+    assert run.done == 2 and [name for name, _ in seen] == ["wide.png"]
+    assert seen[0][1].startswith("cannot write outputs")
+    assert not (out / "wide.png").exists()  # no label map: the image stays to do
+    for name in ("square", "sub/tall"):
+        assert np.array_equal(np.array(Image.open(out / f"{name}.png")), expected[name])
