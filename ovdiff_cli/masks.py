@@ -227,8 +227,8 @@ def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @register_masker("maskcut")
 class MaskCutMasker(Masker):
     """Training-free MaskCut (CutLER), with the reference's rules (REFERENCE 3): `maskcut_batch` on DINO keys of a
-    square `maskcut_input` image, `MASKCUT_BATCH` images at a time, proposals resized to the support image by
-    nearest neighbour.
+    square `maskcut_input` image (`MASKCUT_BATCH` images at a time on an accelerator, one at a time on the CPU),
+    proposals resized to the support image by nearest neighbour.
 
     Cost: one (h*w)^2 eigenproblem per image and round, solved for the whole batch at once (60x60 patches: about
     a second per image and round on a CPU; on a GPU the batch's iterations are a few matrix products each).
