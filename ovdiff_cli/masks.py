@@ -486,8 +486,9 @@ def maskcut_batch(
     for round_ in range(n_masks):
         painted |= current
         kept = ~painted
-        cosine = torch.where(kept[:, :, None] & kept[:, None, :], cosine, 0.0)
-        affinity = torch.where(cosine > tau, 1.0, eps).to(torch.float64)
+        cosine.masked_fill_(~(kept[:, :, None] & kept[:, None, :]), 0.0)  # in place: what is painted stays painted
+        # float64 throughout, eps included (1e-5 exactly, as CutLER's numpy affinity).
+        affinity = torch.full_like(cosine, eps).masked_fill_(cosine > tau, 1.0)
         x = _second_eigvecs(affinity)
         del affinity
 
