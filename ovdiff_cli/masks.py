@@ -387,8 +387,8 @@ def _complement_basis(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (B, n, m) of the part of span(w) orthogonal to the orthonormal columns of x (B, n, k).
 
     Projection against x, then SVQB (Stathopoulos and Wu): scale w's columns to unit length, diagonalise their
-    Gram matrix G = U L U^T, and take w U L^-1/2, dropping directions with L below 1e-12 of the largest (a
-    converged residual, a repeated direction) as zero columns, which add nothing to a Rayleigh-Ritz step. Done
+    Gram matrix G = U L U^T, and take w U L^-1/2, dropping directions with L below 1e-12 of the largest (columns
+    that repeat one another) as zero columns, which add nothing to a Rayleigh-Ritz step. Done
     twice, as rounding leaves the first pass slightly off. A fixed number of batched products and one small
     eigendecomposition per pass: no loops over columns, no per-matrix factorisation calls on the device.
     """
