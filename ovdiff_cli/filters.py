@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import defaults as D
 from .extractors.base import l2n, normalise_pixels
+from .models.loading import CONTEXT_LENGTH
 
 # CLIP's own pixel statistics: the pre-filter embeds whole images as CLIP was trained to see them (only the
 # dense CLIP extractor uses ImageNet's, as the reference does).
@@ -109,31 +110,56 @@ class ClipPrefilter:
     def __init__(
         self, clip: torch.nn.Module, names: Sequence[str], eta: int = D.ETA, stuff: Sequence[bool] | None = None
     ) -> None:
-        from open_clip.tokenizer import tokenize
+        from open_clip.tokenizer import SimpleTokenizer
 
         self.clip = clip
         self.names = list(names)
         self.eta = eta
         self.stuff = list(stuff) if stuff is not None else [False] * len(self.names)
-        self._tokenize = tokenize
+        self._tokenizer = SimpleTokenizer()
+        # Subset prompts are composed from each class's own tokens: an image's up to 2^eta - 1 prompts would
+        # otherwise each be cleaned (ftfy) and split again, milliseconds apiece on the CPU beside a GPU.
+        self._pieces = [self._tokenizer.encode(subset_prompt([n])) for n in self.names]
+        self._join = self._tokenizer.encode(D.PREFILTER_JOIN)
+        # Composing equals tokenising when cleaning and splitting never cross the spaces between the pieces; a name
+        # for which it does not (text cleaning that looks across them) makes every prompt be tokenised whole.
+        whole = tuple(range(len(self.names)))
+        self._composable = self._tokenizer.encode(subset_prompt(self.names)) == self._composed(whole)
         self._param = next(clip.parameters())
         self._subsets: dict[tuple[int, ...], torch.Tensor] = {}
-        self.class_emb = self._encode_text([subset_prompt([n]) for n in self.names])
+        self.class_emb = self._encode_ids(self.token_ids([(i,) for i in range(len(self.names))]))
         size = clip.visual.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
+    def _composed(self, subset: tuple[int, ...]) -> list[int]:
+        ids = list(self._pieces[subset[0]]) if subset else []
+        for i in subset[1:]:
+            ids += self._join + self._pieces[i]
+        return ids
+
+    def token_ids(self, subsets: list[tuple[int, ...]]) -> torch.Tensor:
+        """(S, 77) int64: exactly open_clip's ``tokenize`` of the subsets' prompts (start, tokens, end, zeros; cut
+        to 77 with the end token last)."""
+        if not self._composable:
+            prompts = [subset_prompt([self.names[i] for i in s]) for s in subsets]
+            return self._tokenizer(prompts, context_length=CONTEXT_LENGTH)
+        out = torch.zeros(len(subsets), CONTEXT_LENGTH, dtype=torch.long)
+        for row, subset in enumerate(subsets):
+            ids = [self._tokenizer.sot_token_id, *self._composed(subset)][: CONTEXT_LENGTH - 1]
+            ids.append(self._tokenizer.eot_token_id)
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
     @torch.no_grad()
-    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
-        ids = self._tokenize(prompts).to(self._param.device)
-        return l2n(self.clip.encode_text(ids))
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return l2n(self.clip.encode_text(ids.to(self._param.device)))
 
     def encode_subsets(self, subsets: list[tuple[int, ...]]) -> torch.Tensor:
         """(S, D) unit text embeddings of the subsets' prompts, from the in-process memo where possible."""
         todo = [s for s in subsets if s not in self._subsets]
         for start in range(0, len(todo), 256):
             chunk = todo[start : start + 256]
-            emb = self._encode_text([subset_prompt([self.names[i] for i in s]) for s in chunk])
-            self._subsets.update(zip(chunk, emb, strict=True))
+            self._subsets.update(zip(chunk, self._encode_ids(self.token_ids(chunk)), strict=True))
         return torch.stack([self._subsets[s] for s in subsets])
 
     @torch.no_grad()

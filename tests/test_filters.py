@@ -165,3 +165,28 @@ def test_pamr_moves_a_label_edge_to_the_image_edge():
     out = filters.pamr(image, torch.cat([a, 1 - a], 1))
     assert (out.argmax(1) == 0).sum(-1).flatten().tolist() == [20] * 20  # every row: class 0 up to the image edge
     assert float(out.min()) >= 0 and float(out.max()) <= 1 + 1e-6  # convex combinations (up to rounding)
+
+
+def test_subset_token_ids_are_open_clips_tokenisation(tiny_models):
+    """Issue 15: subset prompts are composed from each class's tokens instead of being tokenised whole, with the
+    same ids as open_clip's tokenize, also for multi-word, punctuated and accented names and past 77 tokens."""
+    from open_clip.tokenizer import tokenize
+
+    names = [
+        "potted plant",
+        "t-shirt",
+        "children's toy",
+        "café",
+        "tv/monitor",
+        " ".join(["zebra crossing"] * 30),
+        "Dining  Table",
+    ]
+    pre = filters.ClipPrefilter(tiny_models.get("clip"), names)
+    assert pre._composable
+    subsets = filters.all_subsets(range(len(names)))
+    prompts = [filters.subset_prompt([names[i] for i in s]) for s in subsets]
+    expected = tokenize(prompts)
+    assert int((expected[:, -1] != 0).sum()) > 0  # some prompts are cut at 77 tokens
+    assert torch.equal(pre.token_ids(subsets), expected)
+    pre._composable = False  # the fallback tokenises whole prompts: the same ids
+    assert torch.equal(pre.token_ids(subsets), expected)
