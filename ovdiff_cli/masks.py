@@ -421,17 +421,10 @@ def _seed_components(fg: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     return (labels == seed_labels).to(fg.device)
 
 
-def maskcut_image(
-    features: torch.Tensor,
-    tau: float = MASKCUT_TAU,
-    n_masks: int = MASKCUT_N_MASKS,
-    eps: float = 1e-5,
-    *,
-    max_iou: float = MASKCUT_MAX_IOU,
-    min_area: float = MASKCUT_MIN_AREA,
-) -> torch.Tensor:
-    """MaskCut proposals for one image: :func:`maskcut_batch` of a batch of one. (h, w, D) -> (n_masks, h, w)."""
-    return maskcut_batch(features[None], tau, n_masks, eps, max_iou=max_iou, min_area=min_area)[0]
+def maskcut_image(features: torch.Tensor, **options: Any) -> torch.Tensor:
+    """MaskCut proposals for one image: :func:`maskcut_batch` (same ``options``) of a batch of one.
+    (h, w, D) -> (n_masks, h, w)."""
+    return maskcut_batch(features[None], **options)[0]
 
 
 def maskcut_batch(

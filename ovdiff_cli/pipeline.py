@@ -216,6 +216,46 @@ def class_keys(models: Models, class_name: str, opts: SynthOptions) -> tuple[lis
 # --- stages -------------------------------------------------------------------------------------------------------
 
 
+class InOrder:
+    """Jobs run on one worker thread, or in line (``background=False``), and handed back in submission order, each
+    with a tag; ``timings[phase]`` gets the time the calling thread spends waiting for them (and running them, in
+    line). Used to encode support images and to write segment's outputs while the device works on. Use it as a
+    context manager: leaving it waits for the worker."""
+
+    def __init__(self, timings: Timings, phase: str, background: bool = True) -> None:
+        self.timings, self.phase = timings, phase
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"ovdiff-{phase}") if background else None
+        self._pending: deque[tuple[object, Future]] = deque()
+
+    def __enter__(self) -> InOrder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def submit(self, tag: object, fn: Callable, *args: object) -> None:
+        if self._pool is not None:
+            future = self._pool.submit(fn, *args)
+        else:
+            future = Future()
+            with self.timings(self.phase):
+                try:
+                    future.set_result(fn(*args))
+                except Exception as exc:  # handed back like a worker's error, in order
+                    future.set_exception(exc)
+        self._pending.append((tag, future))
+
+    def finished(self, keep: int = 0, wait: bool = True) -> Iterator[tuple[object, Future]]:
+        """(tag, done future), oldest first, until at most ``keep`` jobs are pending; ``wait=False``: only those
+        already done."""
+        while len(self._pending) > keep and (wait or self._pending[0][1].done()):
+            tag, future = self._pending.popleft()
+            with self.timings(self.phase):
+                future.exception()  # waits
+            yield tag, future
+
+
 @dataclass
 class SupportSet:
     """What :func:`ensure_support` did for one class: its N support keys, how many images it generated, and those
@@ -234,31 +274,24 @@ class SupportWriter:
     the time the calling thread waits for encodings and writes (what the background work still costs the run)."""
 
     def __init__(self, cache: cachelib.Cache, class_name: str, timings: Timings) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.cache, self.class_name, self.timings = cache, class_name, timings
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovdiff-encode")
-        self._pending: list = []
+        self._jobs = InOrder(timings, "encode")
 
     def __enter__(self) -> SupportWriter:
         return self
 
     def submit(self, key: str, index: int, image: synthesis.SupportImage) -> None:
-        future = self._pool.submit(encode_support, image.image, image.attribution, self.class_name, index)
-        self._pending.append((key, future))
+        self._jobs.submit(key, encode_support, image.image, image.attribution, self.class_name, index)
         self._store(wait=False)
 
     def _store(self, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0][1].done()):
-            key, future = self._pending.pop(0)
+        for key, future in self._jobs.finished(wait=wait):
             with self.timings("encode"):
                 self.cache.put("support", key, future.result())
 
     def __exit__(self, *exc: object) -> None:
-        try:
+        with self._jobs:
             self._store(wait=True)
-        finally:
-            self._pool.shutdown(wait=True)
 
 
 def ensure_support(
@@ -755,25 +788,11 @@ def segment_files(
     # device segments the next images; at most WRITE_QUEUE images wait for it, and "write" is the time the run
     # waits for it. On the CPU every core is busy segmenting already: a writer thread would only compete with
     # them (measured: fewer images per second), so outputs are written in line there.
-    pending: deque[tuple[InputImage, dict[str, Path], Future]] = deque()
-    pool = ThreadPoolExecutor(1, thread_name_prefix="ovdiff-write") if writes_in_background(segmenter) else None
-
-    def write(*args: object) -> Future:
-        if pool is not None:
-            return pool.submit(outputs.write_image_outputs, *args)
-        done: Future = Future()
-        with timings("write"):
-            try:
-                done.set_result(outputs.write_image_outputs(*args))
-            except OSError as exc:
-                done.set_exception(exc)
-        return done
+    writes = InOrder(timings, "write", background=writes_in_background(segmenter))
 
     def settle(limit: int) -> None:
-        while len(pending) > limit:
-            item, paths, future = pending.popleft()
-            with timings("write"):
-                error = future.exception()
+        for (item, paths), future in writes.finished(keep=limit):
+            error = future.exception()
             if isinstance(error, OSError):
                 failed(item, paths, f"cannot write outputs ({error.strerror or error})")
             elif error is not None:
@@ -783,21 +802,20 @@ def segment_files(
                 progress.advance()
 
     progress.start("segment", len(plan.todo))
-    try:
-        for item, paths, img, seg in iter_segmentations(plan.todo, segmenter, failed):
-            with timings("upsample"):
-                labels = seg.labels()
-                maps = seg.input_scores() if "scores" in paths else None
-            kept = np.array([i == 0 or i in seg.kept for i in ids])
-            pending.append((item, paths, write(paths, img, labels, legend, channels, maps, kept)))
-            settle(WRITE_QUEUE)
-        settle(0)
-    except KeyboardInterrupt:
-        run.interrupted = True
-        settle(0)  # the images already segmented are written whole (a few at most)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+    with writes:
+        try:
+            for item, paths, img, seg in iter_segmentations(plan.todo, segmenter, failed):
+                with timings("upsample"):
+                    labels = seg.labels()
+                    maps = seg.input_scores() if "scores" in paths else None
+                kept = np.array([i == 0 or i in seg.kept for i in ids]) if maps is not None else None
+                args = (paths, img, labels, legend, channels, maps, kept)
+                writes.submit((item, paths), outputs.write_image_outputs, *args)
+                settle(WRITE_QUEUE)
+            settle(0)
+        except KeyboardInterrupt:
+            run.interrupted = True
+            settle(0)  # the images already segmented are written whole (a few at most)
     run.seconds = time.perf_counter() - t0
     return run
 
