@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # This environment serves exactly this torch pair from local disk; pyproject keeps a range for users elsewhere.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-slow bench readme demo eval-demo eval-voc eval-context eval-object lint format clean
+.PHONY: install test test-slow bench gpu-prep readme demo eval-demo eval-voc eval-context eval-object lint format clean
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,17 @@ demo: install
 # Where the time goes, CPU and tiny models (about a minute on 2 cores): prints a table, writes bench/results-cpu.json.
 bench: install
 	$(PY) bench/cpu.py --out bench/results-cpu.json
+
+# For a session lent a GPU machine (bench/device.sh): wheels of the packages its image lacks, at the versions installed
+# here, and BASE's tree for a before/after run: make gpu-prep BASE=<commit>. Both folders are git-ignored.
+GPU_WHEELS := diffusers open.clip.torch diskcache ftfy wcwidth
+gpu-prep: install
+	@test -n "$(BASE)" || { echo "usage: make gpu-prep BASE=<commit to compare against>"; exit 2; }
+	rm -rf .whl .before
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(PY) -m pip freeze | grep -iE '^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==')
+	mkdir .before && git archive $(BASE) | tar -x -C .before
 
 # The README's real outputs (digests, counts, timings) regenerated from this release, offline with the tiny models.
 readme: install

@@ -10,6 +10,9 @@ Measures, after building the models (each network's load time is recorded):
   * synth of two classes through the command's own code (pipeline.synthesize): seconds and stages per class
     (sampling, encode, decode, masks, features, prototypes), the second class being the steady state;
   * MaskCut alone on N images' worth of DINO-like keys at 60x60 patches (the masks stage without DINO);
+  * with --load-from-files DIR: the random networks written to DIR as a model folder (float32 safetensors, the real
+    files' layout, see bench/model_folder.py), then each network's loading from it: the path a user with the real
+    weights takes (goal: the three networks in <= 10 s);
   * with --compile-unet, an experiment: sampling with the UNet's forward through torch.compile;
   * segment through the command's own code (pipeline.segment_files: JPEG files decoded, labels and overlays
     written): milliseconds per 512x512 image (steady state, and a process's first batch) with sd + dino + clip,
@@ -30,6 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # draw_scenes: the drawn test scenes
+
+from model_folder import time_folder_load, write_model_folder  # bench/ itself: sys.path[0] when run as a script
 
 from ovdiff_cli import synthesis
 from ovdiff_cli.classes import ClassSpec
@@ -174,6 +179,7 @@ def bench_segment(models: Models, n_images: int) -> dict:
             draw_scene(512, 512, i).save(folder / f"scene_{i:03d}.jpg", quality=92)
         items = find_images([str(folder)])
         first = pipeline.segment_files(pipeline.plan_outputs(items[:per_batch], Path(tmp) / "first"), segmenter, legend)
+        first_stages = dict(sorted(timings.seconds.items()))  # where the first batch's extra time goes
         timings.seconds.clear()
         run = pipeline.segment_files(pipeline.plan_outputs(items[per_batch:], Path(tmp) / "out"), segmenter, legend)
         shares = {k: v / run.seconds for k, v in sorted(timings.seconds.items())}
@@ -193,6 +199,7 @@ def bench_segment(models: Models, n_images: int) -> dict:
         "shares": shares,
         "floor_ms": FLOOR_SEGMENT_MS,
         "first_batch_ms_per_image": 1000 * first.seconds / first.done,
+        "first_batch_stages_s": first_stages,
         "loop_ms_per_image": 1000 * loop_seconds / n_images,
         "writes_in_background": pipeline.writes_in_background(segmenter),
     }
@@ -212,6 +219,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="support images per class for the synth command timing")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps for the synth command timing")
     parser.add_argument(
+        "--load-from-files", type=Path, metavar="DIR", help="write the models to DIR as a folder and time loading it"
+    )
+    parser.add_argument(
         "--compile-unet", action="store_true", help="also time sampling with the UNet compiled (an experiment)"
     )
     args = parser.parse_args()
@@ -225,6 +235,7 @@ def main() -> None:
     build = time.perf_counter() - build
     results = {
         "device": torch.cuda.get_device_name() if models.device.type == "cuda" else "cpu",
+        "precision": models.precision,
         "dtype": {role: str(dtype) for role, dtype in models.dtypes.items()},
         "torch": torch.__version__,
         "build_models_s": build,
@@ -240,8 +251,18 @@ def main() -> None:
     s["vs_floor"] = s["capture_on_s"] / FLOOR_SYNTH_S
     g["vs_floor"] = g["ms_per_image"] / FLOOR_SEGMENT_MS
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{results['device']} (precision {models.precision}), models built in {build:.1f} s")
+    args.out.write_text(json.dumps(results, indent=2) + "\n")  # kept if the part below fails
+    if args.load_from_files:
+        device = models.device
+        try:
+            written = write_model_folder(models, args.load_from_files)
+            del models  # the folder's copies take the random networks' place in memory
+            loaded = time_folder_load(args.load_from_files, device, args.precision)
+            results["load_from_files"] = {"write_s": written, "load_s": loaded, "total_s": sum(loaded.values())}
+        except Exception as exc:  # a bench records what failed and still reports the rest
+            results["load_from_files"] = {"error": f"{type(exc).__name__}: {exc}"}
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{results['device']} (precision {results['precision']}), models built in {build:.1f} s")
     print("load: " + ", ".join(f"{role} {sec:.1f} s" for role, sec in results["load_s"].items()))
     print(f"synth 32x30 capture on  {s['capture_on_s']:.2f} s  ({s['vs_floor']:.2f}x floor; goal <= 1.5x)")
     print(f"synth 32x30 capture off {s['capture_off_s']:.2f} s  (on/off {s['ratio']:.3f}; goal <= 1.10)")
@@ -254,11 +275,18 @@ def main() -> None:
     print(f"segment 512x512 {g['ms_per_image']:.1f} ms/image ({g['vs_floor']:.2f}x floor; goal <= 2x)")
     print(f"segment 512x512, the segmenter alone (no decoding, no writing) {g['loop_ms_per_image']:.1f} ms/image")
     print(f"segment first batch of a process {g['first_batch_ms_per_image']:.0f} ms/image")
+    print("  first batch (s): " + ", ".join(f"{k} {v:.2f}" for k, v in g["first_batch_stages_s"].items()))
     print(f"segment time in network forwards {g['forward_share']:.1%} (goal >= 85%)")
     print("shares: " + ", ".join(f"{k} {v:.1%}" for k, v in g["shares"].items()))
     if args.compile_unet:
         cu = results["compiled_unet"]
         print(f"synth 32x30 capture on, UNet compiled {cu['capture_on_s']:.2f} s (first run {cu['first_run_s']:.1f} s)")
+    lf = results.get("load_from_files", {})
+    if "error" in lf:
+        print(f"loading from safetensors files failed: {lf['error']}")
+    elif lf:
+        each = ", ".join(f"{role} {sec:.2f} s" for role, sec in lf["load_s"].items())
+        print(f"loading from safetensors files: {lf['total_s']:.1f} s ({each}; goal <= 10 s)")
     print(f"wrote {args.out}")
 
 

@@ -748,3 +748,99 @@ def test_clip_from_a_folder_runs_quickgelu_even_when_its_config_forgets_it(tmp_p
     clip = Models(resolve_models(f"tiny,clip={folder}"), torch.device("cpu")).get("clip")
     acts = [type(m) for m in clip.modules() if isinstance(m, QuickGELU | torch.nn.GELU)]
     assert acts and set(acts) == {QuickGELU}
+
+
+# --- issue 15: real weights straight from their files, without a random initialisation first -----------------------
+
+
+def _tiny_clip_folder(folder: Path) -> torch.nn.Module:
+    """A CLIP folder (open_clip's config and safetensors) holding the tiny set's CLIP; returns that CLIP."""
+    from safetensors.torch import save_file
+
+    from ovdiff_cli.models.tiny import TINY_CLIP
+
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    tiny = Models(resolve_models("tiny"), torch.device("cpu")).get("clip")
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return tiny
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
+    assert list(sa) == list(sb)
+    for name in sa:
+        assert not sa[name].is_meta and sa[name].dtype == sb[name].dtype, name
+        assert torch.equal(sa[name], sb[name]), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_clip_from_a_folder_equals_open_clips_own_loading(tmp_path, precision):
+    """Built without initialisation and filled by open_clip's own loader: the same parameters, buffers (the causal
+    mask, which no checkpoint holds) and embeddings as open_clip's create_model gives."""
+    import open_clip
+
+    _tiny_clip_folder(tmp_path / "clip")
+    models = Models(resolve_models(f"tiny,clip={tmp_path / 'clip'}"), torch.device("cpu"), precision)
+    clip = models.get("clip")
+    lp = {"fp32": "fp32", "bf16": "pure_bf16"}[precision]
+    ref = open_clip.create_model(f"local-dir:{tmp_path / 'clip'}", force_quick_gelu=True, precision=lp).eval()
+    _assert_same_state(clip, ref)
+    assert not clip.training and not any(p.requires_grad for p in clip.parameters())
+    ids = torch.randint(0, 49408, (2, 77))
+    images = torch.rand(2, 3, 64, 64, dtype=models.dtype("clip"))
+    with torch.no_grad():
+        assert torch.equal(clip.encode_text(ids), ref.encode_text(ids))
+        assert torch.equal(clip.encode_image(images), ref.encode_image(images))
+
+
+def test_dino_from_a_folder_equals_timms_own_loading_and_initialises_nothing(tmp_path, monkeypatch):
+    """A timm ViT read from its safetensors file into a model built on the meta device: every Linear layer's random
+    initialisation runs on meta tensors (free), and the result equals timm's own pretrained loading."""
+    import timm
+    from safetensors.torch import save_file
+
+    from ovdiff_cli.extractors.dino import vit_keys
+    from ovdiff_cli.models.registry import Component
+
+    arch = "vit_small_patch16_224.dino"
+    torch.manual_seed(0)
+    source = timm.create_model(arch, pretrained=False, num_classes=0)
+    (tmp_path / "dino").mkdir()
+    weights = tmp_path / "dino" / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, weights)
+    comp = Component("dino", "timm", arch, local=str(tmp_path / "dino"))
+
+    initialised: list[bool] = []
+    reset = torch.nn.Linear.reset_parameters
+
+    def recording_reset(self: torch.nn.Linear) -> None:
+        initialised.append(not self.weight.is_meta)
+        reset(self)
+
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", recording_reset)
+    vit = loading.load_dino(comp, torch.device("cpu"), torch.float32)
+    assert initialised and not any(initialised)
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", reset)
+    ref = timm.create_model(
+        arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, num_classes=0, dynamic_img_size=True
+    ).eval()
+    _assert_same_state(vit, ref)
+    _assert_same_state(vit, source)
+    assert not vit.training and not any(p.requires_grad for p in vit.parameters())
+    images = torch.rand(2, 3, 96, 128)
+    with torch.no_grad():
+        assert torch.equal(vit_keys(vit, images), vit_keys(ref, images))
+
+
+def test_a_checkpoint_that_leaves_a_parameter_empty_is_refused():
+    """A library loader that skipped a parameter would leave it on the meta device (no values at all): refused,
+    naming it, instead of failing later in a forward pass."""
+    model = loading._without_init(lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)))
+    partial_state = {"0.weight": torch.ones(2, 3), "0.bias": torch.zeros(2)}
+    with pytest.raises(RuntimeError, match=r"toy: the checkpoint has no values for 1\.weight, 1\.bias"):
+        loading._assign_from(model, lambda m: m.load_state_dict(partial_state, strict=False), "toy")
+    full = {**partial_state, "1.weight": torch.full((1, 2), 2.0), "1.bias": torch.ones(1)}
+    model = loading._assign_from(model, lambda m: m.load_state_dict(full, strict=True), "toy")
+    assert torch.equal(model(torch.ones(1, 3)), torch.tensor([[13.0]]))  # hidden units 3 and 3, then 2 * 3 + 2 * 3 + 1
+    assert "load_state_dict" not in vars(model)  # the instance is left as it was

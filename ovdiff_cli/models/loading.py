@@ -9,16 +9,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .registry import (
+    ROLE_FILES,
     ROLE_TITLES,
     Component,
     ModelSetSpec,
@@ -221,32 +222,58 @@ def load_generator(comp: Component, device: torch.device, dtype: torch.dtype, de
     return Generator(unet, vae, text, PromptTokenizer(), sched, device, dtype)
 
 
+def _without_init(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``build()`` with its parameters on the meta device: no memory and no random initialisation (seconds of CPU
+    for a ViT-B) for weights that are about to be read from a file. Buffers are built for real, since the
+    non-persistent ones (CLIP's causal mask) are in no checkpoint."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
+def _assign_from(model: torch.nn.Module, load: Callable[[torch.nn.Module], Any], what: str) -> torch.nn.Module:
+    """Fill a model built by :func:`_without_init` by calling ``load(model)``, a library's own checkpoint loader,
+    with every ``model.load_state_dict`` call made with ``assign=True``: the model takes the loaded tensors as they
+    are (already on the device) instead of copying them into its meta parameters, which would do nothing. Raises
+    RuntimeError naming any parameter the checkpoint did not provide."""
+    model.load_state_dict = partial(type(model).load_state_dict, model, assign=True)
+    try:
+        load(model)
+    finally:
+        del model.load_state_dict
+    empty = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if empty:
+        raise RuntimeError(f"{what}: the checkpoint has no values for {', '.join(empty[:3])}")
+    return model
+
+
 def load_dino(comp: Component, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A timm ViT that accepts any input size (positional embeddings interpolated)."""
+    """A timm ViT that accepts any input size (positional embeddings interpolated). Real weights are read from the
+    safetensors file straight onto ``device`` (through timm's own checkpoint conversion), into a model built
+    without initialisation."""
     import timm
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     if comp.builtin:
         with _seeded(comp.init_seed):
             model = VisionTransformer(num_classes=0, dynamic_img_size=True, **comp.config)
-    else:
-        weights = local_snapshot(comp) / "model.safetensors"
-        model = timm.create_model(
-            comp.arch,
-            pretrained=True,
-            pretrained_cfg_overlay={"file": str(weights)},
-            num_classes=0,
-            dynamic_img_size=True,
-        )
-    return _prepare(model, device, dtype)
+        return _prepare(model, device, dtype)
+    from safetensors.torch import load_file
 
+    weights = local_snapshot(comp) / "model.safetensors"
+    model = _without_init(lambda: timm.create_model(comp.arch, pretrained=False, num_classes=0, dynamic_img_size=True))
 
-# open_clip's names for casting every weight (its plain "fp16"/"bf16" keep some layers in float32).
-_OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}
+    def load(m: torch.nn.Module) -> None:
+        m.load_state_dict(checkpoint_filter_fn(load_file(weights, device=str(device)), m), strict=True)
+
+    return _prepare(_assign_from(model, load, "DINO ViT"), device, dtype)
 
 
 def load_clip(comp: Component, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """An open_clip CLIP model (image and text towers)."""
+    """An open_clip CLIP model (image and text towers). Real weights: the folder's ``open_clip_config.json`` and
+    safetensors file, read straight onto ``device`` by open_clip's own checkpoint loader (with its format
+    conversions) into a model built without initialisation."""
     import open_clip
 
     if comp.builtin:
@@ -260,17 +287,21 @@ def load_clip(comp: Component, device: torch.device, dtype: torch.dtype) -> torc
                 text_cfg=CLIPTextCfg(**cfg["text_cfg"]),
                 quick_gelu=cfg.get("quick_gelu", False),
             )
-    else:
-        # OpenAI's CLIP weights were trained with QuickGELU; a config that forgets to say so loads them silently
-        # under the wrong activation.
-        model = open_clip.create_model(
-            f"local-dir:{local_snapshot(comp)}",
-            force_quick_gelu=True,
-            require_pretrained=True,
-            precision=_OPEN_CLIP_PRECISION[dtype],
-            device=device,
-        )
-    return _prepare(model, device, dtype)
+        return _prepare(model, device, dtype)
+    root = local_snapshot(comp)
+    config_name, weights_name = ROLE_FILES["clip"]
+    cfg = dict(json.loads((root / config_name).read_text())["model_cfg"])
+    # OpenAI's CLIP weights were trained with QuickGELU; a config that forgets to say so loads them silently under
+    # the wrong activation.
+    cfg["quick_gelu"] = True
+    # As open_clip's create_model picks the class; the tower configs stay dicts, which both classes accept.
+    cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
+    model = _without_init(lambda: cls(**cfg))
+
+    def load(m: torch.nn.Module) -> None:
+        open_clip.load_checkpoint(m, str(root / weights_name), strict=True, device=str(device))
+
+    return _prepare(_assign_from(model, load, "CLIP ViT"), device, dtype)
 
 
 def load_cutler_detector(comp: Component, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
