@@ -514,7 +514,9 @@ class Segmenter:
             for name in names:
                 with self.timings("forward"):
                     feats = self.extractors[name](crops)
-                maps = reduce(name, feats, allowed[name][index])
+                # Rows stacked on the device: indexing with a host list would copy it there, and a copy from the
+                # host waits for the device to finish its queue.
+                maps = reduce(name, feats, torch.stack([allowed[name][i] for i in index]))
                 if maps is None:
                     continue
                 with self.timings("accumulate"):

@@ -133,10 +133,14 @@ def generate(
     latents = _initial_noise(seeds, (gen.unet.config.in_channels, g, g)).to(gen.device, gen.dtype)
     latents = latents * sampler.init_noise_sigma
     tap = attribution.install(gen.unet)
+    # The UNet gets its timesteps on the device, copied there once: given the sampler's host tensor, it would copy
+    # each step's timestep itself, and a copy from the host waits for the device to finish its queue, so the host
+    # could never queue a step ahead. The sampler keeps its own host timesteps.
+    device_timesteps = sampler.timesteps.to(gen.device)
     with attribution.capturing(tap, tokens, slice(b, 2 * b), (g, g)) if capture else nullcontext():
-        for t in sampler.timesteps:
+        for t, t_device in zip(sampler.timesteps, device_timesteps, strict=True):
             inp = sampler.scale_model_input(torch.cat([latents, latents]), t)
-            eps_u, eps_c = gen.unet(inp, t, encoder_hidden_states=context).sample.chunk(2)
+            eps_u, eps_c = gen.unet(inp, t_device, encoder_hidden_states=context).sample.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
             latents = sampler.step(eps, t, latents).prev_sample
         maps = attribution.minmax(attribution.aggregate(tap)) if capture else torch.zeros(b, g, g)

@@ -127,6 +127,34 @@ def test_shapes_raw_determinism_batch_independence(tiny_models, images, name):
     assert (square[0] - square[1]).abs().max() > 1e-3
 
 
+def test_sd_features_make_their_fixed_inputs_once(tiny_models, images, monkeypatch):
+    """The empty prompt's embedding, the noise and the scheduler are the same for every call: made once per device,
+    dtype and latent shape (a text-encoder pass per call before), with features equal to a fresh extractor's,
+    whatever the batch size. The noise is t = 200's DDPM noising of the latents with the fixed seed's draw."""
+    from diffusers import DDPMScheduler
+
+    from ovdiff_cli.defaults import SD_FEATURE_NOISE_SEED, SD_FEATURE_TIMESTEP
+
+    gen = tiny_models.get("sd", decoder=False)
+    ext = build_extractor("sd", tiny_models)
+    calls = []
+    encode = type(gen).encode_text
+    monkeypatch.setattr(type(gen), "encode_text", lambda self, texts: calls.append(texts) or encode(self, texts))
+    first = ext(images["square"])
+    again, one = ext(images["square"]), ext(images["wide"][:1])
+    assert calls == [[""]]
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(one, build_extractor("sd", tiny_models)(images["wide"][:1]), atol=0, rtol=0)
+    scheduler, noise, context = next(iter(ext._fixed.values()))
+    expected = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(SD_FEATURE_NOISE_SEED))
+    assert torch.equal(noise[0], expected) and torch.equal(context, encode(gen, [""]))
+    assert isinstance(scheduler, DDPMScheduler)
+    latents = torch.zeros(1, 4, 8, 8)
+    t = torch.full((1,), SD_FEATURE_TIMESTEP)
+    sigma = (1 - scheduler.alphas_cumprod[SD_FEATURE_TIMESTEP]) ** 0.5
+    torch.testing.assert_close(scheduler.add_noise(latents, noise, t), sigma * expected[None])
+
+
 def test_clip_sees_support_images_at_their_own_size(tiny_models):
     ext = build_extractor("clip", tiny_models)
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
