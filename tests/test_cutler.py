@@ -115,6 +115,12 @@ def test_module_prefix_numpy_values_and_legacy_keys_are_accepted(tmp_path):
     model = load_cutler(path, TINY)
     expected = d2_state(**TINY_SIZES)["roi_heads.mask_head.deconv.weight"]
     assert torch.equal(model.state_dict()["roi_heads.mask_head.deconv.weight"], expected)
+    # Built on the meta device: every parameter came from the file, and the buffers no checkpoint holds (anchors,
+    # pixel statistics) were made for real, so the detector runs.
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert torch.equal(model.pixel_mean.flatten(), torch.tensor(TINY.pixel_mean))
+    (found,) = model.detect([torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)], score_threshold=0.0)
+    assert found.masks.shape[1:] == (48, 64)
 
 
 # --- checkpoint errors: one line each, naming the problem ---

@@ -194,9 +194,12 @@ def load_cutler(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> CutlerDetector:
-    """A detector in eval mode on ``device``/``dtype`` with the weights of a ``.pth`` or converted ``.safetensors``."""
-    model = CutlerDetector(config)
-    model.load_state_dict(map_state_dict(model, read_checkpoint(path)))
+    """A detector in eval mode on ``device``/``dtype`` with the weights of a ``.pth`` or converted ``.safetensors``,
+    built without initialising the parameters the checkpoint replaces (see models.loading.without_init)."""
+    from ..models.loading import without_init
+
+    model = without_init(lambda: CutlerDetector(config))
+    model.load_state_dict(map_state_dict(model, read_checkpoint(path)), assign=True)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -209,8 +212,10 @@ def convert(path_in: str | Path, path_out: str | Path, config: CutlerConfig = FU
     from safetensors.torch import save_file
 
     path_in, path_out = Path(path_in), Path(path_out)
+    from ..models.loading import without_init
+
     state = read_checkpoint(path_in)
-    mapped = map_state_dict(CutlerDetector(config), state)
+    mapped = map_state_dict(without_init(lambda: CutlerDetector(config)), state)  # only the names and shapes
     digest = hashlib.sha256()
     with path_in.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

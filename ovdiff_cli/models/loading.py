@@ -222,7 +222,7 @@ def load_generator(comp: Component, device: torch.device, dtype: torch.dtype, de
     return Generator(unet, vae, text, PromptTokenizer(), sched, device, dtype)
 
 
-def _without_init(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def without_init(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """``build()`` with its parameters on the meta device: no memory and no random initialisation (seconds of CPU
     for a ViT-B) for weights that are about to be read from a file. Buffers are built for real, since the
     non-persistent ones (CLIP's causal mask) are in no checkpoint."""
@@ -233,7 +233,7 @@ def _without_init(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
 
 
 def _assign_from(model: torch.nn.Module, load: Callable[[torch.nn.Module], Any], what: str) -> torch.nn.Module:
-    """Fill a model built by :func:`_without_init` by calling ``load(model)``, a library's own checkpoint loader,
+    """Fill a model built by :func:`without_init` by calling ``load(model)``, a library's own checkpoint loader,
     with every ``model.load_state_dict`` call made with ``assign=True``: the model takes the loaded tensors as they
     are (already on the device) instead of copying them into its meta parameters, which would do nothing. Raises
     RuntimeError naming any parameter the checkpoint did not provide."""
@@ -262,7 +262,7 @@ def load_dino(comp: Component, device: torch.device, dtype: torch.dtype) -> torc
     from safetensors.torch import load_file
 
     weights = local_snapshot(comp) / "model.safetensors"
-    model = _without_init(lambda: timm.create_model(comp.arch, pretrained=False, num_classes=0, dynamic_img_size=True))
+    model = without_init(lambda: timm.create_model(comp.arch, pretrained=False, num_classes=0, dynamic_img_size=True))
 
     def load(m: torch.nn.Module) -> None:
         m.load_state_dict(checkpoint_filter_fn(load_file(weights, device=str(device)), m), strict=True)
@@ -296,7 +296,7 @@ def load_clip(comp: Component, device: torch.device, dtype: torch.dtype) -> torc
     cfg["quick_gelu"] = True
     # As open_clip's create_model picks the class; the tower configs stay dicts, which both classes accept.
     cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
-    model = _without_init(lambda: cls(**cfg))
+    model = without_init(lambda: cls(**cfg))
 
     def load(m: torch.nn.Module) -> None:
         open_clip.load_checkpoint(m, str(root / weights_name), strict=True, device=str(device))
