@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -559,3 +560,22 @@ def test_maskcut_on_a_complete_graph_is_deterministic() -> None:
     first = masks.maskcut_batch(feats)
     assert torch.equal(masks.maskcut_batch(feats), first)
     assert torch.equal(maskcut_image(feats[1]), first[1])
+
+
+def test_cross_erosion_equals_scipys_with_a_set_border():
+    """The shifted-AND erosion keeps exactly the pixels scipy's binary_erosion keeps (3x3 cross, border_value=1),
+    for any number of erosions, on random masks of several shapes including single rows and columns."""
+    import scipy.ndimage as ndi
+
+    from ovdiff_cli.masks import _erode_cross
+
+    rng = np.random.default_rng(0)
+    cross = ndi.generate_binary_structure(2, 1)
+    for shape in [(1, 9), (9, 1), (7, 11), (64, 64)]:
+        for density in (0.5, 0.9):
+            mask = rng.random(shape) < density
+            for times in range(4):
+                expected = mask if times == 0 else ndi.binary_erosion(mask, cross, iterations=times, border_value=1)
+                got = _erode_cross(mask, times)
+                assert got.dtype == bool and np.array_equal(got, expected), (shape, density, times)
+    assert _erode_cross(np.ones((3, 3), bool), 5).all()  # the border never erodes
