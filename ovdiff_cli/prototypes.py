@@ -95,10 +95,24 @@ def _sq_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Ten
     return (x_sq[:, None] - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]).clamp_min_(0.0)
 
 
+def _sums_by_matmul(device: torch.device) -> bool:
+    """Whether cluster sums are a one-hot matrix product on ``device`` rather than ``index_add_``.
+
+    On the CPU ``index_add_`` adds row by row, in order (so deterministically), and is the faster of the two. On
+    accelerators it adds with atomics, in an order that changes from run to run, and so would the prototypes and
+    the bank's digest; the matrix product is deterministic there, and faster than atomics that all contend for the
+    same k rows.
+    """
+    return device.type != "cpu"
+
+
 def _cluster_means(x: torch.Tensor, assign: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cluster means (k, D) (rows of empty clusters are 0) and counts (k,) int64."""
     counts = torch.bincount(assign, minlength=k)
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, assign, x)
+    if _sums_by_matmul(x.device):
+        sums = F.one_hot(assign, k).to(x.dtype).T @ x
+    else:
+        sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, assign, x)
     return sums / counts.clamp_min(1).to(x.dtype)[:, None], counts
 
 
