@@ -171,7 +171,9 @@ def bench_segment(models: Models, n_images: int) -> dict:
     timings = Timings(sync)
     segmenter = Segmenter(protoset, extractors, SegmentOptions(), prefilter, models.device, timings, False, sim_dtype)
     legend = outputs.build_legend(names, [False] * len(names))
-    per_batch = 2  # 5 windows each: 10 windows, a little over one batch of 8, as segment groups them
+    # 512x512 inputs have one 448 window and four 336 ones: segment groups eight of them, so that every batch of 8
+    # windows is full (groups of two, before, padded six of the 448 batch's eight slots).
+    per_batch = segmenter.options.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "in"
         folder.mkdir()

@@ -163,16 +163,21 @@ class ClipPrefilter:
         return torch.stack([self._subsets[s] for s in subsets])
 
     @torch.no_grad()
-    def image_embeddings(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    def image_embeddings(self, images: Sequence[torch.Tensor], batch: int | None = None) -> torch.Tensor:
         """images: each (3, H, W) float32 RGB in [0, 1] -> (B, D) unit embeddings of the whole images.
 
-        Each image is resized (not cropped) to CLIP's input size, so classes at the borders still count.
+        Each image is resized (not cropped) to CLIP's input size, so classes at the borders still count. With
+        ``batch``, CLIP sees batches of exactly that many images (the last one zero-padded), so an image's embedding
+        does not depend on how many images it was embedded with.
         """
         x = torch.stack(
             [F.interpolate(im[None], size=self.image_size, mode="bicubic", antialias=True)[0] for im in images]
         ).clamp(0, 1)
         x = normalise_pixels(x, CLIP_MEAN, CLIP_STD).to(self._param.dtype)
-        return l2n(self.clip.encode_image(x))
+        size = batch or x.shape[0]
+        pad = -x.shape[0] % size
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+        return torch.cat([l2n(self.clip.encode_image(chunk)) for chunk in x.split(size)])[: len(images)]
 
     def __call__(self, image_emb: torch.Tensor) -> tuple[int, ...]:
         """The kept classes of one image: ascending indices into ``names``."""

@@ -718,12 +718,16 @@ def iter_segmentations(
 ) -> Iterator[tuple[InputImage, T, np.ndarray, Segmentation]]:
     """Decode and segment ``todo`` in order: yield (item, its payload, (H, W, 3) uint8 image, segmentation).
 
-    Images are decoded one by one and segmented in groups just large enough to fill a window batch (their
-    windows go through each network together). A file that cannot be read goes to ``on_failure(item,
-    payload, reason)`` instead, and the others go on.
+    Images are decoded one by one and segmented in groups (their windows go through each network together, in
+    fixed-shape batches per window size, so a window's result does not depend on its group). A group ends once its
+    sliding windows fill whole batches at every scale, so no batch slot is padding, or at ``batch_size`` images:
+    512x512 inputs have one 448 window each, and groups of two, as before, ran six padding slots in every batch of
+    448 windows. A file that cannot be read goes to ``on_failure(item, payload, reason)`` instead, and the others
+    go on.
     """
     group: list[tuple[InputImage, T, np.ndarray]] = []
-    windows = 0
+    size = segmenter.options.batch_size
+    counts = [0] * len(segmenter.options.scales)
 
     def flush() -> Iterator[tuple[InputImage, T, np.ndarray, Segmentation]]:
         results = segmenter([torch.from_numpy(img).permute(2, 0, 1) for _, _, img in group])
@@ -738,10 +742,10 @@ def iter_segmentations(
             on_failure(item, payload, str(exc))
             continue
         group.append((item, payload, img))
-        windows += len(segmenter.windows(*img.shape[:2]))
-        if windows >= segmenter.options.batch_size:
+        counts = [c + n for c, n in zip(counts, segmenter.window_counts(*img.shape[:2]), strict=True)]
+        if len(group) >= size or all(c % size == 0 for c in counts):
             yield from flush()
-            group, windows = [], 0
+            group, counts = [], [0] * len(counts)
     if group:
         yield from flush()
 

@@ -408,13 +408,21 @@ class Segmenter:
         ]
         return [*out, (0, 0, h, w)] if self.options.whole_image else out
 
+    def window_counts(self, height: int, width: int) -> tuple[int, ...]:
+        """How many sliding windows of each scale (in ``scales`` order) an input of (height, width) gets."""
+        h, w = resized_size(height, width, self.options.short_side)
+        opts = self.options
+        return tuple(
+            len(window_offsets(h, s, opts.stride)) * len(window_offsets(w, s, opts.stride)) for s in opts.scales
+        )
+
     def kept_classes(self, images: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
         """Per image, the 1-based ids of the classes the pre-filter keeps (all when it is off)."""
         everything = tuple(range(1, len(self.protoset.classes) + 1))
         if self.prefilter is None or len(everything) == 1:
             return [everything] * len(images)
         with self.timings("prefilter"):
-            emb = self.prefilter.image_embeddings(images)
+            emb = self.prefilter.image_embeddings(images, batch=self.options.batch_size)
             return [tuple(i + 1 for i in self.prefilter(e)) for e in emb]
 
     def similarities(self, name: str, feats: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,12 @@ def test_clip_prefilter_with_tiny_clip(tiny_models):
     assert 2 in kept and set(kept) <= {0, 1, 2} and list(kept) == sorted(kept) and len(kept) >= 2
     memo = dict(pre._subsets)
     assert pre(emb[0]) == kept and pre._subsets == memo  # subset prompts are encoded once
+    # In fixed batches (the last zero-padded), an image's embedding is the same alone or among others.
+    many = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    batched = pre.image_embeddings(many, batch=4)
+    assert batched.shape == (5, 32)
+    for i, im in enumerate(many):
+        assert torch.equal(pre.image_embeddings([im], batch=4)[0], batched[i])
 
 
 def test_stuff_filter_direct():

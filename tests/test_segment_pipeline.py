@@ -130,3 +130,34 @@ def test_an_unwritable_output_is_reported_and_the_rest_written(planted, tmp_path
     assert not (out / "wide.png").exists()  # no label map: the image stays to do
     for name in ("square", "sub/tall"):
         assert np.array_equal(np.array(Image.open(out / f"{name}.png")), expected[name])
+
+
+def test_groups_end_when_every_window_size_fills_whole_batches(tmp_path):
+    """Images are grouped until their sliding windows fill whole batches at every scale (no padding slot), at most
+    batch_size images; a window's result does not depend on its group, so the scores equal those of each image
+    segmented alone. 32x48 inputs have 2 windows of 32 and 6 of 16: batches of 4 fill after two images (the old
+    rule, a batch's worth of windows, sent every image alone); 32x32 ones have 1 and 4."""
+
+    class Recording(S.Segmenter):
+        def __call__(self, images):
+            groups.append(len(images))
+            return super().__call__(images)
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "in"
+    root.mkdir()
+    colours = np.array([RED, GREEN, BLUE], np.uint8)
+    shapes = [(32, 48)] * 3 + [(32, 32)] * 5
+    for i, (h, w) in enumerate(shapes):
+        Image.fromarray(colours[rng.integers(0, 3, (h // 8, w // 8))].repeat(8, 0).repeat(8, 1)).save(root / f"{i}.png")
+    items = find_images([str(root)])
+    groups: list[int] = []
+    seg = colour_segmenter(batch_size=4, cls=Recording)
+    assert seg.window_counts(32, 48) == (2, 6) and seg.window_counts(32, 32) == (1, 4)
+    results = list(pipeline.iter_segmentations([(item, None) for item in items], seg, on_failure=None))
+    # 0, 1: aligned (4, 12) | 2-5: (5, 18) never aligned, so the cap of 4 images | 6, 7: the rest, (2, 8)
+    assert groups == [2, 4, 2]
+    alone = colour_segmenter(batch_size=4)
+    for _item, _payload, img, grouped in results:
+        (single,) = alone([torch.from_numpy(img).permute(2, 0, 1)])
+        assert torch.equal(grouped.scores, single.scores)
