@@ -67,6 +67,7 @@ WHOLE_IMAGE = True  # the whole resized image is one more window (REFERENCE 6)
 SHORT_SIDE = 448  # images are resized (Lanczos) so their short side is this before windowing
 BACKGROUND = True  # False = the no-background protocol of paper 4.4 (no bg prototypes)
 SEGMENT_BATCH_SIZE = 8  # windows per network forward (fixed shape, last batch padded); CPU_BATCH_SIZE on the CPU
+GROUP_SCORE_BYTES = 1 << 30  # a group of images segmented together holds at most about this much of score maps
 OVERLAY_ALPHA = 0.7  # weight of the label colours in overlays: a region reads as its legend swatch's colour
 OVERLAY_NAME_MIN_AREA = 0.02  # overlays name every connected region covering at least this share of the image
 MAX_PIXELS = 100_000_000  # decompression-bomb guard for inputs (a 12000 x 8000 photo is 96 megapixels)

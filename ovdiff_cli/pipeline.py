@@ -720,14 +720,15 @@ def iter_segmentations(
 
     Images are decoded one by one and segmented in groups (their windows go through each network together, in
     fixed-shape batches per window size, so a window's result does not depend on its group). A group ends once its
-    sliding windows fill whole batches at every scale, so no batch slot is padding, or at ``batch_size`` images:
-    512x512 inputs have one 448 window each, and groups of two, as before, ran six padding slots in every batch of
-    448 windows. A file that cannot be read goes to ``on_failure(item, payload, reason)`` instead, and the others
-    go on.
+    sliding windows fill whole batches at every scale, so no batch slot is padding, or at ``batch_size`` images, or
+    once its score maps reach D.GROUP_SCORE_BYTES (large vocabularies on large images). 512x512 inputs have one 448
+    window each, and groups of two, as before, ran six padding slots in every batch of 448 windows. A file that
+    cannot be read goes to ``on_failure(item, payload, reason)`` instead, and the others go on.
     """
     group: list[tuple[InputImage, T, np.ndarray]] = []
     size = segmenter.options.batch_size
     counts = [0] * len(segmenter.options.scales)
+    held = 0
 
     def flush() -> Iterator[tuple[InputImage, T, np.ndarray, Segmentation]]:
         results = segmenter([torch.from_numpy(img).permute(2, 0, 1) for _, _, img in group])
@@ -743,9 +744,10 @@ def iter_segmentations(
             continue
         group.append((item, payload, img))
         counts = [c + n for c, n in zip(counts, segmenter.window_counts(*img.shape[:2]), strict=True)]
-        if len(group) >= size or all(c % size == 0 for c in counts):
+        held += segmenter.score_bytes(*img.shape[:2])
+        if len(group) >= size or all(c % size == 0 for c in counts) or held >= D.GROUP_SCORE_BYTES:
             yield from flush()
-            group, counts = [], [0] * len(counts)
+            group, counts, held = [], [0] * len(counts), 0
     if group:
         yield from flush()
 

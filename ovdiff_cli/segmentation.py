@@ -416,6 +416,12 @@ class Segmenter:
             len(window_offsets(h, s, opts.stride)) * len(window_offsets(w, s, opts.stride)) for s in opts.scales
         )
 
+    def score_bytes(self, height: int, width: int) -> int:
+        """Bytes of the float32 score maps an input of (height, width) holds while it is segmented (one map per
+        class and extractor, at the working resolution)."""
+        h, w = resized_size(height, width, self.options.short_side)
+        return 4 * self.protoset.num_channels * len(self.extractors) * h * w
+
     def kept_classes(self, images: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
         """Per image, the 1-based ids of the classes the pre-filter keeps (all when it is off)."""
         everything = tuple(range(1, len(self.protoset.classes) + 1))

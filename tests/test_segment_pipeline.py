@@ -132,7 +132,7 @@ def test_an_unwritable_output_is_reported_and_the_rest_written(planted, tmp_path
         assert np.array_equal(np.array(Image.open(out / f"{name}.png")), expected[name])
 
 
-def test_groups_end_when_every_window_size_fills_whole_batches(tmp_path):
+def test_groups_end_when_every_window_size_fills_whole_batches(tmp_path, monkeypatch):
     """Images are grouped until their sliding windows fill whole batches at every scale (no padding slot), at most
     batch_size images; a window's result does not depend on its group, so the scores equal those of each image
     segmented alone. 32x48 inputs have 2 windows of 32 and 6 of 16: batches of 4 fill after two images (the old
@@ -161,3 +161,9 @@ def test_groups_end_when_every_window_size_fills_whole_batches(tmp_path):
     for _item, _payload, img, grouped in results:
         (single,) = alone([torch.from_numpy(img).permute(2, 0, 1)])
         assert torch.equal(grouped.scores, single.scores)
+    # A group also ends once its score maps reach the memory budget: 3 channels x 1 extractor x 32 x 48 float32.
+    assert seg.score_bytes(32, 48) == 4 * 3 * 1 * 32 * 48
+    monkeypatch.setattr(pipeline.D, "GROUP_SCORE_BYTES", 4 * 3 * 32 * 48)
+    groups.clear()
+    list(pipeline.iter_segmentations([(item, None) for item in items], seg, on_failure=None))
+    assert groups == [1, 1, 1, 2, 2, 1]  # a 32x48 image reaches the budget alone, two 32x32 ones do together
