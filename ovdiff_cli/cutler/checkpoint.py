@@ -211,9 +211,9 @@ def convert(path_in: str | Path, path_out: str | Path, config: CutlerConfig = FU
     """
     from safetensors.torch import save_file
 
-    path_in, path_out = Path(path_in), Path(path_out)
     from ..models.loading import without_init
 
+    path_in, path_out = Path(path_in), Path(path_out)
     state = read_checkpoint(path_in)
     mapped = map_state_dict(without_init(lambda: CutlerDetector(config)), state)  # only the names and shapes
     digest = hashlib.sha256()
