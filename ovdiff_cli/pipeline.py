@@ -719,15 +719,15 @@ def iter_segmentations(
     """Decode and segment ``todo`` in order: yield (item, its payload, (H, W, 3) uint8 image, segmentation).
 
     Images are decoded one by one and segmented in groups (their windows go through each network together, in
-    fixed-shape batches per window size, so a window's result does not depend on its group). A group ends once its
-    sliding windows fill whole batches at every scale, so no batch slot is padding, or at ``batch_size`` images, or
-    once its score maps reach D.GROUP_SCORE_BYTES (large vocabularies on large images). 512x512 inputs have one 448
-    window each, and groups of two, as before, ran six padding slots in every batch of 448 windows. A file that
-    cannot be read goes to ``on_failure(item, payload, reason)`` instead, and the others go on.
+    fixed-shape batches, so a window's result does not depend on its group). A group ends once its windows fill
+    whole batches in every stream (Segmenter.batch_counts), so no batch slot is padding, or at ``batch_size``
+    images, or once its score maps reach D.GROUP_SCORE_BYTES (large vocabularies on large images). 512x512 inputs
+    have one 448 window each, and groups of two, as before, ran six padding slots in every batch of 448 windows. A
+    file that cannot be read goes to ``on_failure(item, payload, reason)`` instead, and the others go on.
     """
     group: list[tuple[InputImage, T, np.ndarray]] = []
     size = segmenter.options.batch_size
-    counts = [0] * len(segmenter.options.scales)
+    counts: list[int] = []
     held = 0
 
     def flush() -> Iterator[tuple[InputImage, T, np.ndarray, Segmentation]]:
@@ -743,11 +743,12 @@ def iter_segmentations(
             on_failure(item, payload, str(exc))
             continue
         group.append((item, payload, img))
-        counts = [c + n for c, n in zip(counts, segmenter.window_counts(*img.shape[:2]), strict=True)]
+        added = segmenter.batch_counts(*img.shape[:2])
+        counts = [c + n for c, n in zip(counts or [0] * len(added), added, strict=True)]
         held += segmenter.score_bytes(*img.shape[:2])
         if len(group) >= size or all(c % size == 0 for c in counts) or held >= D.GROUP_SCORE_BYTES:
             yield from flush()
-            group, counts, held = [], [0] * len(counts), 0
+            group, counts, held = [], [], 0
     if group:
         yield from flush()
 

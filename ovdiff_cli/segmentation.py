@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import defaults as D
 from . import filters
 from .classes import ClassSpec
-from .extractors.base import Extractor, l2n
+from .extractors.base import Extractor, l2n, resize
 from .prototypes import BG, FG, PrototypeBank
 from .timing import Timings
 
@@ -408,13 +408,17 @@ class Segmenter:
         ]
         return [*out, (0, 0, h, w)] if self.options.whole_image else out
 
-    def window_counts(self, height: int, width: int) -> tuple[int, ...]:
-        """How many sliding windows of each scale (in ``scales`` order) an input of (height, width) gets."""
+    def batch_counts(self, height: int, width: int) -> tuple[int, ...]:
+        """How many windows an input of (height, width) adds to each stream of batches (see :meth:`_batches`): one
+        stream per scale for the extractors that see windows at their own size, and one stream of all windows for
+        those that resize every window to one input size. A group of images whose counts are all multiples of the
+        batch size fills every batch."""
         h, w = resized_size(height, width, self.options.short_side)
         opts = self.options
-        return tuple(
-            len(window_offsets(h, s, opts.stride)) * len(window_offsets(w, s, opts.stride)) for s in opts.scales
-        )
+        sliding = [len(window_offsets(h, s, opts.stride)) * len(window_offsets(w, s, opts.stride)) for s in opts.scales]
+        one_input = {ext.window_input() is not None for ext in self.extractors.values()}
+        streams = sliding if False in one_input else []
+        return (*streams, sum(sliding) + int(opts.whole_image)) if True in one_input else tuple(streams)
 
     def score_bytes(self, height: int, width: int) -> int:
         """Bytes of the float32 score maps an input of (height, width) holds while it is segmented (one map per
@@ -471,29 +475,45 @@ class Segmenter:
         x = image.to(self.device)
         return x.float() / 255 if not x.is_floating_point() else x.float()
 
-    def _batches(self, work: Sequence[torch.Tensor]) -> list[tuple[list[tuple[int, Window]], int]]:
-        """The windows of all working images in fixed-shape batches, each with the batch size it is padded to:
-        sliding windows of one scale together, ``batch_size`` at a time (the last batch padded), and each
-        whole-image window alone, so results never depend on which windows share a batch."""
+    def _batches(
+        self, work: Sequence[torch.Tensor], one_input: bool = False
+    ) -> list[tuple[list[tuple[int, Window]], int]]:
+        """The windows of all working images in fixed-shape batches, each with the batch size it is padded to, so
+        results never depend on which windows share a batch. For a network that sees each window at its own size:
+        sliding windows of one scale together, ``batch_size`` at a time (the last batch padded), and each whole-image
+        window alone. For one that resizes every window to one input size (``one_input``): all windows together, in
+        the same order (scales, then the whole images), ``batch_size`` at a time."""
         opts = self.options
         batches: list[tuple[list[tuple[int, Window]], int]] = []
-        for s in opts.scales:
-            jobs = [
+        streams = [
+            [
                 (i, (y, x, s, s))
                 for i, im in enumerate(work)
                 for y in window_offsets(im.shape[-2], s, opts.stride)
                 for x in window_offsets(im.shape[-1], s, opts.stride)
             ]
+            for s in opts.scales
+        ]
+        whole = [(i, (0, 0, *im.shape[-2:])) for i, im in enumerate(work)] if opts.whole_image else []
+        if one_input:
+            streams = [[job for stream in streams for job in stream] + whole]
+        for jobs in streams:
             batches += [(jobs[a : a + opts.batch_size], opts.batch_size) for a in range(0, len(jobs), opts.batch_size)]
-        if opts.whole_image:
-            batches += [([(i, (0, 0, *im.shape[-2:]))], 1) for i, im in enumerate(work)]
-        return batches
+        return batches if one_input else batches + [([job], 1) for job in whole]
 
-    @staticmethod
-    def _crops(work: Sequence[torch.Tensor], chunk: list[tuple[int, Window]], size: int) -> torch.Tensor:
-        crops = torch.stack([work[i][:, y : y + h, x : x + w] for i, (y, x, h, w) in chunk])
-        pad = size - crops.shape[0]
-        return torch.cat([crops, crops.new_zeros(pad, *crops.shape[1:])]) if pad > 0 else crops
+    def _inputs(self, work: Sequence[torch.Tensor], chunk: list[tuple[int, Window]], size: int, name: str):
+        """The network input of one batch for extractor ``name``: the chunk's crops (resized one by one to the
+        extractor's window input size when it has one), zero-padded to ``size``."""
+        target = self.extractors[name].window_input()
+        crops = [work[i][:, y : y + h, x : x + w] for i, (y, x, h, w) in chunk]
+        if target is not None:
+            crops = [resize(c[None], target)[0] for c in crops]
+        stacked = torch.stack(crops)
+        pad = size - stacked.shape[0]
+        return torch.cat([stacked, stacked.new_zeros(pad, *stacked.shape[1:])]) if pad > 0 else stacked
+
+    def _extractor_batches(self, work: Sequence[torch.Tensor], name: str):
+        return self._batches(work, one_input=self.extractors[name].window_input() is not None)
 
     def accumulate(
         self,
@@ -522,12 +542,11 @@ class Segmenter:
         # extractor order: the float sums never depend on how the windows of several images were batched.
         canvases = {e: [torch.zeros(channels, *im.shape[-2:], device=self.device) for im in work] for e in names}
         counts = [torch.zeros(im.shape[-2:], device=self.device) for im in work]
-        for chunk, size in self._batches(work):
-            crops = self._crops(work, chunk, size)
-            index = [i for i, _ in chunk] + [0] * (crops.shape[0] - len(chunk))
-            for name in names:
+        for name in names:
+            for chunk, size in self._extractor_batches(work, name):
+                index = [i for i, _ in chunk] + [0] * (size - len(chunk))
                 with self.timings("forward"):
-                    feats = self.extractors[name](crops)
+                    feats = self.extractors[name](self._inputs(work, chunk, size, name))
                 # Rows stacked on the device: indexing with a host list would copy it there, and a copy from the
                 # host waits for the device to finish its queue.
                 maps = reduce(name, feats, torch.stack([allowed[name][i] for i in index]))
@@ -553,13 +572,14 @@ class Segmenter:
             extractor -> (P_e,) float32 CPU similarities.
         """
         total = {e: torch.zeros(len(s), device=self.device) for e, s in self.protoset.sets.items()}
-        chunks = [([job for job in chunk if _covers(job[1], y, x)], size) for chunk, size in self._batches([work])]
-        chunks = [(c, size) for c, size in chunks if c]
-        n = sum(len(c) for c, _ in chunks)
-        for chunk, size in chunks:
-            crops = self._crops([work], chunk, size)
-            for e, ext in self.extractors.items():
-                feats = l2n(ext(crops))
+        for e, ext in self.extractors.items():
+            batches = [
+                ([job for job in c if _covers(job[1], y, x)], size) for c, size in self._extractor_batches([work], e)
+            ]
+            chunks = [(c, size) for c, size in batches if c]
+            n = sum(len(c) for c, _ in chunks)
+            for chunk, size in chunks:
+                feats = l2n(ext(self._inputs([work], chunk, size, e)))
                 for j, (_, (wy, wx, h, w)) in enumerate(chunk):
                     rows = interpolation_matrix(h, feats.shape[1]).to(self.device)[y - wy]
                     cols = interpolation_matrix(w, feats.shape[2]).to(self.device)[x - wx]

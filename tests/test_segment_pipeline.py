@@ -153,7 +153,7 @@ def test_groups_end_when_every_window_size_fills_whole_batches(tmp_path, monkeyp
     items = find_images([str(root)])
     groups: list[int] = []
     seg = colour_segmenter(batch_size=4, cls=Recording)
-    assert seg.window_counts(32, 48) == (2, 6) and seg.window_counts(32, 32) == (1, 4)
+    assert seg.batch_counts(32, 48) == (2, 6) and seg.batch_counts(32, 32) == (1, 4)
     results = list(pipeline.iter_segmentations([(item, None) for item in items], seg, on_failure=None))
     # 0, 1: aligned (4, 12) | 2-5: (5, 18) never aligned, so the cap of 4 images | 6, 7: the rest, (2, 8)
     assert groups == [2, 4, 2]

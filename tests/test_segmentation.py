@@ -360,3 +360,53 @@ def test_window_batches_default_to_one_window_on_the_cpu():
     # 448x448: one 448 window and four 336 windows, each its own batch; no padded slots.
     assert [size for _, size in seg._batches([torch.zeros(3, 448, 448)])] == [1] * 6
     assert S.Segmenter(ps, {"x": object()}, S.SegmentOptions(batch_size=4), device="cpu").options.batch_size == 4
+
+
+class OneInputPixelExtractor(PixelExtractor):
+    """PixelExtractor behind a resize of every window to 16x16, as SD and CLIP resize theirs to one input size."""
+
+    def window_input(self) -> tuple[int, int]:
+        return 16, 16
+
+    def input_size(self, height: int, width: int, support: bool) -> tuple[int, int]:
+        return self.window_input()
+
+
+def test_one_input_extractors_batch_windows_of_every_size_together():
+    """An extractor that resizes every window to one size gets all windows (both scales, then the whole image) in
+    batches of batch_size, each window's crop resized on its own; one that sees windows at their own size keeps a
+    stream per scale and each whole image alone. Either way a window's result does not depend on its group, so
+    scores of images segmented together equal those of each alone, and explain's per-pixel similarities follow the
+    same batches."""
+    torch.manual_seed(0)
+    ps = protoset({"x": torch.randn(3, 5).tolist(), "r": torch.randn(3, 5).tolist()}, [0, 1, 2], [1, 1, 2])
+    exts = {"x": PixelExtractor(torch.randn(3, 5)), "r": OneInputPixelExtractor(torch.randn(3, 5))}
+    opts = S.SegmentOptions(scales=(32, 16), stride=16, short_side=32, prefilter=False, batch_size=4)
+    seg = S.Segmenter(ps, exts, opts)
+    images = [torch.rand(3, 32, 48), torch.rand(3, 32, 32)]
+    work = [seg.working_image(im) for im in images]
+    # 32x48: 2 windows of 32, 6 of 16, 1 whole; 32x32: 1, 4, 1.
+    assert seg.batch_counts(32, 48) == (2, 6, 9) and seg.batch_counts(32, 32) == (1, 4, 6)
+    own = seg._extractor_batches(work, "x")
+    assert [(len(c), size) for c, size in own] == [(3, 4), (4, 4), (4, 4), (2, 4), (1, 1), (1, 1)]
+    one = seg._extractor_batches(work, "r")
+    assert [(len(c), size) for c, size in one] == [(4, 4)] * 3 + [(3, 4)]
+    assert [job for c, _ in one for job in c][-2:] == [(0, (0, 0, 32, 48)), (1, (0, 0, 32, 32))]
+    x = seg._inputs(work, one[0][0], 4, "r")
+    assert x.shape == (4, 3, 16, 16)
+    i, (y, x0, h, w) = one[0][0][0]
+    assert torch.equal(x[0], S.resize(work[i][None, :, y : y + h, x0 : x0 + w], (16, 16))[0])
+    together = seg(images)
+    for im, grouped in zip(images, together, strict=True):
+        (alone,) = seg([im])
+        assert torch.equal(grouped.scores, alone.scores)
+    # explain's similarities at a pixel: the mean over its covering windows of the resized features there.
+    sims = seg.pixel_similarities(work[1], 5, 20)["r"]
+    covering = [(y, x, h, w) for y, x, h, w in seg.windows(32, 32) if y <= 5 < y + h and x <= 20 < x + w]
+    expected = torch.zeros(3)
+    for y, x, h, w in covering:
+        feats = l2n(exts["r"](S.resize(work[1][None, :, y : y + h, x : x + w], (16, 16))))[0]
+        rows = S.interpolation_matrix(h, 16)[5 - y]
+        cols = S.interpolation_matrix(w, 16)[20 - x]
+        expected += torch.einsum("h,w,hwd->d", rows, cols, feats) @ ps.sets["r"].prototypes.T / len(covering)
+    torch.testing.assert_close(sims, expected, atol=1e-6, rtol=0)

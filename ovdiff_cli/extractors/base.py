@@ -49,6 +49,11 @@ class Extractor:
         """The (H, W) this extractor's network sees for an input of (height, width); the input is resized to it."""
         return height, width
 
+    def window_input(self) -> tuple[int, int] | None:
+        """The (H, W) every window of a target image is resized to, when it does not depend on the window; then
+        windows of every size can share a batch. None (the default): the network sees each window at its own size."""
+        return None
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Resized images (B, 3, H, W) float32 in [0, 1] -> (B, h, w, D) raw float32 features."""
         raise NotImplementedError

@@ -48,9 +48,12 @@ class ClipExtractor(Extractor):
 
     def input_size(self, height: int, width: int, support: bool) -> tuple[int, int]:
         if not support:
-            return self.models.spec.clip_input, self.models.spec.clip_input
+            return self.window_input()
         patch = self.models.spec.components["clip"].config.get("vision_cfg", {}).get("patch_size", 16)
         return patch_multiple(height, patch), patch_multiple(width, patch)
+
+    def window_input(self) -> tuple[int, int]:
+        return self.models.spec.clip_input, self.models.spec.clip_input
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ class SDExtractor(Extractor):
     def input_size(self, height: int, width: int, support: bool) -> tuple[int, int]:
         return self.models.spec.image_size, self.models.spec.image_size
 
+    def window_input(self) -> tuple[int, int]:
+        return self.models.spec.image_size, self.models.spec.image_size
+
     def _fixed_inputs(self, gen, latents: torch.Tensor) -> tuple:
         """The inputs that are the same for every image, made once per device, dtype and latent shape: the noise
         scheduler, the noise (1, C, h, w), drawn on the CPU from its own generator so it is independent of batch and
