@@ -416,9 +416,10 @@ class Segmenter:
         h, w = resized_size(height, width, self.options.short_side)
         opts = self.options
         sliding = [len(window_offsets(h, s, opts.stride)) * len(window_offsets(w, s, opts.stride)) for s in opts.scales]
-        one_input = {ext.window_input() is not None for ext in self.extractors.values()}
-        streams = sliding if False in one_input else []
-        return (*streams, sum(sliding) + int(opts.whole_image)) if True in one_input else tuple(streams)
+        inputs = [ext.window_input() for ext in self.extractors.values()]
+        per_scale = sliding if any(size is None for size in inputs) else []
+        all_windows = [sum(sliding) + int(opts.whole_image)] if any(size is not None for size in inputs) else []
+        return (*per_scale, *all_windows)
 
     def score_bytes(self, height: int, width: int) -> int:
         """Bytes of the float32 score maps an input of (height, width) holds while it is segmented (one map per
@@ -512,7 +513,8 @@ class Segmenter:
         pad = size - stacked.shape[0]
         return torch.cat([stacked, stacked.new_zeros(pad, *stacked.shape[1:])]) if pad > 0 else stacked
 
-    def _extractor_batches(self, work: Sequence[torch.Tensor], name: str):
+    def _extractor_batches(self, work: Sequence[torch.Tensor], name: str) -> list[tuple[list[tuple[int, Window]], int]]:
+        """:meth:`_batches` as extractor ``name`` takes its windows."""
         return self._batches(work, one_input=self.extractors[name].window_input() is not None)
 
     def accumulate(
