@@ -65,6 +65,20 @@ def synth_json(work: Path) -> str:
     return fenced(compact(json.loads(proc.stdout)), "json")
 
 
+def synth_table(work: Path) -> str:
+    """The same example's second run (everything cached), piped: the tab-separated summary."""
+    args = ["synth", "cat", "potted plant", *TINY, "--n", "4", "--steps", "4"]
+    ovdiff(work, *args, "-q")
+    return fenced(
+        "\n".join(
+            [
+                f"$ ovdiff {' '.join(a if ' ' not in a else repr(a) for a in args)} | cat",
+                ovdiff(work, *args, "-q").stdout.rstrip(),
+            ]
+        )
+    )
+
+
 def _demo(work: Path) -> list[str]:
     """The demo's scenes and classes synthesised, as `make demo` does; returns the segment arguments."""
     subprocess.run([sys.executable, str(HERE / "draw_scenes.py"), str(work / "images"), "--count", "4"], check=True)
@@ -85,6 +99,14 @@ def segment_line(work: Path) -> str:
     return fenced(proc.stdout.strip())
 
 
+def eval_demo_line(work: Path) -> str:
+    """`make eval-demo`'s unsharded run, quiet: its summary line."""
+    subprocess.run([sys.executable, str(HERE / "synthetic_voc.py"), str(work / "data"), "--count", "20"], check=True)
+    args = ["eval", "voc", "--root", "data", *TINY, "--n", "8", "--steps", "10", "--short-side", "128"]
+    proc = ovdiff(work, *args, "--scales", "128,96", "--stride", "64", "--quiet")
+    return fenced(proc.stdout.strip())
+
+
 def no_silent_work(work: Path) -> str:
     """segment telling what it synthesises, after synth runs with other settings."""
     small = [*TINY, "--steps", "2", "--k", "3"]
@@ -99,8 +121,10 @@ def no_silent_work(work: Path) -> str:
 
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "synth-json": synth_json,
+    "synth-table": synth_table,
     "segment-json": segment_json,
     "segment-line": segment_line,
+    "eval-demo-line": eval_demo_line,
     "no-silent-work": no_silent_work,
 }
 MARKED = re.compile(r"(<!-- readme_outputs: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /readme_outputs -->)", re.S)

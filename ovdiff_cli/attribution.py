@@ -131,7 +131,7 @@ def capturing(tap: AttentionTap, tokens: list[int], cond_slice: slice, latent_hw
     tap.reset()
     first = tokens[0] if tokens else 0
     if list(tokens) != list(range(first, first + len(tokens))):
-        raise ValueError(f"class token positions {list(tokens)} are not contiguous")
+        raise ValueError(f"class token positions {', '.join(map(str, tokens))} are not contiguous")
     tap.tokens, tap.cond_slice, tap.latent_hw = list(tokens), cond_slice, latent_hw
     tap.token_span = slice(first, first + len(tokens))
     try:

@@ -13,6 +13,14 @@ from __future__ import annotations
 PROMPT_TEMPLATE = "A good picture of a {}"
 NEGATIVE_PROMPT = "text, low quality, blurry, cartoon, meme, low resolution, bad, poor, faded"
 N_SUPPORT = 32
+# A class's support set is generated, cached and clustered whole: its prototypes are built from every image's masked
+# features held in memory at once. Above N_WARN images a run says what that costs before it starts; above N_MAX it
+# refuses (over 300 times the paper's N, a typing slip far more often than an experiment).
+N_WARN = 512
+N_MAX = 10_000
+# Rough cache bytes per support-image pixel: the PNG (1.5-3 bytes a pixel), the attribution map and the segmenter's
+# proposal masks (bit-packed, about ten per image). For the size estimate above N_WARN only.
+SUPPORT_BYTES_PER_PIXEL = 3.0
 STEPS = 30
 GUIDANCE = 8.0
 # REFERENCE 1: diffusers' DPMSolverMultistepScheduler (second order, dpmsolver++) built from SD's own config.

@@ -11,14 +11,14 @@ prototype wins: pixels of its class where it beats every other prototype of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import defaults as D
-from .outputs import boundaries, colour, load_font
+from .outputs import colour, draw_outlines, load_font
 from .prototypes import KIND_NAMES, REGION_NAMES
 from .segmentation import BACKGROUND_NAME, EXCLUDED_SCORE, Segmentation, Segmenter
 
@@ -92,6 +92,7 @@ class Explanation:
     kept: list[str]
     labels: np.ndarray
     prototypes: list[Evidence]
+    names: list[str] = field(default_factory=list)  # every label id's name (index = id), for the picture's legend
 
     def to_json(self) -> dict:
         """The facts as JSON-able data (no arrays)."""
@@ -247,10 +248,14 @@ def explain(
         kept=[names[i] for i in seg.kept],
         labels=labels,
         prototypes=evidence,
+        names=names,
     )
 
 
 # --- the picture --------------------------------------------------------------------------------------------------
+
+OUTLINE_W = 2  # outline width in the picture's pixels (plus a 1-pixel halo: outputs.draw_outlines)
+SWATCH = 18  # side of a legend entry's outline sample
 
 
 def count_noun(n: int, noun: str) -> str:
@@ -259,30 +264,44 @@ def count_noun(n: int, noun: str) -> str:
 
 
 def _fit(img, box: tuple[int, int]):
-    """Resize a PIL image to fit inside box (w, h), keeping its aspect ratio."""
+    """Resize a PIL image to fit inside box (w, h), keeping its aspect ratio (pixels kept sharp when enlarged)."""
     from PIL import Image
 
     scale = min(box[0] / img.width, box[1] / img.height)
-    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.NEAREST)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.NEAREST if scale >= 1 or img.mode not in ("RGB", "L") else Image.BICUBIC)
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with a 4-neighbour outside it (or on the border of the array)."""
-    padded = np.pad(mask, 1, constant_values=False)
-    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~inner
+def _style(labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """How the picture outlines label ids: ((K, 3) uint8 colours, (K,) bool dashed) for ids < K = max + 1. A
+    class is outlined solid in its colour, background (id 0) dashed black and white."""
+    k = max(labels, default=0) + 1
+    colours = np.array([colour(i) for i in range(k)], dtype=np.uint8)
+    dashed = np.arange(k) == 0
+    return colours, dashed
 
 
-def _highlight(image: np.ndarray, mask: np.ndarray, col: tuple[int, int, int]) -> np.ndarray:
-    """Dim everything outside ``mask`` and outline it in ``col``; image (H, W, 3) uint8, mask (H, W) bool."""
+def _highlight(image: np.ndarray, mask: np.ndarray, label: int) -> np.ndarray:
+    """Dim everything outside ``mask`` and outline it as label ``label`` is outlined (see :func:`_style`).
+
+    Args:
+        image: (H, W, 3) uint8.
+        mask: (H, W) bool.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
     out = image.astype(np.float32)
     out[~mask] *= 0.35
-    out[_outline(mask)] = col
+    colours, dashed = _style([label])
+    inside = np.where(mask, label, -1)  # the mask as label ``label``, the rest -1 (not drawn on: where=mask)
+    draw_outlines(out, inside, OUTLINE_W, colours, where=mask, dashed=dashed, frame=True)
     return out.astype(np.uint8)
 
 
-def _crop(support: np.ndarray, region: SupportRegion, col: tuple[int, int, int]):
-    """The support image around the region (box plus margin), region highlighted, as a PIL image."""
+def _crop(support: np.ndarray, region: SupportRegion, label: int):
+    """The (S, S, 3) uint8 support image around the region (box plus margin), fitted to THUMB x THUMB, the region
+    highlighted as label ``label`` (outlined at the thumbnail's scale), as a PIL image."""
     from PIL import Image
 
     size = support.shape[0]
@@ -290,7 +309,9 @@ def _crop(support: np.ndarray, region: SupportRegion, col: tuple[int, int, int])
     x0, y0, x1, y1 = region.box
     mx, my = max(4, int((x1 - x0) * CROP_MARGIN)), max(4, int((y1 - y0) * CROP_MARGIN))
     x0, y0, x1, y1 = max(0, x0 - mx), max(0, y0 - my), min(size, x1 + mx), min(size, y1 + my)
-    return Image.fromarray(_highlight(support, mask, col)[y0:y1, x0:x1])
+    crop = _fit(Image.fromarray(support[y0:y1, x0:x1]), (THUMB, THUMB))
+    inside = np.array(Image.fromarray(mask[y0:y1, x0:x1]).resize(crop.size, Image.NEAREST))
+    return Image.fromarray(_highlight(np.array(crop.convert("RGB")), inside, label))
 
 
 def _no_wins(thumb, font, class_name: str):
@@ -316,6 +337,67 @@ def _missing(font):
     return tile
 
 
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` broken at spaces into lines at most ``width`` pixels long (a longer word gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _swatch(label: int):
+    """A legend entry's sample: a SWATCH x SWATCH white square outlined as label ``label`` is (PIL image)."""
+    from PIL import Image
+
+    colours, dashed = _style([label])
+    sample = np.full((SWATCH, SWATCH, 3), 255, dtype=np.uint8)
+    draw_outlines(sample, np.full((SWATCH, SWATCH), label), OUTLINE_W, colours, dashed=dashed, frame=True)
+    return Image.fromarray(sample)
+
+
+def _legend(
+    expl: Explanation, font, x0: int, y0: int, width: int
+) -> tuple[list[tuple[int, int, int | None, str]], int]:
+    """Lay out the legend of the picture's outlines in the box from (x0, y0), ``width`` wide: a heading, one entry
+    per label of the segmentation (an outline sample, then the name) flowing left to right, and a key saying how
+    background is drawn and what the rows' outlines mark.
+
+    Returns:
+        ([(x, y, label, text)]: a sample of ``label`` at (x, y) followed by its name, or with label None a line of
+        text), the y just below the legend.
+    """
+    names = dict(enumerate(expl.names))
+    names.setdefault(expl.label_id, expl.label)
+    if expl.runner_up is not None:
+        names.setdefault(expl.runner_up[0], expl.runner_up[1])
+    shown = sorted({int(i) for i in np.unique(expl.labels)} | {expl.label_id})
+    line = max(SWATCH, font.getbbox("Ag")[3]) + 6
+    items: list[tuple[int, int, int | None, str]] = [(x0, y0, None, "outline colours:")]
+    x, y = x0, y0 + line
+    for label in shown:
+        name = names.get(label, f"label {label}")
+        entry = SWATCH + 6 + int(np.ceil(font.getlength(name)))
+        if x > x0 and x + entry > x0 + width:
+            x, y = x0, y + line
+        items.append((x, y, label, name))
+        x += entry + 16
+    key = ["solid: a class's regions" + ("; dashed: background's" if 0 in shown else "")]
+    if expl.prototypes:
+        rows = f"rows: a prototype's pixels (left) and support regions (crops), outlined as '{expl.label}'"
+        if expl.label_id == 0:
+            rows += "; a background prototype's crops outline the support image's background (outside the masks)"
+        key.append(rows)
+    y += line
+    for text in key:
+        for part in _wrap(text, font, width):
+            items.append((x0, y, None, part))
+            y += font.getbbox("Ag")[3] + 4
+    return items, y
+
+
 def render(
     expl: Explanation,
     image: np.ndarray,
@@ -325,10 +407,13 @@ def render(
 ):
     """The explanation as one picture.
 
-    Header: the query image with the segmentation's outlines and the pixel marked, and the label, score and
-    runner-up. Then one row per prototype: its region map on the query image, a caption (class, kind, fg/bg,
+    Header: the query image with the segmentation's outlines and the pixel marked, the label, score and
+    runner-up, and a legend of the outlines (each label's outline sample and name; solid for a class, dashed for
+    background). Then one row per prototype: its region map on the query image, a caption (class, kind, fg/bg,
     similarities), and crops of up to ``max_crops`` support images around the region it was pooled from,
-    highlighted. The picture is HEADER_H + ROW_H x (number of prototypes) pixels high.
+    highlighted. Every outline has a contrasting halo or dashes (see :func:`outputs.draw_outlines`), so it shows
+    on dark and light pictures alike. The picture is HEADER_H (more when the legend needs it) + ROW_H x (number
+    of prototypes) pixels high.
 
     Args:
         expl: from :func:`explain`.
@@ -342,35 +427,41 @@ def render(
     from PIL import Image, ImageDraw
 
     big, small = load_font(15), load_font(12)
-    col = colour(expl.label_id)
     query = Image.fromarray(image)
     head = _fit(query, (2 * 320, 320))
     lab = np.array(Image.fromarray(expl.labels.astype(np.int32)).resize(head.size, Image.NEAREST))
-    # Each region outlined in its own class colour (as in segment's overlays), so the header reads like a legend.
-    edges = boundaries(lab, width=2)
-    head_px = np.array(head.convert("RGB"))
-    head_px[edges] = np.array([colour(int(i)) for i in range(int(lab.max()) + 1)], dtype=np.uint8)[lab[edges]]
-    head = Image.fromarray(head_px)
+    # Each region outlined as in the legend (a class solid in its colour, background dashed), so a region's
+    # colour names its label.
+    colours, dashed = _style([int(lab.max())])
+    head = Image.fromarray(draw_outlines(np.array(head.convert("RGB")), lab, OUTLINE_W, colours, dashed=dashed))
 
     rows = []
     for rank, ev in enumerate(expl.prototypes, start=1):
-        wins = np.array(Image.fromarray(ev.wins).resize(head.size, Image.NEAREST))
+        thumb = _fit(query, (2 * THUMB, THUMB))
         if ev.wins.any():
-            region_map = _fit(
-                Image.fromarray(_highlight(np.array(query.resize(head.size)), wins, col)), (2 * THUMB, THUMB)
-            )
+            wins = np.array(Image.fromarray(ev.wins).resize(thumb.size, Image.NEAREST))
+            region_map = Image.fromarray(_highlight(np.array(thumb.convert("RGB")), wins, expl.label_id))
         else:  # not an all-dimmed picture: say it
-            region_map = _no_wins(_fit(query.resize(head.size), (2 * THUMB, THUMB)), small, ev.class_name)
+            region_map = _no_wins(thumb, small, ev.class_name)
         crops = []
         for r in ev.support[:max_crops]:
             support = load_support(r.key)
-            crops.append((r, _crop(support, r, col) if support is not None else _missing(small)))
+            crops.append((r, _crop(support, r, expl.label_id) if support is not None else _missing(small)))
         rows.append((rank, ev, region_map, crops))
 
     # The caption starts right after the region map (every map has the query's aspect ratio): no empty gap.
     map_w = max((m.width for _, _, m, _ in rows), default=0)
     width = max([head.width + 16 + 2 * TEXT_W] + [map_w + TEXT_W + 24 + len(c) * (THUMB + 8) for _, _, _, c in rows])
-    canvas = Image.new("RGB", (width, HEADER_H + ROW_H * len(rows)), (255, 255, 255))
+    text_x = head.width + 24
+    lines = [f"pixel ({expl.pixel[0]}, {expl.pixel[1]})", f"label: {expl.label} (score {expl.score:.3f})"]
+    if expl.runner_up is not None:
+        lines.append(f"runner-up: {expl.runner_up[1]} (score {expl.runner_up[2]:.3f})")
+    lines += [f"classes considered: {', '.join(expl.kept)}", title]
+    lines = [part for text in lines if text for part in _wrap(text, big, width - text_x - 8)]
+    legend, legend_end = _legend(expl, small, text_x, 16 + 22 * len(lines) + 10, width - text_x - 8)
+    header_h = max(HEADER_H, legend_end + 12)
+
+    canvas = Image.new("RGB", (width, header_h + ROW_H * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     canvas.paste(head, (8, 8))
     sx, sy = head.width / image.shape[1], head.height / image.shape[0]
@@ -379,15 +470,16 @@ def render(
         draw.ellipse([px - r, py - r, px + r, py + r], outline=c, width=2)
     draw.line([px - 12, py, px - 6, py], fill=(255, 230, 0), width=2)
     draw.line([px + 6, py, px + 12, py], fill=(255, 230, 0), width=2)
-    lines = [f"pixel ({expl.pixel[0]}, {expl.pixel[1]})", f"label: {expl.label} (score {expl.score:.3f})"]
-    if expl.runner_up is not None:
-        lines.append(f"runner-up: {expl.runner_up[1]} (score {expl.runner_up[2]:.3f})")
-    lines += [f"classes considered: {', '.join(expl.kept)}", title]
-    for i, text in enumerate(t for t in lines if t):
-        draw.text((head.width + 24, 16 + 22 * i), text, fill=(0, 0, 0), font=big)
+    for i, text in enumerate(lines):
+        draw.text((text_x, 16 + 22 * i), text, fill=(0, 0, 0), font=big)
+    for x, y, label, text in legend:
+        if label is not None:
+            canvas.paste(_swatch(label), (x, y))
+            x += SWATCH + 6
+        draw.text((x, y + 2 if label is not None else y), text, fill=(0, 0, 0), font=small)
 
     for rank, ev, region_map, crops in rows:
-        top = HEADER_H + ROW_H * (rank - 1)
+        top = header_h + ROW_H * (rank - 1)
         draw.line([0, top - 4, width, top - 4], fill=(210, 210, 210))
         canvas.paste(region_map, (8, top))
         source = {"instance": f"support image {ev.image}", "part": f"part cluster {ev.part}"}.get(ev.kind, "all masks")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -53,23 +53,47 @@ def _is_image_file(path: Path) -> bool:
         return False
 
 
-def _walk(folder: Path, exclude: Path | None) -> list[Path]:
+def holds_outputs(folder: Path) -> bool:
+    """Whether ``folder`` is an ovdiff output folder (it holds a legend.json that ovdiff wrote)."""
+    from .outputs import LEGEND_FILE, read_legend
+
+    return read_legend(folder / LEGEND_FILE) is not None
+
+
+def _walk(folder: Path, exclude: Path | None, on_skip: Callable[[Path], None]) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(folder):
         here = Path(root)
+        if holds_outputs(here):  # label maps and overlays of an earlier run are not photos
+            dirs[:] = []
+            on_skip(here)
+            continue
         # Hidden entries (.git, .DS_Store, our own temp files) are never inputs; nor is the output folder.
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (exclude is None or here / d != exclude))
         found += [here / f for f in sorted(files) if not f.startswith(".")]
     return [p for p in found if _is_image_file(p)]
 
 
-def find_images(inputs: Sequence[str], exclude: Path | None = None) -> list[InputImage]:
+def _in_output_folder(path: Path, top: Path, on_skip: Callable[[Path], None]) -> bool:
+    """Whether a file a glob matched lies in an ovdiff output folder at or below ``top`` (the glob's fixed part)."""
+    for folder in reversed(path.parents):
+        if folder.is_relative_to(top) and holds_outputs(folder):
+            on_skip(folder)
+            return True
+    return False
+
+
+def find_images(
+    inputs: Sequence[str], exclude: Path | None = None, on_skip: Callable[[Path], None] | None = None
+) -> list[InputImage]:
     """Expand INPUT arguments to image files with their output names, sorted by output name.
 
     Args:
         inputs: files (always taken), folders (searched recursively; a file counts if its extension is an
             image extension or Pillow recognises its content), or glob patterns (``**`` recurses).
         exclude: a folder never searched (the output folder, when it lies inside an input folder).
+        on_skip: called once with each folder left out because it holds ovdiff outputs (a legend.json that
+            ovdiff wrote: an earlier run's --out), whether found by a folder search or a glob.
 
     Output names mirror the inputs' paths relative to their deepest common folder, without the extension;
     two inputs that would share a name (``a.jpg``, ``a.png``) keep their extension in it (``a.jpg``).
@@ -80,30 +104,49 @@ def find_images(inputs: Sequence[str], exclude: Path | None = None) -> list[Inpu
     if not inputs:
         raise ValueError("no INPUT given: pass image files, folders or glob patterns")
     exclude = Path(os.path.abspath(exclude)) if exclude is not None else None
+    skipped: dict[Path, None] = {}  # ordered set of the output folders left out
+
+    def skip(folder: Path) -> None:
+        if folder not in skipped:
+            skipped[folder] = None
+            if on_skip is not None:
+                on_skip(folder)
+
     files: list[tuple[Path, Path]] = []  # (file, the folder its name is relative to)
     for raw in inputs:
         path = Path(os.path.abspath(raw))
         if path.is_dir():
-            files += [(f, path) for f in _walk(path, exclude)]
+            files += [(f, path) for f in _walk(path, exclude, skip)]
         elif path.is_file():
             files.append((path, path.parent))
         elif _GLOB_CHARS & set(raw):
+            fixed = raw[: min(raw.index(c) for c in _GLOB_CHARS & set(raw))]  # "photos/" of "photos/**/*.jpg"
+            top = Path(os.path.abspath(fixed if fixed.endswith(os.sep) else os.path.dirname(fixed) or "."))
             matches = sorted(Path(os.path.abspath(m)) for m in glob.glob(raw, recursive=True))
             matched = [m for m in matches if m.is_file() and not m.name.startswith(".") and _is_image_file(m)]
+            matched = [m for m in matched if not _in_output_folder(m, top, skip)]
             if not matched:
-                raise ValueError(f"INPUT {raw!r}: the pattern matches no image files")
+                raise ValueError(f"INPUT {raw!r}: the pattern matches no image files{_skipped_note(skipped)}")
             files += [(m, m.parent) for m in matched]
         else:
             raise ValueError(f"INPUT {raw!r}: no such file or folder")
     unique = list(dict.fromkeys(f for f, _ in files))
     if not unique:
-        raise ValueError(f"INPUT {' '.join(inputs)!r}: no image files found")
+        raise ValueError(f"INPUT {' '.join(inputs)!r}: no image files found{_skipped_note(skipped)}")
     base = Path(os.path.commonpath([str(r) for _, r in files]))
     names = [PurePosixPath(f.relative_to(base).as_posix()) for f in unique]
     stems = [n.with_suffix("") for n in names]
     clashes = {s for s in stems if stems.count(s) > 1}
     items = [InputImage(f, n if s in clashes else s) for f, n, s in zip(unique, names, stems, strict=True)]
     return sorted(items, key=lambda it: str(it.rel))
+
+
+def _skipped_note(skipped: Mapping[Path, None]) -> str:
+    if not skipped:
+        return ""
+    first = next(iter(skipped))
+    more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+    return f" (left out {first}{more}: it holds ovdiff outputs; name its files to segment them)"
 
 
 def _to_rgb(img) -> np.ndarray:

@@ -13,9 +13,9 @@ import stat
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -37,10 +37,12 @@ def voc_palette(n: int = PALETTE_IDS) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+_COLOURS = [(int(r), int(g), int(b)) for r, g, b in voc_palette()]  # built once: drawing asks for many colours
+
+
 def colour(label: int) -> tuple[int, int, int]:
     """The display colour of a label id (VOC colours, repeating past 255)."""
-    r, g, b = voc_palette()[label % PALETTE_IDS]
-    return int(r), int(g), int(b)
+    return _COLOURS[int(label) % PALETTE_IDS]
 
 
 def build_legend(
@@ -72,6 +74,17 @@ def is_stream(path: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def writes_to_stdout(path: Path) -> bool:
+    """Whether writing ``path`` writes this process's standard output: "-", or another name of it (/dev/stdout,
+    or the file stdout is redirected to)."""
+    if str(path) == STDOUT:
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such file; a stdout without a descriptor (test harnesses)
+        return False
 
 
 @contextmanager
@@ -130,6 +143,151 @@ def save_atomically(path: Path, write: Callable[[Path], None], what: str) -> Non
         raise ValueError(f"{what}: cannot write it ({exc.strerror or exc})") from None
 
 
+PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # suffix -> Pillow format
+
+
+def picture_format(path: Path, what: str) -> str:
+    """The Pillow format of a picture written to ``path``, from its suffix: "PNG" (.png, and "-", a device or a
+    FIFO) or "JPEG" (.jpg, .jpeg). Raises ValueError naming ``what`` for any other name."""
+    if is_stream(path):
+        return "PNG"
+    fmt = PICTURE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{what}: expected a file name ending in .png, .jpg or .jpeg (or '-' for stdout)")
+    return fmt
+
+
+def save_with_fallback(
+    path: Path, write: Callable[[Path], None], what: str, fallback_prefix: str
+) -> tuple[Path, str | None]:
+    """:func:`save_atomically`; should that fail (the path was checked before the work, but a disk can fill up),
+    the finished bytes go to a new file in the temp folder instead, so the work is not lost.
+
+    Returns:
+        (the file written, None) or (the fallback file, the reason ``path`` could not be written).
+    Raises:
+        ValueError: neither could be written.
+    """
+    try:
+        save_atomically(path, write, what)
+        return path, None
+    except ValueError as exc:
+        fd, name = tempfile.mkstemp(prefix=f"{fallback_prefix}-", suffix=Path(path).suffix or ".png")
+        os.close(fd)
+        try:
+            write(Path(name))
+        except OSError:
+            Path(name).unlink(missing_ok=True)
+            raise exc from None
+        return Path(name), str(exc)
+
+
+def check_writable(path: Path, what: str, *, folder: bool = False, inputs: Iterable[Path] = ()) -> None:
+    """Refuse, before any work, an output that could not be written at the end or would replace an input.
+
+    "-", a device or a FIFO is always accepted (written in place). Otherwise ``path`` must be a file name (a
+    folder with ``folder=True``), not one of ``inputs``, and its nearest existing folder must let a file be
+    created: a hidden probe file is created and removed there, so read-only folders, /proc and full quotas are
+    found now rather than after the work.
+
+    Raises:
+        ValueError: one line naming ``what`` (e.g. "--save x.json") and why.
+    """
+    if not folder and is_stream(path):
+        return
+    final = Path(os.path.realpath(path))
+    if final.exists() and final.is_dir() != folder:
+        raise ValueError(f"{what}: is a folder; give a file name" if not folder else f"{what}: is not a folder")
+    if not folder and final in {Path(os.path.realpath(p)) for p in inputs}:
+        raise ValueError(f"{what}: is an input file; writing the result there would replace it")
+    where = final if folder else final.parent
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir():
+        raise ValueError(f"{what}: {where} is a file, so no folder can be made there")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{final.name}{TEMP_MARK}probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot write in {where} ({exc.strerror or exc})") from None
+
+
+def _output_files(out_dir: Path) -> Iterator[Path]:
+    """Every file under ``out_dir`` named like a segment output (label PNG, overlay, scores), hidden ones aside."""
+    for root, dirs, files in os.walk(out_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and name.endswith(tuple(_SUFFIXES.values())):
+                yield Path(root) / name
+
+
+def _listed(paths: Sequence[Path], base: Path, most: int = 3) -> str:
+    shown = ", ".join(p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p) for p in paths[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def check_out_folder(
+    out_dir: Path,
+    legend: dict[str, dict],
+    inputs: Sequence[str],
+    input_files: Sequence[tuple[Path, PurePosixPath]],
+    *,
+    overlay: bool,
+    scores: bool,
+    overwrite: bool,
+) -> None:
+    """Refuse, before any work, an ``--out`` folder where ``segment`` would destroy or mix files.
+
+    Args:
+        inputs: the INPUT arguments (files, folders, globs).
+        input_files: (file, output name) of every image found, in every shard (see inputs.find_images).
+
+    Raises:
+        ValueError (one line) when ``out_dir``: is not a folder; is an INPUT folder (outputs would mix with the
+        photos and be read as photos next time); would receive an output in place of an input file; holds a file
+        at an output's path but no legend.json from ovdiff (a user's own file); holds results for another
+        vocabulary without ``overwrite``; or, with ``overwrite``, holds outputs of images not in this run that
+        the new legend would mislabel (a folder never mixes vocabularies).
+    """
+    final = Path(os.path.realpath(out_dir))
+    if final.exists() and not final.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a folder")
+    if any(os.path.isdir(raw) and Path(os.path.realpath(raw)) == final for raw in inputs):
+        raise ValueError(
+            f"--out {out_dir}: is an input folder; outputs would mix with the images (and be read as images next"
+            " time): choose another folder (a subfolder of it is fine: it is never searched)"
+        )
+    sources = {Path(os.path.realpath(f)): f for f, _ in input_files}
+    planned = [p for _, rel in input_files for p in output_paths(out_dir, rel, overlay, scores).values()]
+    for path in planned:
+        if (source := sources.get(Path(os.path.realpath(path)))) is not None:
+            raise ValueError(f"--out {out_dir}: would write {path} over the input {source}; choose another folder")
+    old = read_legend(out_dir / LEGEND_FILE)
+    if (out_dir / LEGEND_FILE).exists() and old is None:
+        raise ValueError(f"--out {out_dir}: its {LEGEND_FILE} was not written by ovdiff; choose another folder")
+    if old is None:
+        if taken := [p for p in planned if p.exists()]:
+            raise ValueError(
+                f"--out {out_dir}: would replace {_listed(taken, out_dir)}, which ovdiff did not write (the folder"
+                f" has no {LEGEND_FILE}); choose a new or empty folder"
+            )
+        return
+    if old == legend:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"--out {out_dir}: holds results for other classes ({legend_names(old)}); use --overwrite or another --out"
+        )
+    ours = {p for _, rel in input_files for p in output_paths(out_dir, rel, True, True).values()}
+    if stale := sorted(p for p in _output_files(out_dir) if p not in ours):
+        raise ValueError(
+            f"--out {out_dir}: --overwrite would leave {_listed(stale, out_dir)} of images not in this run labelled"
+            f" with the old classes ({legend_names(old)}) under the new legend; remove them, add their images to"
+            " this run, or use another --out"
+        )
+
+
 def remove_stale_temps(path: Path) -> None:
     """Delete temp files a killed run left for ``path``."""
     if path.parent.is_dir():
@@ -137,21 +295,42 @@ def remove_stale_temps(path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def read_legend(path: Path) -> dict[str, dict] | None:
+    """The legend in ``path`` if it is one ovdiff wrote (label id -> name, colour, type), else None: no file, an
+    unreadable one, or another program's JSON. A folder with such a file holds ovdiff's outputs."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not doc:
+        return None
+    for key, entry in doc.items():
+        if not (key.isdigit() and isinstance(entry, dict) and isinstance(entry.get("name"), str)):
+            return None
+        if entry.get("type") not in {"thing", "stuff", "background"}:
+            return None
+    return doc
+
+
+def legend_names(legend: dict[str, dict]) -> str:
+    """ "background, cat, dog": a legend's class names in id order, for messages."""
+    return ", ".join(str(legend[k].get("name")) for k in sorted(legend, key=int))
+
+
 def write_legend(out_dir: Path, legend: dict[str, dict], overwrite: bool = False) -> Path:
     """Write ``legend.json`` (left untouched when it already says the same); refuse (ValueError) if the
     folder holds results for another vocabulary, unless ``overwrite``."""
     path = out_dir / LEGEND_FILE
     if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = None
+        old = read_legend(path)
         if old == legend:
             return path
+        if old is None:
+            raise ValueError(f"--out {out_dir}: its {LEGEND_FILE} was not written by ovdiff; choose another --out")
         if not overwrite:
-            names = [v.get("name") for v in old.values()] if isinstance(old, dict) else "unreadable"
             raise ValueError(
-                f"--out {out_dir}: holds results for other classes ({names}); use --overwrite or another --out"
+                f"--out {out_dir}: holds results for other classes ({legend_names(old)});"
+                " use --overwrite or another --out"
             )
     text = json.dumps(legend, indent=2, ensure_ascii=False) + "\n"
     save_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), f"--out {out_dir}")
@@ -208,16 +387,82 @@ def load_font(size: int):
 def boundaries(labels: np.ndarray, width: int = 1) -> np.ndarray:
     """(H, W) bool: pixels with a 4-neighbour of another label, grown inwards to ``width`` pixels (each region's
     own rim, so a rim drawn in the region's colour stays inside it)."""
+    return _rims(labels, width)[0]
+
+
+def _rims(labels: np.ndarray, *widths: int) -> list[np.ndarray]:
+    """:func:`boundaries` at each of ``widths`` ((H, W) bool each), from one run of the passes."""
     edge = np.zeros(labels.shape, dtype=bool)
-    for _ in range(width):  # each pass adds the ring just inside: pixels with a neighbour already on the rim
+    out = {}
+    for n in range(1, max(widths) + 1):  # each pass adds the ring just inside: pixels with a neighbour on the rim
         grown = edge.copy()
         differs = labels if not edge.any() else np.where(edge, -1, labels)
         grown[:, 1:] |= differs[:, 1:] != differs[:, :-1]
         grown[:, :-1] |= differs[:, :-1] != differs[:, 1:]
         grown[1:] |= differs[1:] != differs[:-1]
         grown[:-1] |= differs[:-1] != differs[1:]
-        edge = grown
-    return edge
+        edge = out[n] = grown
+    return [out[w] if w > 0 else np.zeros(labels.shape, dtype=bool) for w in widths]
+
+
+def halo_colour(col: Sequence[int]) -> tuple[int, int, int]:
+    """The contrasting colour drawn beside an outline of colour ``col`` (RGB, 0..255): white beside a dark colour
+    (Rec. 601 luma below 128: VOC's black, dark red, dark blue, ...), black beside a light one."""
+    r, g, b = (float(c) for c in col[:3])
+    return (255, 255, 255) if 0.299 * r + 0.587 * g + 0.114 * b < 128 else (0, 0, 0)
+
+
+def draw_outlines(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    width: int,
+    colours: np.ndarray,
+    where: np.ndarray | None = None,
+    dashed: np.ndarray | None = None,
+    frame: bool = False,
+    dash: int = 4,
+) -> np.ndarray:
+    """Outline every region of ``labels`` inside itself, legibly on any picture (overlays and explain's picture).
+
+    A solid outline is the region's rim (``width`` pixels) in its colour with a halo (``max(1, width // 2)``
+    pixels, just inside the rim) in :func:`halo_colour`: white beside a dark colour, black beside a light one, so
+    a dark red outline still shows on a dark photo. A dashed outline has no halo: its rim alternates ``dash``-pixel
+    dashes of the colour and of its halo colour.
+
+    Args:
+        pixels: (H, W, 3) uint8 or float image, drawn on in place.
+        labels: (H, W) int ids, >= 0 where drawn on (a negative id marks pixels outside ``where``).
+        width: the rim's width in pixels (>= 1).
+        colours: (K, 3) the colour of each label id (ids < K).
+        where: (H, W) bool, the only pixels drawn on (e.g. not background); None = all.
+        dashed: (K,) bool, the ids drawn dashed; None = none.
+        frame: the array's border is an edge too (a region touching it is outlined along it).
+
+    Returns:
+        ``pixels``.
+    """
+    lab = np.asarray(labels).astype(np.int64)
+    if frame:  # the border as a label of its own
+        lab = np.pad(lab, 1, constant_values=-1)
+    rim, inner = _rims(lab, width, width + max(1, width // 2))
+    ring = inner & ~rim
+    if frame:
+        lab, rim, ring = lab[1:-1, 1:-1], rim[1:-1, 1:-1], ring[1:-1, 1:-1]
+    if where is not None:
+        rim, ring = rim & where, ring & where
+    pal = np.asarray(colours, dtype=np.float32).reshape(-1, 3)
+    contrast = np.array([halo_colour(c) for c in pal], dtype=np.float32).reshape(-1, 3)
+    solid, halo = rim, ring
+    if dashed is not None and np.asarray(dashed).any():
+        is_dashed = np.asarray(dashed, dtype=bool)[lab]
+        ys, xs = np.nonzero(rim & is_dashed)
+        gap = np.zeros_like(rim)
+        odd = ((ys + xs) // dash) % 2 == 1  # every other dash along rows, columns and diagonals
+        gap[ys[odd], xs[odd]] = True
+        solid, halo = rim & ~gap, (ring & ~is_dashed) | gap
+    pixels[solid] = pal[lab[solid]]
+    pixels[halo] = contrast[lab[halo]]
+    return pixels
 
 
 def region_anchors(labels: np.ndarray, min_fraction: float = D.OVERLAY_NAME_MIN_AREA) -> list[tuple[int, int, int]]:
@@ -247,11 +492,16 @@ def region_anchors(labels: np.ndarray, min_fraction: float = D.OVERLAY_NAME_MIN_
 
 def render_overlay(image: np.ndarray, labels: np.ndarray, legend: dict[str, dict], alpha: float = D.OVERLAY_ALPHA):
     """The image with each labelled region filled with its colour at ``alpha`` and outlined in it at full strength
-    (background neither filled nor outlined), the class name written on every large region, above a legend strip
-    naming the classes present.
+    with a contrasting halo (background neither filled nor outlined), the class name written on every large
+    region, above a legend strip naming the classes present.
 
     The fill is strong enough (0.7 by default) that a region reads as its swatch's colour whatever lies under it;
-    the outline in the pure colour and the name settle it where the image beneath shifts the hue.
+    the outline in the pure colour and the name settle it where the image beneath shifts the hue, and the halo
+    just inside the outline (white beside a dark colour, black beside a light one, see :func:`draw_outlines`)
+    keeps it visible where the photo is as dark (or as light) as the colour.
+
+    The strip shows every legend entry whole: where the image is narrower than an entry (a 16-pixel-wide image
+    and "dog"), the canvas is widened with white on the right, never the names cut.
 
     Args:
         image: (H, W, 3) uint8 RGB.
@@ -259,7 +509,8 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, legend: dict[str, dict
         legend: as built by :func:`build_legend`.
 
     Returns:
-        A PIL RGB image of width W and height H plus the legend strip.
+        A PIL RGB image: the (H, W) image at the top left, the legend strip below it; max(W, widest legend
+        entry + 8) wide.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -268,33 +519,40 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, legend: dict[str, dict
     blended = image.astype(np.float32)
     blended[tint] = (1 - alpha) * blended[tint] + alpha * palette[labels[tint]]
     h, w = labels.shape
-    rim = boundaries(labels, width=max(1, min(h, w) // 200 + 1)) & tint
-    blended[rim] = palette[labels[rim]]
+    draw_outlines(blended, labels, max(1, min(h, w) // 200 + 1), palette, where=tint)
     font = load_font(max(10, min(24, w // 40)))
     line = font.getbbox("Ag")[3] + 8
-    entries = [(legend[str(i)]["name"], colour(int(i))) for i in np.unique(labels) if str(i) in legend]
+    # (label, name, swatch + name width) of each painted label present: background's pixels are left as they are,
+    # with no colour to key, so it has no entry (a black swatch would claim they were painted black); unpainted
+    # means background. The strip is at least as wide as its widest entry.
+    entries = [
+        (int(i), legend[str(i)]["name"], line + int(np.ceil(font.getlength(legend[str(i)]["name"]))))
+        for i in np.unique(labels[tint])
+        if str(i) in legend
+    ]
+    canvas_w = max([w] + [width + 8 for _, _, width in entries])
     # Lay the entries out left to right, wrapping to new lines, before knowing the strip's height.
     placed, x, y = [], 4, 4
-    for name, col in entries:
-        width = line + int(font.getlength(name)) + 12
-        if x > 4 and x + width > w:
+    for label, name, width in entries:
+        if x > 4 and x + width + 4 > canvas_w:
             x, y = 4, y + line
-        placed.append((x, y, name, col))
-        x += width
-    canvas = Image.new("RGB", (w, h + y + line + 4), (255, 255, 255))
+        placed.append((x, y, label, name))
+        x += width + 12
+    canvas = Image.new("RGB", (canvas_w, h + y + line + 4), (255, 255, 255))
     canvas.paste(Image.fromarray(np.round(blended).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
     for label, ay, ax in region_anchors(np.where(tint, labels, -1)):
         if label >= 0 and str(label) in legend:
             name = legend[str(label)]["name"]
-            # White with a black rim, centred on the anchor: legible on any colour (the rim needs FreeType).
+            # White with a black rim, centred on the anchor (kept on the canvas): legible on any colour (the rim
+            # needs FreeType).
             rim_px = 2 if isinstance(font, ImageFont.FreeTypeFont) else 0
             left, top, right, bottom = draw.textbbox((0, 0), name, font=font, stroke_width=rim_px)
-            at = (ax - (right - left) // 2, ay - (bottom - top) // 2)
+            at = (min(max(0, ax - (right - left) // 2), canvas_w - right), max(0, ay - (bottom - top) // 2))
             draw.text(at, name, fill=(255, 255, 255), font=font, stroke_width=rim_px, stroke_fill=(0, 0, 0))
-    for x, y, name, col in placed:
+    for x, y, label, name in placed:
         top = h + y
-        draw.rectangle([x, top + 2, x + line - 6, top + line - 4], fill=col, outline=(0, 0, 0))
+        draw.rectangle([x, top + 2, x + line - 6, top + line - 4], fill=colour(label), outline=(0, 0, 0))
         draw.text((x + line, top), name, fill=(0, 0, 0), font=font)
     return canvas
 

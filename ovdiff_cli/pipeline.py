@@ -15,6 +15,7 @@ seed (or existing prediction files scored without any model).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -68,6 +69,11 @@ class SynthOptions:
         for name in ("n", "steps", "batch_size", "k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.n > D.N_MAX:
+            raise ValueError(
+                f"--n {self.n:,}: more than {D.N_MAX:,} support images per class (the paper uses {D.N_SUPPORT});"
+                " a class's prototypes hold every image's features in memory at once"
+            )
         if self.scheduler not in D.SCHEDULERS:
             raise ValueError(f"--scheduler {self.scheduler!r}: expected one of {', '.join(D.SCHEDULERS)}")
         object.__setattr__(self, "extractors", parse_extractors(self.extractors))
@@ -605,6 +611,20 @@ def cached_banks(cache: cachelib.Cache, class_name: str | None = None) -> list[C
     return out
 
 
+def support_size_note(opts: SynthOptions, models: Models) -> str | None:
+    """A warning, before any work, when --n is large (above D.N_WARN): the cache it fills per class and the memory
+    its prototypes need. None otherwise."""
+    if opts.n <= D.N_WARN:
+        return None
+    per_class = opts.n * models.spec.image_size**2 * D.SUPPORT_BYTES_PER_PIXEL
+    size = f"{per_class / 1e9:.1f} GB" if per_class >= 1e9 else f"{per_class / 1e6:.0f} MB"
+    return (
+        f"--n {opts.n:,}: about {size} of cache per class not yet cached, and all {opts.n:,}"
+        f" images' masked features held in memory to build its prototypes ({D.N_SUPPORT} is the paper's);"
+        " the progress line gives the time left once the first batch is done"
+    )
+
+
 def synthesis_notes(missing: list[str], opts: SynthOptions, models: Models, cache: cachelib.Cache) -> list[str]:
     """What a segment, explain or eval run says before it synthesises classes itself: which ones, why (no bank for
     these settings), and the settings of the banks the cache does hold for them (so a mismatch is visible)."""
@@ -958,6 +978,29 @@ def score_predictions(
     return scorer.run
 
 
+def prediction_folder(save_pred: Path, seed: int, seeds: list[int]) -> Path:
+    """Where ``--save-pred`` puts one seed's predictions: the folder itself (one seed) or ``seed-S`` in it."""
+    return save_pred if len(seeds) == 1 else save_pred / f"seed-{seed}"
+
+
+def check_save_pred(save_pred: Path, samples: list[Sample], seeds: list[int]) -> None:
+    """Refuse, before any work, a ``--save-pred`` folder that cannot be written or where a prediction
+    ``<id>.png`` would replace one of the dataset's own files (its labels folder given by mistake).
+
+    Raises:
+        ValueError: one line naming the folder and the first file it would replace.
+    """
+    what = f"--save-pred {save_pred}"
+    outputs.check_writable(save_pred, what, folder=True)
+    dataset_files = {Path(os.path.realpath(f)): f for s in samples for f in (s.image, s.label)}
+    for seed in seeds:
+        where = prediction_folder(save_pred, seed, seeds)
+        for sample in samples:
+            theirs = dataset_files.get(Path(os.path.realpath(where / f"{sample.id}.png")))
+            if theirs is not None:
+                raise ValueError(f"{what}: a prediction would replace the dataset's {theirs}; choose another folder")
+
+
 def evaluate_seeds(
     samples: list[Sample],
     spec: DatasetSpec,
@@ -985,7 +1028,7 @@ def evaluate_seeds(
     failed: list[tuple[str, str]] = []
     for seed in seeds:
         segmenter = build_segmenter(classes, replace(synth, seed=seed), seg, models, cache, progress, compile)
-        where = save_pred if save_pred is None or len(seeds) == 1 else save_pred / f"seed-{seed}"
+        where = prediction_folder(save_pred, seed, seeds) if save_pred is not None else None
         result = evaluate(samples, spec, segmenter, save_pred=where, progress=progress, on_failure=on_failure)
         confusions[seed] = result.confusion
         failed += [(f"{i} (seed {seed})" if len(seeds) > 1 else i, why) for i, why in result.failed]

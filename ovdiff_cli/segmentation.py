@@ -19,6 +19,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -73,13 +74,21 @@ class SegmentOptions:
     batch_size: int | None = None  # None: D.SEGMENT_BATCH_SIZE, or D.CPU_BATCH_SIZE on the CPU (Segmenter)
     max_pixels: int = D.MAX_PIXELS
 
+    #: The command-line option of each field whose name differs from the field's (messages name what was typed).
+    option_names: ClassVar[dict[str, str]] = {"batch_size": "--window-batch", "prefilter": "--filter"}
+
+    @classmethod
+    def option(cls, name: str) -> str:
+        """The command-line option that sets field ``name``: ``batch_size`` -> ``--window-batch``."""
+        return cls.option_names.get(name, "--" + name.replace("_", "-"))
+
     def __post_init__(self) -> None:
         scales = parse_int_list(self.scales, "--scales")
         object.__setattr__(self, "scales", scales)
         object.__setattr__(self, "pamr_dilations", parse_int_list(self.pamr_dilations, "--pamr-dilations"))
         for name in ("stride", "short_side", "eta", "batch_size", "max_pixels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+                raise ValueError(f"{self.option(name)} {getattr(self, name)}: must be at least 1")
         for s in scales:
             if s < WINDOW_MULTIPLE or s % WINDOW_MULTIPLE:
                 raise ValueError(f"--scales {s}: window sizes must be positive multiples of {WINDOW_MULTIPLE}")
@@ -199,7 +208,7 @@ def build_prototype_set(
     names = banks[0].names
     for bank in banks:
         if bank.names != names:
-            raise ValueError(f"banks use different extractors: {names} and {bank.names}")
+            raise ValueError(f"banks use different extractors: {', '.join(names)} and {', '.join(bank.names)}")
     sets, dropped = {}, {}
     for e in names:
         rows: list[tuple[int, int, int, bool, bool]] = []  # (channel, source, index, thing-bg, stuff-fg)
@@ -375,7 +384,10 @@ class Segmenter:
         sim_dtype: torch.dtype | None = None,
     ) -> None:
         if set(extractors) != set(protoset.sets):
-            raise ValueError(f"extractors {sorted(extractors)} != the prototypes' {sorted(protoset.sets)}")
+            raise ValueError(
+                f"extractors {', '.join(sorted(extractors))} differ from the prototypes'"
+                f" {', '.join(sorted(protoset.sets))}"
+            )
         self.device = torch.device(device)
         self.protoset = protoset.to(self.device)
         if sim_dtype is None:

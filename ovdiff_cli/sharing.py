@@ -90,7 +90,8 @@ def _check_payload(stage: str, payload: bytes, class_name: str) -> None:
         return
     arrays, _ = cachelib.decode_arrays(payload)
     if set(arrays) != {"image_png", "attribution"}:
-        raise ValueError(f"a support entry holds {sorted(arrays)}, expected image_png and attribution")
+        held = ", ".join(sorted(arrays)) or "nothing"
+        raise ValueError(f"a support entry holds {held}, expected image_png and attribution")
     image = cachelib.decode_png(arrays["image_png"].tobytes())
     attr = arrays["attribution"]
     if image.ndim != 3 or image.shape[2] != 3 or attr.ndim != 2 or attr.dtype != np.float16:

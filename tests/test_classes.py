@@ -117,8 +117,45 @@ def test_control_characters_rejected(bad):
     assert repr(bad) in msg
 
 
-def test_tab_inside_a_name_is_whitespace():
-    assert build_class_list(["potted\tplant"]) == [ClassSpec("potted plant")]
+@pytest.mark.parametrize(
+    ("names", "where"), [(["potted\tplant"], "the class list"), (split_list("cat, potted\tplant"), "--classes")]
+)
+def test_a_tab_inside_a_name_is_a_control_character(names, where):
+    with pytest.raises(ValueError) as info:
+        build_class_list(names, names_from=where)
+    assert str(info.value) == (
+        f"class 'potted\\tplant' in {where}: contains control character '\\t'; use plain text names"
+    )
+
+
+def test_whitespace_around_a_name_is_trimmed_not_refused():
+    assert build_class_list(["\tcat\n", " dog "]) == [ClassSpec("cat"), ClassSpec("dog")]
+    assert split_list(" cat\t,\n dog") == ["cat", "dog"]
+
+
+def test_classes_file_control_character_names_the_line(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("cat\tthing\n# comment\nd\x07og, stuff\n", encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        build_class_list(classes_file=path)
+    assert str(info.value).startswith(f"class 'd\\x07og' in {path} line 3: contains control character '\\x07'")
+
+
+@pytest.mark.parametrize(
+    ("names", "file", "message"),
+    [
+        (["cat"], "dog\nCat\tthing\n", "class 'Cat' is listed twice: in --classes as 'cat' and in {f} line 2"),
+        (["dog"], "dog\n", "class 'dog' is listed twice: in --classes and in {f} line 1"),
+        ([], "dog\n# x\nDOG\n", "class 'DOG' is listed twice: in {f} line 1 as 'dog' and in {f} line 3"),
+        (["cat", "Cat"], "", "class 'Cat' is listed twice in --classes (also as 'cat')"),
+    ],
+)
+def test_a_duplicate_names_both_places(tmp_path, names, file, message):
+    path = tmp_path / "classes.txt"
+    path.write_text(file, encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        build_class_list(names, classes_file=path, names_from="--classes")
+    assert str(info.value) == message.format(f=path)
 
 
 def test_stuff_flag():
@@ -188,7 +225,7 @@ def test_classes_file_bad_second_column(tmp_path, line, marker):
 def test_classes_file_duplicate_across_sources(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("dog\nCat\tthing\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"'Cat'.*'cat'"):
+    with pytest.raises(ValueError, match=r"'Cat'.*'cat'.*classes.txt line 2"):
         build_class_list(["cat"], classes_file=path)
 
 

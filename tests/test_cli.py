@@ -38,7 +38,8 @@ def test_version_and_help_do_not_import_torch():
     code = (
         "import sys\n"
         "from ovdiff_cli.cli import app\n"
-        "for args in (['--version'], ['--help'], ['synth', '--help'], ['segment', '--help'], ['models', 'list']):\n"
+        "for args in (['--version'], ['--help'], ['-h'], ['synth', '--help'], ['segment', '-h'], ['eval', 'voc', '-h'],"
+        " ['cache', 'ls', '-h'], ['models', 'list']):\n"
         "    try:\n"
         "        app(args)\n"
         "    except SystemExit:\n"
@@ -246,7 +247,7 @@ def test_cache_ls_and_segment_says_what_it_synthesises(tmp_path):
     ]
     assert all(b["extractors"] == ["clip", "dino", "sd"] and b["bytes"] > 0 for b in listing)
     table = invoke("cache", "ls", "--class", "dog")
-    assert table.exit_code == 0 and "no prototype banks for 'dog'" in table.stdout
+    assert table.exit_code == 0 and "no prototype banks for 'dog'" in table.stderr  # stdout: the TSV header only
     img = tmp_path / "img.png"
     Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8)).save(img)
     seg = invoke("segment", str(img), "--classes", "cat", *small, "--n", "4", "--out", str(tmp_path / "out"))
@@ -283,3 +284,219 @@ def test_progress_off_a_terminal_is_plain_lines_and_quiet_has_none():
     assert any(ln.startswith("cat: prototypes: 1/1 (") for ln in lines)
     quiet = invoke("synth", "dog", *TINY, "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+# --- issue 22: tables, read-only cache commands, option names, -h, -q/-v, class names ------------------------------
+
+
+def tsv(text: str) -> list[list[str]]:
+    """Rows of tab-separated output; every row has the header's number of fields."""
+    rows = [line.split("\t") for line in text.splitlines()]
+    assert rows and all(len(r) == len(rows[0]) for r in rows), text
+    return rows
+
+
+LONG = "a very long class name that a narrow table would cut"
+
+
+def test_tables_off_a_terminal_are_tab_separated_whole_values():
+    """Piped or logged (CliRunner's stdout is no terminal): a header line and one tab-separated line per row, every
+    value whole: never the rich box table squeezed to 80 columns."""
+    synth = invoke("synth", "cat", LONG, *TINY)
+    assert synth.exit_code == 0, synth.output
+    rows = tsv(synth.stdout)
+    assert rows[0] == ["class", "images new", "images cached", "prototypes class/instance/part", "digest", "seconds"]
+    assert [r[0] for r in rows[1:]] == ["cat", LONG]
+    assert all(len(r[4]) == 64 for r in rows[1:])  # the whole digest (the terminal shows 12 characters)
+    assert rows[1][1:3] == ["2", "0"] and rows[1][3].startswith("clip ")
+    listing = invoke("cache", "ls")
+    assert listing.exit_code == 0 and "…" not in listing.stdout and "┃" not in listing.stdout
+    rows = tsv(listing.stdout)
+    assert rows[0][:3] == ["class", "models", "n"] and rows[0][-2:] == ["stored", "size"]
+    by_class = {r[0]: dict(zip(rows[0], r, strict=True)) for r in rows[1:]}
+    assert set(by_class) == {"cat", LONG}
+    assert by_class[LONG]["masker"] == "cutler" and by_class[LONG]["extractors"] == "clip,dino,sd"
+    stored = json.loads(invoke("cache", "ls", "--json").stdout)["banks"][0]["stored"]
+    assert by_class[LONG]["stored"] == stored  # the whole ISO time, seconds and zone included
+    info = tsv(invoke("cache", "info").stdout)
+    assert info[0] == ["stage", "entries", "size"] and info[-1][:2] == ["total", "10"]
+    assert {r[0]: r[1] for r in info[1:]} == {"bank": "2", "proposals": "4", "support": "4", "total": "10"}
+    models = tsv(invoke("models", "list").stdout)
+    assert models[0] == ["set", "network", "source", "status"]
+    assert ["tiny", "Stable Diffusion", "built in-process (seed 0)", "built-in"] in models
+    assert any(r[2].startswith("stable-diffusion-v1-5/stable-diffusion-v1-5@451f4fe") for r in models)
+    empty = invoke("cache", "ls", "--class", "dog")  # no rows: the header alone on stdout, the note on stderr
+    assert empty.stdout.splitlines() == ["\t".join(rows[0])] and "no prototype banks for 'dog'" in empty.stderr
+
+
+def test_tables_on_a_terminal_stay_tables(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from ovdiff_cli.cli import common
+
+    screen = Console(file=io.StringIO(), force_terminal=True, width=100, highlight=False)
+    monkeypatch.setattr(common, "out", screen)
+    common.print_table(
+        ("set", "class", "digest"),
+        [("A", "[bold]cat", "0123456789abcdef"), ("A", "dog", "fedcba9876543210"), ("B", "cow", "00")],
+        title="where",
+        shown={"digest": lambda d: d[:4]},
+        style=lambda column, value: "red" if column == "class" else None,
+        group=True,
+    )
+    text = screen.file.getvalue()
+    assert "┃" in text and "where" in text and "\t" not in text
+    assert "[bold]cat" in text  # values are text, never markup
+    assert "0123" in text and "0123456789" not in text  # the short form on a terminal
+    assert text.count(" A ") == 1 and " B " in text  # the group's name once
+
+
+def test_real_subprocess_piped_table_is_tsv(tmp_path):
+    """`ovdiff cache ls | head`: a real pipe."""
+    cache = str(tmp_path / "c")
+    assert invoke("synth", LONG, *TINY, "--cache-dir", cache).exit_code == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "ovdiff_cli", "cache", "ls", "--cache-dir", cache],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = tsv(proc.stdout)
+    assert rows[1][0] == LONG and len(rows) == 2
+
+
+@pytest.mark.parametrize("command", [["ls"], ["info"], ["clear", "--yes"], ["export", "x.ovd"]])
+def test_read_only_cache_commands_refuse_a_missing_folder(tmp_path, command, monkeypatch):
+    typo = tmp_path / "cahce"
+    one_line_error(invoke("cache", *command, "--cache-dir", str(typo)), f"--cache-dir {typo}: no such folder")
+    assert not typo.exists()  # not created
+    monkeypatch.setenv("OVDIFF_CACHE", str(typo))
+    one_line_error(invoke("cache", *command), f"$OVDIFF_CACHE {typo}: no such folder")
+    assert not typo.exists()
+
+
+def test_writing_commands_still_create_the_cache(tmp_path, monkeypatch):
+    fresh = tmp_path / "fresh"
+    assert invoke("synth", "cat", *TINY, "--cache-dir", str(fresh)).exit_code == 0
+    assert json.loads(invoke("cache", "info", "--json", "--cache-dir", str(fresh)).stdout)["stages"]["bank"]
+
+
+def test_option_errors_name_the_option_typed(tmp_path):
+    img = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(img)
+    seg = ["segment", str(img), "--classes", "cat", "--models", "tiny", "--out", str(tmp_path / "out")]
+    one_line_error(invoke(*seg, "--window-batch", "0"), "--window-batch 0: must be at least 1")
+    one_line_error(invoke(*seg, "--batch-size", "0"), "--batch-size 0: must be at least 1")
+    one_line_error(invoke("synth", "cat", "--models", "tiny", "--batch-size", "0"), "--batch-size 0")
+    from ovdiff_cli.segmentation import SegmentOptions
+
+    assert SegmentOptions.option("batch_size") == "--window-batch" and SegmentOptions.option("eta") == "--eta"
+
+
+def _commands(group, path=()):
+    """Every command and subcommand of the app, as argument lists."""
+    for name, cmd in group.commands.items():
+        yield [*path, name]
+        if hasattr(cmd, "commands"):  # a group
+            yield from _commands(cmd, (*path, name))
+
+
+def test_dash_h_is_help_everywhere():
+    import typer
+
+    commands = [[], *_commands(typer.main.get_command(app))]
+    assert ["eval", "merge"] in commands and ["cache", "ls"] in commands and ["segment"] in commands
+    for words in commands:
+        short, long = invoke(*words, "-h"), invoke(*words, "--help")
+        assert short.exit_code == 0 and short.stdout == long.stdout, (words, short.output)
+        assert short.stdout.startswith("Usage: ") and "-h, --help" in short.stdout
+    assert invoke("eval", "voc", "-h").stdout == invoke("eval", "run", "--help").stdout
+
+
+@pytest.mark.parametrize("command", [["synth", "cat"], ["segment", "x.png", "--out", "o"], ["eval", "voc"]])
+@pytest.mark.parametrize("flags", [["-q", "-v"], ["--verbose", "--quiet"]])
+def test_quiet_and_verbose_together_is_a_usage_error(command, flags):
+    one_line_error(invoke(*command, *flags, "--models", "tiny"), "-q/--quiet and -v/--verbose: give one of them")
+
+
+def test_verbose_shows_options_as_key_value_text():
+    loud = invoke("synth", "cat", *TINY, "-v")
+    assert loud.exit_code == 0, loud.output
+    line = next(ln for ln in loud.stderr.splitlines() if ln.startswith("models tiny on cpu;"))
+    assert "SynthOptions(" not in line and "(" not in line.split(";")[2]
+    assert "; n=2, steps=2, scheduler=dpmsolver++, guidance=8, seed=42, batch-size=2, masker=auto," in line
+    assert "extractors=sd,dino,clip, k=3," in line
+    from ovdiff_cli.cli.common import options_text
+    from ovdiff_cli.segmentation import SegmentOptions
+
+    text = options_text(SegmentOptions(scales="64,48", batch_size=4, pamr=True))
+    assert text.startswith("scales=64,48, stride=224, whole-image=on,") and "pamr=on" in text
+    assert "window-batch=4" in text and "batch-size" not in text
+
+
+def an_image(tmp_path: Path) -> str:
+    img = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(img)
+    return str(img)
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["synth", "potted\tplant"], "class 'potted\\tplant' in the arguments: contains control character '\\t'"),
+        (["synth", "cat", "d\x07og"], "class 'd\\x07og' in the arguments: contains control character '\\x07'"),
+        (
+            ["segment", "IMG", "--out", "o", "--classes", "cat,potted\tplant"],
+            "class 'potted\\tplant' in --classes: contains control character '\\t'",
+        ),
+    ],
+)
+def test_a_control_character_inside_a_class_name_stops_the_run(tmp_path, args, shown):
+    args = [an_image(tmp_path) if a == "IMG" else a for a in args]
+    one_line_error(invoke(*args, "--models", "tiny"), shown)
+
+
+def test_classes_file_control_character_and_tab_column(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("dog\nsky\tstuff\nd\x07g\n", encoding="utf-8")
+    one_line_error(
+        invoke("synth", "--classes-file", str(bad), "--models", "tiny"),
+        f"class 'd\\x07g' in {bad} line 3: contains control character '\\x07'",
+    )
+    good = tmp_path / "good.txt"
+    good.write_text("potted, plant\tthing\nsky\tstuff\n", encoding="utf-8")  # the tab separates the column
+    result = invoke("synth", "--classes-file", str(good), *TINY)
+    assert result.exit_code == 0, result.output
+    assert [r[0] for r in tsv(result.stdout)[1:]] == ["potted, plant", "sky (stuff)"]
+
+
+def test_a_class_listed_twice_names_both_places(tmp_path):
+    f = tmp_path / "classes.txt"
+    f.write_text("dog\nsky\tstuff\nCat\n", encoding="utf-8")
+    seg = ["segment", an_image(tmp_path), "--out", str(tmp_path / "o"), "--models", "tiny"]
+    one_line_error(
+        invoke(*seg, "--classes", "cat", "--classes-file", str(f)),
+        f"class 'Cat' is listed twice: in --classes as 'cat' and in {f} line 3",
+    )
+    one_line_error(
+        invoke("synth", "dog", "--classes-file", str(f), "--models", "tiny"),
+        f"class 'dog' is listed twice: in the arguments and in {f} line 1",
+    )
+    one_line_error(invoke(*seg, "--classes", "cat,dog,CAT"), "class 'CAT' is listed twice in --classes (also as 'cat')")
+
+
+def test_messages_list_names_as_text_not_python_lists():
+    from ovdiff_cli import cache as cachelib
+    from ovdiff_cli import sharing
+    from ovdiff_cli.extractors.base import parse_extractors
+
+    payload = cachelib.encode_arrays({"image_png": np.zeros(1, np.uint8), "mask": np.zeros(1, np.uint8)})
+    with pytest.raises(ValueError) as info:
+        sharing._check_payload("support", payload, "cat")
+    assert str(info.value) == "a support entry holds image_png, mask, expected image_png and attribution"
+    with pytest.raises(ValueError) as info:
+        parse_extractors(("sd", "sd"))
+    assert str(info.value) == "--extractors 'sd,sd': an extractor is listed twice"

@@ -359,3 +359,19 @@ def test_json_prints_and_save_writes_through_links_fifos_and_stdout(tmp_path):
     assert invoke(*common, "--save", str(fifo)).exit_code == 0
     reader.join(10)
     assert got == [text.encode()] and fifo.is_fifo()
+
+
+def test_per_class_table_off_a_terminal_is_tab_separated(tmp_path):
+    """Piped or logged: the per-class table is a header and one tab-separated line per class, names whole; the
+    summary line follows it."""
+    make_dataset(tmp_path, "ade", n=2)
+    preds = copy_gt_as_predictions(tmp_path, "ade")
+    result = invoke("eval", "ade", "--root", str(tmp_path), "--pred-dir", str(preds))
+    assert result.exit_code == 0, result.output
+    *table, summary = result.stdout.splitlines()
+    rows = [line.split("\t") for line in table]
+    assert rows[0] == ["class", "IoU"] and all(len(r) == 2 for r in rows)
+    spec = datasets.get_dataset("ade")
+    assert [r[0] for r in rows[1:]] == list(spec.classes)  # every name whole, however long
+    assert max(map(len, spec.classes)) > 15 and "…" not in result.stdout and "┃" not in result.stdout
+    assert {r[1] for r in rows[1:]} <= {"n/a", "100.00%"} and summary.startswith("mIoU=100.00% ")

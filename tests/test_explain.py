@@ -125,14 +125,20 @@ def test_picture_rows_and_json_round_trip(planted):
     picture = X.render(expl, query(), lambda key: pipeline.load_support(cache, key)[0], "planted")
     assert picture.height == X.HEADER_H + 2 * X.ROW_H
     px = np.array(picture)
-    # The header's outlines are drawn in each region's class colour (the query is fitted 10x: 480 x 320 at 8, 8).
+    # The header's outlines are drawn in each region's class colour (the query is fitted 10x: 480 x 320 at 8, 8),
+    # with a halo just inside (white beside these dark colours); background's dashed black and white.
     lab = np.kron(expl.labels, np.ones((10, 10), dtype=expl.labels.dtype))
+    assert set(np.unique(lab)) == {0, 1, 2}  # a | b | background
     edges = outputs.boundaries(lab, width=2)
-    ys, xs = np.nonzero(edges)
-    far = np.abs(xs - (20 * 10 + 5)) + np.abs(ys - (10 * 10 + 5)) > 30  # away from the pixel marker
-    assert far.sum() > 100
-    want = np.array([outputs.colour(int(v)) for v in lab[ys[far], xs[far]]])
-    assert (px[8 + ys[far], 8 + xs[far]] == want).all()
+    ring = outputs.boundaries(lab, width=3) & ~edges
+    away = np.abs(np.arange(480)[None] - (20 * 10 + 5)) + np.abs(np.arange(320)[:, None] - (10 * 10 + 5)) > 30
+    head = px[8 : 8 + 320, 8 : 8 + 480]
+    for v in (1, 2):
+        rim, halo = edges & (lab == v) & away, ring & (lab == v) & away
+        assert rim.sum() > 100 and (head[rim] == outputs.colour(v)).all()
+        assert (head[halo] == outputs.halo_colour(outputs.colour(v))).all()
+    dashes = {tuple(c) for c in head[edges & (lab == 0) & away]}
+    assert dashes == {(0, 0, 0), (255, 255, 255)}
     # Each row's caption starts right after its region map (240 x 160 here): no empty gap between them.
     top = X.HEADER_H
     assert (px[top : top + 160, 8 + 240 : 8 + 248] == 255).all()  # the 8-pixel margin
@@ -149,6 +155,75 @@ def test_picture_rows_and_json_round_trip(planted):
     assert set(proto) >= {"kind", "region", "similarity", "support", "class", "wins_pixels"}
     assert all(set(s) == {"index", "key", "box", "cells"} for s in proto["support"])
     assert proto["support"][0]["key"].startswith("b-support-")
+
+
+def _find(picture: np.ndarray, tile: np.ndarray) -> list[tuple[int, int]]:
+    """(y, x) of every place where ``tile`` (h, w, 3) appears exactly in ``picture`` (H, W, 3)."""
+    h, w = tile.shape[:2]
+    rows = np.lib.stride_tricks.sliding_window_view(picture[: picture.shape[0] - h + 1], w, axis=1)  # (., ., 3, w)
+    top = (rows == tile[0].T).all(axis=(-2, -1))  # where the tile's top row starts
+    places = zip(*np.nonzero(top), strict=True)
+    return [(int(y), int(x)) for y, x in places if np.array_equal(picture[y : y + h, x : x + w], tile)]
+
+
+def test_picture_legend_has_an_entry_per_label_shown(planted):
+    segmenter, cache = planted
+    expl = X.explain(segmenter, query(), x=20, y=10, support_size=SIZE, top=1)
+    assert expl.names == ["background", "a", "b"] and set(np.unique(expl.labels)) == {0, 1, 2}
+    font = outputs.load_font(12)
+
+    def entries(picture, expl):
+        """label -> (y, x) of its outline sample in the header, beside its name's (dark) pixels."""
+        px = np.array(picture)
+        found = {}
+        for label in np.unique(expl.labels).tolist():
+            header = px[: picture.height - X.ROW_H * len(expl.prototypes), 8 + 480 :]  # right of the query
+            (y, x), *more = _find(header, np.array(X._swatch(label)))
+            assert not more
+            x += 8 + 480
+            assert not more
+            name = expl.names[label]
+            text = px[y : y + X.SWATCH, x + X.SWATCH + 6 : x + X.SWATCH + 6 + int(font.getlength(name))]
+            assert text.shape[1] > 0 and (text.astype(int).sum(-1) < 300).any()  # the name, written beside it
+            found[label] = (y, x)
+        return found
+
+    picture = X.render(expl, query(), lambda key: pipeline.load_support(cache, key)[0], "planted")
+    assert sorted(entries(picture, expl)) == [0, 1, 2]
+    # Background's sample is dashed black and white, a class's solid in its colour (white halo on white inside).
+    assert {tuple(c) for c in np.array(X._swatch(0))[0]} == {(0, 0, 0), (255, 255, 255)}
+    assert {tuple(c) for c in np.array(X._swatch(2))[0]} == {outputs.colour(2)}
+    items, _ = X._legend(expl, font, 0, 0, 560)
+    assert [(label, text) for _, _, label, text in items if label is not None] == [
+        (0, "background"),
+        (1, "a"),
+        (2, "b"),
+    ]
+    assert any("dashed: background" in text for _, _, label, text in items if label is None)
+    # Forty labels with long names: the header grows to hold every entry, the rows move down below it.
+    many = np.arange(32 * 48).reshape(32, 48) % 40
+    names = ["background"] + [f"a rather long class name {i}" for i in range(1, 40)]
+    crowded = dataclasses.replace(expl, labels=many, names=names)
+    picture = X.render(crowded, query(), lambda key: None, "")
+    assert len(entries(picture, crowded)) == 40 and picture.height > X.HEADER_H + X.ROW_H
+
+
+def test_background_rows_are_outlined_dashed_and_outlines_show_on_a_dark_photo(planted):
+    segmenter, cache = planted
+    expl = X.explain(segmenter, query(), x=40, y=3, support_size=SIZE, top=1)
+    assert expl.label == "background" and expl.prototypes[0].region == "bg"
+    px = np.array(X.render(expl, query(), lambda key: pipeline.load_support(cache, key)[0], ""))
+    # The first crop (a 16 x 16 support image fitted to 160 x 160, after the 240-wide map and the caption): the
+    # support image's background, outlined in dashes of black and white, not in black alone.
+    crop = px[X.HEADER_H : X.HEADER_H + X.THUMB, 16 + 240 + X.TEXT_W :][:, : X.THUMB]
+    assert {tuple(c) for c in crop[:2].reshape(-1, 3)} == {(0, 0, 0), (255, 255, 255)}
+    # On a photo darkened to 10%, a class's outline (dark green for b) still shows: a white halo beside it.
+    dark = (query() * 0.1).astype(np.uint8)
+    expl = X.explain(segmenter, query(), x=20, y=10, support_size=SIZE, top=1)
+    px = np.array(X.render(expl, dark, lambda key: None, ""))
+    region_map = px[X.HEADER_H : X.HEADER_H + 160, 8 : 8 + 240]
+    assert (region_map == outputs.colour(2)).all(-1).sum() > 100
+    assert (region_map == 255).all(-1).sum() > 100  # the halo; the dimmed dark photo has no light pixel
 
 
 def test_outside_pixel_is_refused(planted):

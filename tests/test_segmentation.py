@@ -287,7 +287,7 @@ def test_build_prototype_set_rejects_mismatched_banks():
     with pytest.raises(ValueError, match="one prototype bank per class"):
         S.build_prototype_set([boat], [ClassSpec("boat"), ClassSpec("cat")])
     other = planted_bank("cat", fg=[[1, 0, 0]], bg=[], y=([[1, 0]], []))
-    with pytest.raises(ValueError, match="different extractors"):
+    with pytest.raises(ValueError, match=r"different extractors: x and x, y$"):  # names, not a tuple's repr
         S.build_prototype_set([boat, other], [ClassSpec("boat"), ClassSpec("cat")])
 
 
@@ -301,6 +301,7 @@ def test_build_prototype_set_rejects_mismatched_banks():
         ({"stride": 0}, "--stride 0"),
         ({"eta": 0}, "--eta 0"),
         ({"stuff_threshold": 2.0}, "--stuff-threshold"),
+        ({"batch_size": 0}, "--window-batch 0: must be at least 1"),  # the CLI's name for the field
     ],
 )
 def test_segment_options_validation(kwargs, needle):

@@ -16,7 +16,7 @@ import typer
 from .. import __version__
 from . import cache, models
 from . import eval as eval_cli
-from .common import EXIT_INTERRUPTED
+from .common import EXIT_INTERRUPTED, HELP_OPTIONS
 from .explain import explain
 from .segment import segment
 from .synth import synth
@@ -28,6 +28,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings=HELP_OPTIONS,
 )
 
 

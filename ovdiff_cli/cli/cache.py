@@ -8,15 +8,17 @@ from typing import Annotated
 
 import typer
 
-from .common import CacheDirOpt, JsonOpt, err, open_cache, out, user_errors
+from .common import HELP_OPTIONS, CacheDirOpt, JsonOpt, check_outputs, err, open_cache, out, print_table, user_errors
 
-app = typer.Typer(help="List, inspect, clear, export or import the cache.", no_args_is_help=True)
+app = typer.Typer(
+    help="List, inspect, clear, export or import the cache.", no_args_is_help=True, context_settings=HELP_OPTIONS
+)
 
 
 @app.command("info")
 def info(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False) -> None:
     """Entries and bytes per stage."""
-    with user_errors(), open_cache(cache_dir) as cache:
+    with user_errors(), open_cache(cache_dir, must_exist=True) as cache:
         stages = cache.info()
         where = str(cache.directory)
     total = {
@@ -26,13 +28,8 @@ def info(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         typer.echo(json.dumps({"directory": where, "stages": stages, "total": total}, indent=2))
         return
-    from rich.table import Table
-
-    table = Table("stage", "entries", "size", title=where)
-    for stage, s in sorted(stages.items()):
-        table.add_row(stage, str(s["entries"]), _human(s["bytes"]))
-    table.add_row("total", str(total["entries"]), _human(total["bytes"]), style="bold")
-    out.print(table)
+    rows = [(stage, s["entries"], _human(s["bytes"])) for stage, s in sorted(stages.items())]
+    print_table(("stage", "entries", "size"), [*rows, ("total", total["entries"], _human(total["bytes"]))], title=where)
 
 
 @app.command("ls")
@@ -46,7 +43,7 @@ def ls(
 
     from ..pipeline import cached_banks
 
-    with user_errors(), open_cache(cache_dir) as cache:
+    with user_errors(), open_cache(cache_dir, must_exist=True) as cache:
         banks = cached_banks(cache, class_name)
         where = str(cache.directory)
     fields = ("model_set", "n", "steps", "seed", "scheduler", "masker", "k", "batch_size", "precision")
@@ -64,34 +61,24 @@ def ls(
     if as_json:
         typer.echo(json.dumps({"directory": where, "banks": rows}, indent=2))
         return
-    from rich.table import Table
-
-    table = Table(
-        "class",
-        "models",
-        "n",
-        "steps",
-        "seed",
-        "masker",
-        "batch",
-        "precision",
-        "extractors",
-        "stored",
-        "size",
+    settings = ("model_set", "n", "steps", "seed", "masker", "batch_size", "precision")
+    print_table(
+        ("class", "models", "n", "steps", "seed", "masker", "batch", "precision", "extractors", "stored", "size"),
+        [
+            (
+                r["class"],
+                *("?" if r[f] is None else r[f] for f in settings),
+                ",".join(r["extractors"]),
+                r["stored"],
+                _human(r["bytes"]),
+            )
+            for r in rows
+        ],
         title=where,
+        shown={"stored": lambda when: when.replace("T", " ")[:16]},  # the whole ISO time when piped
     )
-    for r in rows:
-        shown = [r["model_set"], r["n"], r["steps"], r["seed"], r["masker"], r["batch_size"], r["precision"]]
-        table.add_row(
-            r["class"],
-            *("?" if v is None else str(v) for v in shown),
-            ",".join(r["extractors"]),
-            r["stored"].replace("T", " ")[:16],
-            _human(r["bytes"]),
-        )
-    out.print(table)
-    if not rows:
-        out.print("no prototype banks" + (f" for {class_name!r}" if class_name else ""))
+    if not rows:  # on stderr: piped, stdout holds only the table
+        err.print("no prototype banks" + (f" for {class_name!r}" if class_name else ""), markup=False)
 
 
 @app.command("clear")
@@ -105,7 +92,7 @@ def clear(
     """Delete cached entries (all, or one stage's). On a terminal it asks first; --yes skips the question."""
     from ..cache import STAGES
 
-    with user_errors(), open_cache(cache_dir) as cache:
+    with user_errors(), open_cache(cache_dir, must_exist=True) as cache:
         if stage is not None and stage not in STAGES:
             raise ValueError(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")
         stages = cache.info()
@@ -135,7 +122,9 @@ def export(
     from ..classes import split_list
     from ..sharing import collect, describe, write_export
 
-    with user_errors(), open_cache(cache_dir) as cache:
+    with user_errors():
+        check_outputs(("FILE", file))
+    with user_errors(), open_cache(cache_dir, must_exist=True) as cache:
         entries = collect(cache, split_list(classes) if classes else None, with_support)
         if not entries:
             raise ValueError(

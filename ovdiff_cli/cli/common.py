@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,8 +34,21 @@ CacheDirOpt = Annotated[
     typer.Option("--cache-dir", help="Cache folder [default: $OVDIFF_CACHE or the XDG cache dir]."),
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help=f"Run seed for support images [default: {D.SEED}].")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail while working.")]
+
+
+def _quiet_or_verbose(ctx: typer.Context, param: typer.CallbackParam, value: bool) -> bool:
+    """-q and -v contradict each other: one line, exit 2 (whichever comes second on the command line sees the
+    other already set)."""
+    other = "verbose" if param.name == "quiet" else "quiet"
+    if value and ctx.params.get(other) and not ctx.resilient_parsing:
+        raise fail("-q/--quiet and -v/--verbose: give one of them (quiet: errors only; verbose: more detail)")
+    return value
+
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.", callback=_quiet_or_verbose)]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="More detail while working.", callback=_quiet_or_verbose)
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
 SaveOpt = Annotated[
     Path | None,
@@ -86,6 +99,9 @@ BatchSizeOpt = Annotated[
 
 DEFAULT_MODELS = "sd15"
 
+# Every command and subcommand takes -h as well as --help (subcommands inherit it from the app's context).
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
 
 class UsageError(Exception):
     """A user mistake: reported as one line, exit 2."""
@@ -135,25 +151,140 @@ def print_notes(class_names: list[str], quiet: bool = False, more: list[str | No
 
 def emit(doc: dict[str, Any], as_json: bool, save: Path | None, dumps: Callable[[Any], str] | None = None) -> bool:
     """Deliver a command's result document: to FILE with ``--save`` (atomically; a link is written through, "-",
-    a device or a FIFO is written into), to stdout with ``--json``. Returns whether stdout now holds the document
-    (then the human summary must not be printed)."""
+    a device or a FIFO is written into), to stdout with ``--json``, and to stdout once only when both name it.
+    Returns whether stdout now holds the document (then the human summary must not be printed).
+
+    The path was checked before the work (outputs.check_writable); if writing it fails anyway (a full disk), the
+    finished result is not lost: it goes to stdout, the error to stderr, and the command exits 1.
+    """
     import json
 
-    from ..outputs import STDOUT, save_atomically
+    from ..outputs import save_atomically, writes_to_stdout
 
     text = dumps(doc) if dumps is not None else json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-    if save is not None:
-        with user_errors():
+    to_stdout = as_json or (save is not None and writes_to_stdout(save))
+    if save is not None and not writes_to_stdout(save):
+        try:
             save_atomically(save, lambda tmp: tmp.write_text(text, encoding="utf-8"), f"--save {save}")
-    if as_json:
+        except ValueError as exc:
+            err.print(f"error: {exc}; the result follows on stdout", highlight=False, markup=False)
+            typer.echo(text, nl=False)
+            raise typer.Exit(EXIT_FAILED) from None
+    if to_stdout:
         typer.echo(text, nl=False)
-    return as_json or (save is not None and str(save) == STDOUT)
+    return to_stdout
 
 
-def open_cache(cache_dir: Path | None):
+def check_outputs(*files: tuple[str, Path | None], inputs: Sequence[Path] = (), as_json: bool = False) -> None:
+    """Check a command's output files before any work: each (option, path) given must be writable and not an input
+    (see outputs.check_writable), and at most one thing may go to stdout ("-" or --json).
+
+    Raises:
+        ValueError: one line naming the option.
+    """
+    from ..outputs import check_writable, writes_to_stdout
+
+    named = [(option, path) for option, path in files if path is not None]
+    streams = [option for option, path in named if writes_to_stdout(path)]
+    if len(streams) > 1 or (streams and as_json and streams != ["--save"]):
+        raise ValueError(
+            f"{' and '.join(f'{o} -' for o in streams)}{' and --json' if as_json else ''}: only one of them can"
+            " write to stdout; give the others a file name"
+        )
+    for option, path in named:
+        check_writable(path, f"{option} {path}", inputs=inputs)
+
+
+def open_cache(cache_dir: Path | None, must_exist: bool = False):
+    """The cache in ``--cache-dir``, else $OVDIFF_CACHE or the XDG cache dir. Commands that write create the folder;
+    with ``must_exist`` (commands that only read or delete) a missing folder is the user's mistake (a mistyped
+    --cache-dir must not be created and reported empty): UsageError naming it."""
+    import os
+
     from ..cache import Cache, default_cache_dir
 
-    return Cache(cache_dir or default_cache_dir())
+    directory = cache_dir or default_cache_dir()
+    if must_exist and not directory.expanduser().exists():
+        if cache_dir is not None:
+            raise UsageError(f"--cache-dir {cache_dir}: no such folder; give the folder ovdiff synth or segment used")
+        if os.environ.get("OVDIFF_CACHE"):
+            raise UsageError(f"$OVDIFF_CACHE {directory}: no such folder; give the folder ovdiff synth or segment used")
+        raise UsageError(f"cache folder {directory}: no such folder; nothing is cached yet (ovdiff synth creates it)")
+    return Cache(directory)
+
+
+_FLAT = str.maketrans("\t\r\n", "   ")
+
+
+def print_table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    title: str | None = None,
+    shown: Mapping[str, Callable[[str], str]] | None = None,
+    style: Callable[[str, str], str | None] | None = None,
+    group: bool = False,
+) -> None:
+    """A command's table on stdout, the one place that decides how tables look.
+
+    On a terminal: a rich table under ``title``; ``shown`` abbreviates a column's values there (by column name),
+    ``style`` gives a cell's colour from its column and value, ``group`` shows the first column once per run of
+    equal values. Piped or logged: a header line, then one line per row of tab-separated whole values (never cut
+    or wrapped; a tab or line break inside a value becomes a space), for grep, cut and awk; no title.
+    """
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    if not out.is_terminal:
+        for line in [list(columns), *cells]:
+            typer.echo("\t".join(v.translate(_FLAT) for v in line))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(*columns, title=Text(title) if title else None)
+    previous: str | None = None
+    for row in cells:
+        if group and previous is not None and row[0] != previous:
+            table.add_section()
+        texts = [
+            Text((shown or {}).get(col, str)(v), style=(style(col, v) if style else None) or "")
+            for col, v in zip(columns, row, strict=True)
+        ]
+        if group and row[0] == previous:
+            texts[0] = Text("")
+        previous = row[0]
+        table.add_row(*texts)
+    out.print(table)
+
+
+def options_text(options: Any) -> str:
+    """A library options object as -v shows it: ``n=32, steps=30, extractors=sd,dino,clip, batch-size=auto``.
+
+    Each field is named as the command line spells its option (the class's ``option_names`` where they differ,
+    e.g. SegmentOptions.batch_size is --window-batch); lists are comma-joined, None is auto (decided by the device),
+    booleans are on/off, and a text with commas or spaces is quoted.
+    """
+    import dataclasses
+
+    names = getattr(type(options), "option_names", {})
+
+    def value(v: Any) -> str:
+        if v is None:
+            return "auto"
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if isinstance(v, (list, tuple)):
+            return ",".join(map(str, v))
+        if isinstance(v, float):
+            return f"{v:g}"
+        if isinstance(v, str) and (not v or any(c in v for c in ", ")):
+            return repr(v)
+        return str(v)
+
+    return ", ".join(
+        f"{names.get(f.name, '--' + f.name.replace('_', '-')).removeprefix('--')}={value(getattr(options, f.name))}"
+        for f in dataclasses.fields(options)
+        if f.repr
+    )
 
 
 class RichProgress:
@@ -225,8 +356,6 @@ class RichProgress:
             now = time.monotonic()
             if plain["done"] >= plain["total"] or now - plain["last"] >= self.PLAIN_EVERY:
                 plain["last"] = now
-                err.print(
-                    f"{plain['label']}: {plain['done']}/{plain['total']} ({now - plain['t0']:.0f} s)",
-                    highlight=False,
-                    markup=False,
-                )
+                spent, done, total = now - plain["t0"], plain["done"], plain["total"]
+                left = f", about {spent / done * (total - done):.0f} s left" if done < total else ""
+                err.print(f"{plain['label']}: {done}/{total} ({spent:.0f} s{left})", highlight=False, markup=False)

@@ -18,16 +18,19 @@ from .. import defaults as D
 from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    HELP_OPTIONS,
     JsonOpt,
     QuietOpt,
     RichProgress,
     SaveOpt,
     VerboseOpt,
+    check_outputs,
     emit,
     err,
     fail,
     given,
     out,
+    print_table,
     user_errors,
 )
 from .shared import SegmentArgs, prepare, segmentation_options
@@ -48,6 +51,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
+    context_settings=HELP_OPTIONS,
 )
 
 
@@ -61,16 +65,12 @@ def _deliver(doc: dict[str, Any], as_json: bool, save: Path | None, quiet: bool,
 
 def _print_result(doc: dict[str, Any], quiet: bool, sharded: str = "") -> None:
     """The per-class table (unless quiet) and the one summary line (``sharded``: which shard this was)."""
-    from rich.table import Table
 
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}%"  # the document holds fractions and null
 
     if not quiet:
-        table = Table("class", "IoU")
-        for name, iou in doc["per_class"].items():
-            table.add_row(name, pct(iou))
-        out.print(table)
+        print_table(("class", "IoU"), [(name, pct(iou)) for name, iou in doc["per_class"].items()])
     line = f"mIoU={pct(doc['miou'])}"
     if "miou_std" in doc:
         line = f"mIoU={pct(doc['miou'])} ± {pct(doc['miou_std'])} over {len(doc['seeds'])} seeds"
@@ -141,6 +141,7 @@ def run(
             raise ValueError("--seed and --seeds: give one of them")
         if pred_dir is not None and save_pred is not None:
             raise ValueError("--pred-dir scores existing predictions; --save-pred has nothing to save")
+        check_outputs(("--save", save), inputs=[f for s in samples for f in (s.image, s.label)], as_json=as_json)
         classes = build_class_list(
             spec.vocabulary(prompt_names),
             stuff=split_list(args.stuff) if args.stuff else None,
@@ -154,6 +155,10 @@ def run(
         if len(set(seed_list)) != len(seed_list):
             raise ValueError(f"--seeds {seeds}: a seed is listed twice")
         mine = part.take(samples)
+        if save_pred is not None:
+            from ..pipeline import check_save_pred
+
+            check_save_pred(save_pred, mine, seed_list)
         if not quiet and split == "val" and limit is None and spec.val_images and len(samples) != spec.val_images:
             err.print(f"note: {dataset} val has {spec.val_images} images; --root holds {len(samples)}")
         run_on = (
@@ -234,6 +239,7 @@ def merge(
     from ..evaluation import merge as merge_results
 
     with user_errors():
+        check_outputs(("--save", save), inputs=parts, as_json=as_json)
         doc = merge_results([(str(p), load_result(p)) for p in parts])
     _deliver(doc, as_json, save, quiet)
 

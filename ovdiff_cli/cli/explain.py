@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .. import defaults as D
 from .common import (
+    EXIT_FAILED,
     JsonOpt,
     QuietOpt,
     RichProgress,
     SaveOpt,
     VerboseOpt,
+    check_outputs,
     emit,
     err,
+    fail,
     given,
+    options_text,
     out,
     print_notes,
     user_errors,
 )
 from .shared import SegmentArgs, prepare, segmentation_options
+
+if TYPE_CHECKING:
+    from ..explain import Explanation
 
 
 def parse_xy(value: str) -> tuple[int, int]:
@@ -52,10 +59,10 @@ def explain(
 
     Segmentation options are those of `ovdiff segment`, and the label is the one segment writes.
     """
-    from ..explain import count_noun, render
     from ..explain import explain as explain_pixel
+    from ..explain import render
     from ..inputs import ImageError, load_image
-    from ..outputs import save_atomically
+    from ..outputs import picture_format, save_with_fallback
     from ..pipeline import build_segmenter, support_image
 
     with user_errors():
@@ -66,6 +73,8 @@ def explain(
             raise ValueError(f"IMAGE {image}: is a folder; explain takes one image file (segment takes folders)")
         if not image.is_file():
             raise ValueError(f"IMAGE {image}: no such file")
+        check_outputs(("--out", out_file), ("--save", save), inputs=[image], as_json=as_json)
+        picture_kind = picture_format(out_file, f"--out {out_file}") if out_file is not None else None
         run_on = prepare(args)
         print_notes([c.name for c in run_on.classes], quiet, run_on.notes)
         try:
@@ -78,6 +87,7 @@ def explain(
             run_on.cache.close()
             raise ValueError(f"--xy {x},{y}: outside the image, which is {w} x {h} (X in 0..{w - 1}, Y in 0..{h - 1})")
     cache, mdl = run_on.cache, run_on.models
+    written, problem = out_file, None  # where the picture went; why not to --out, if it could not
     try:
         with RichProgress(not quiet) as progress, user_errors():
             segmenter = build_segmenter(run_on.classes, run_on.synth, run_on.seg, mdl, cache, progress, run_on.compile)
@@ -85,18 +95,35 @@ def explain(
             if out_file is not None:
                 title = f"{image.name}; models {mdl.spec.name}" + ("" if mdl.spec.meaningful else " (random weights)")
                 picture = render(expl, img, lambda key: support_image(cache, key), title)
-                save_atomically(out_file, lambda tmp: picture.save(tmp, format="PNG"), f"--out {out_file}")
+                # Checked before the work; should the write fail anyway, the picture goes to a named file instead.
+                written, problem = save_with_fallback(
+                    out_file, lambda tmp: picture.save(tmp, format=picture_kind), f"--out {out_file}", "ovdiff-explain"
+                )
     finally:
         cache.close()
+    shown = False
     if as_json or save is not None:
         doc = {
             "image": str(image),
-            "out": str(out_file) if out_file is not None else None,
+            "out": str(written) if written is not None else None,
             "models": {"name": mdl.spec.name, "hashes": mdl.hashes, "meaningful": mdl.spec.meaningful},
             **expl.to_json(),
         }
-        if emit(doc, as_json, save):
-            return
+        shown = emit(doc, as_json, save)
+    if not shown:
+        _print_explanation(expl, image, x, y, out_file if problem is None else None)
+    if verbose:
+        err.print(
+            f"models {mdl.spec.name} on {mdl.device}; cache {cache.directory}; {options_text(run_on.seg)}", markup=False
+        )
+    if problem is not None:
+        raise fail(f"{problem}; the picture was written to {written} instead", EXIT_FAILED)
+
+
+def _print_explanation(expl: Explanation, image: Path, x: int, y: int, wrote: Path | None) -> None:
+    """The human summary: the label, each deciding prototype, and the picture written (if any)."""
+    from ..explain import count_noun
+
     runner = f", runner-up {expl.runner_up[1]} ({expl.runner_up[2]:.3f})" if expl.runner_up else ""
     out.print(f"pixel ({x}, {y}) of {image}: {expl.label} ({expl.score:.3f}){runner}")
     for rank, ev in enumerate(expl.prototypes, start=1):
@@ -106,7 +133,5 @@ def explain(
             f" similarity {ev.similarity:.3f}, from {count_noun(len(ev.support), 'support image')},"
             f" wins {count_noun(int(ev.wins.sum()), 'pixel')}"
         )
-    if out_file is not None:
-        out.print(f"wrote {out_file}")
-    if verbose:
-        err.print(f"models {mdl.spec.name} on {mdl.device}; cache {cache.directory}; {run_on.seg}")
+    if wrote is not None:
+        out.print(f"wrote {wrote}")

@@ -10,9 +10,13 @@ from typing import Annotated
 
 import typer
 
-from .common import JsonOpt, fail, out, user_errors
+from .common import HELP_OPTIONS, JsonOpt, fail, out, print_table, user_errors
 
-app = typer.Typer(help="List model sets, pre-download their weights, convert checkpoints.", no_args_is_help=True)
+app = typer.Typer(
+    help="List model sets, pre-download their weights, convert checkpoints.",
+    no_args_is_help=True,
+    context_settings=HELP_OPTIONS,
+)
 
 
 @app.command("list")
@@ -30,22 +34,26 @@ def list_(as_json: JsonOpt = False) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    if not out.is_terminal:  # piped or logged: whole values, one tab-separated line per network, never cut
-        for row in rows:
-            for role, c in row["components"].items():
-                typer.echo("\t".join([row["name"], ROLE_TITLES[role], c["source"], c["status"]]))
-        return
-    from rich.table import Table
 
-    table = Table("set", "network", "source", "status")
-    for row in rows:
-        for i, (role, c) in enumerate(row["components"].items()):
-            style = {"missing": "red", "present": "green"}.get(c["status"].split(":")[0], "yellow")
-            style = "cyan" if c["status"] == "built-in" else style
-            table.add_row(row["name"] if i == 0 else "", ROLE_TITLES[role], c["source"], f"[{style}]{c['status']}")
-        table.add_section()
-    out.print(table)
-    out.print("Fetch missing weights with `ovdiff models fetch sd15` (needs internet), or use --models tiny.")
+    def colour(column: str, value: str) -> str | None:
+        if column != "status":
+            return None
+        return (
+            "cyan" if value == "built-in" else {"missing": "red", "present": "green"}.get(value.split(":")[0], "yellow")
+        )
+
+    print_table(
+        ("set", "network", "source", "status"),
+        [
+            (row["name"], ROLE_TITLES[role], c["source"], c["status"])
+            for row in rows
+            for role, c in row["components"].items()
+        ],
+        style=colour,
+        group=True,
+    )
+    if out.is_terminal:
+        out.print("Fetch missing weights with `ovdiff models fetch sd15` (needs internet), or use --models tiny.")
 
 
 @app.command("fetch")

@@ -16,14 +16,24 @@ from .common import (
     RichProgress,
     SaveOpt,
     VerboseOpt,
+    check_outputs,
     emit,
     err,
     fail,
+    options_text,
     out,
     print_notes,
     user_errors,
 )
 from .shared import SegmentArgs, prepare, segmentation_options
+
+
+def skipped_note(folders: list[Path]) -> str | None:
+    """One note for the input folders left out because they hold ovdiff outputs (None when there are none)."""
+    if not folders:
+        return None
+    more = f" and {len(folders) - 1} more folder{'s' if len(folders) > 2 else ''}" if len(folders) > 1 else ""
+    return f"left out {folders[0]}{more}: holds ovdiff outputs (its legend.json); name the files to segment them"
 
 
 @segmentation_options
@@ -51,16 +61,16 @@ def segment(
     Prototypes come from the cache; classes without them are synthesised first, as `ovdiff synth` does.
     """
     from ..inputs import find_images, resolve_shard
-    from ..outputs import build_legend, write_legend
+    from ..outputs import build_legend, check_out_folder, check_writable, write_legend
     from ..pipeline import build_segmenter, plan_outputs, segment_files
 
     with user_errors():
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"--out {out_dir}: exists and is not a folder")
-        items = find_images(inputs, exclude=out_dir)
+        skipped: list[Path] = []
+        items = find_images(inputs, exclude=out_dir, on_skip=skipped.append)
+        check_writable(out_dir, f"--out {out_dir}", folder=True)
+        check_outputs(("--save", save), inputs=[i.path for i in items], as_json=as_json)
         part = resolve_shard(shard)
         run_on = prepare(args)
-        print_notes([c.name for c in run_on.classes], quiet, run_on.notes)
         class_list, mdl, cache, seg_opts = run_on.classes, run_on.models, run_on.cache, run_on.seg
         legend = build_legend(
             [c.name for c in class_list],
@@ -68,6 +78,9 @@ def segment(
             seg_opts.background,
             [c.stuff_from for c in class_list],
         )
+        found = [(i.path, i.rel) for i in items]
+        check_out_folder(out_dir, legend, inputs, found, overlay=overlay, scores=scores, overwrite=overwrite)
+        print_notes([c.name for c in class_list], quiet, [*run_on.notes, skipped_note(skipped)])
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -75,7 +88,8 @@ def segment(
         write_legend(out_dir, legend, overwrite)
     mine = part.take(items)
     if verbose:
-        err.print(f"models {mdl.spec.name} on {mdl.device}; cache {cache.directory}; {seg_opts}")
+        shown = f"models {mdl.spec.name} on {mdl.device}; cache {cache.directory}; {options_text(seg_opts)}"
+        err.print(shown, markup=False, highlight=False)
 
     def report(path: Path, reason: str) -> None:
         err.print(f"[bold red]error:[/] {path}: {reason}", markup=True, highlight=False)

@@ -201,7 +201,7 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
     from ..classes import build_class_list, split_list
     from ..models import resolve_models
     from ..models.loading import Models, resolve_device, set_threads
-    from ..pipeline import masker_note, missing_banks, segment_roles, synthesis_notes
+    from ..pipeline import masker_note, missing_banks, segment_roles, support_size_note, synthesis_notes
     from ..segmentation import SegmentOptions
 
     if classes is None:
@@ -210,6 +210,7 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
             args.classes_file,
             split_list(args.stuff) if args.stuff else None,
             **given(stuff_table=args.stuff_table),
+            names_from="--classes",
         )
     spec = resolve_models(args.models or DEFAULT_MODELS)
     synth = synth_options(
@@ -246,6 +247,8 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
         notes = synthesis_notes(missing, synth, models, cache)
         if missing and (masker := masker_note(synth, models)):
             notes.append(masker)
+        if missing and (size := support_size_note(synth, models)):
+            notes.append(size)
     except BaseException:
         cache.close()
         raise

@@ -31,12 +31,14 @@ from .common import (
     StuffTableOpt,
     ThreadsOpt,
     VerboseOpt,
+    check_outputs,
     emit,
     err,
     given,
     open_cache,
-    out,
+    options_text,
     print_notes,
+    print_table,
     synth_options,
     user_errors,
 )
@@ -69,12 +71,17 @@ def synth(
     from ..classes import build_class_list, split_list
 
     with user_errors():
+        check_outputs(("--save", save), as_json=as_json)
         class_list = build_class_list(
-            classes, classes_file, split_list(stuff) if stuff else None, **given(stuff_table=stuff_table)
+            classes,
+            classes_file,
+            split_list(stuff) if stuff else None,
+            **given(stuff_table=stuff_table),
+            names_from="the arguments",
         )
         from ..models import resolve_models
         from ..models.loading import Models, resolve_device, set_threads
-        from ..pipeline import effective_masker, masker_note, synthesize
+        from ..pipeline import effective_masker, masker_note, support_size_note, synthesize
 
         spec = resolve_models(models or DEFAULT_MODELS)
         opts = synth_options(
@@ -93,9 +100,9 @@ def synth(
         masker_name = effective_masker(opts, mdl)
         mdl.check_available(["cutler"] if masker_name == "cutler" else [])
         cache = open_cache(cache_dir)
-    print_notes([c.name for c in class_list], quiet, [masker_note(opts, mdl)])
+    print_notes([c.name for c in class_list], quiet, [masker_note(opts, mdl), support_size_note(opts, mdl)])
     if verbose:
-        err.print(f"models {spec.name} on {mdl.device}; cache {cache.directory}; {opts}")
+        err.print(f"models {spec.name} on {mdl.device}; cache {cache.directory}; {options_text(opts)}", markup=False)
     try:
         with RichProgress(not quiet) as progress, user_errors():
             results = synthesize(class_list, opts, mdl, cache, progress)
@@ -126,14 +133,21 @@ def synth(
         }
         if emit(doc, as_json, save):
             return
-    from rich.table import Table
-
-    table = Table("class", "images new", "images cached", "prototypes class/instance/part", "digest", "seconds")
-    for r in results:
-        protos = ", ".join(f"{e} " + "/".join(map(str, counts.values())) for e, counts in r.prototypes.items())
-        name = f"{r.name} (stuff)" if r.stuff else r.name
-        table.add_row(name, str(r.images_generated), str(r.images_cached), protos, r.digest[:12], f"{r.seconds:.1f}")
-    out.print(table)
+    print_table(
+        ("class", "images new", "images cached", "prototypes class/instance/part", "digest", "seconds"),
+        [
+            (
+                f"{r.name} (stuff)" if r.stuff else r.name,
+                r.images_generated,
+                r.images_cached,
+                ", ".join(f"{e} " + "/".join(map(str, counts.values())) for e, counts in r.prototypes.items()),
+                r.digest,
+                f"{r.seconds:.1f}",
+            )
+            for r in results
+        ],
+        shown={"digest": lambda digest: digest[:12]},  # the whole digest when piped
+    )
     if verbose:
         for r in results:
             if r.stages:

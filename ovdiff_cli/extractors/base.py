@@ -95,11 +95,12 @@ def parse_extractors(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...
 
     names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
     names = [n for n in names if n]
+    shown = value if isinstance(value, str) else ",".join(value)  # as typed, never a Python list
     bad = [n for n in names if n not in EXTRACTORS]
     if bad or not names:
-        raise ValueError(f"--extractors {bad[0] if bad else value!r}: expected a comma list of {', '.join(EXTRACTORS)}")
+        raise ValueError(f"--extractors {bad[0] if bad else shown!r}: expected a comma list of {', '.join(EXTRACTORS)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"--extractors {value!r}: an extractor is listed twice")
+        raise ValueError(f"--extractors {shown!r}: an extractor is listed twice")
     return tuple(names)
 
 
