@@ -739,7 +739,8 @@ def iter_segmentations(
     """Decode and segment ``todo`` in order: yield (item, its payload, (H, W, 3) uint8 image, segmentation).
 
     Images are decoded one by one and segmented in groups (their windows go through each network together, in
-    fixed-shape batches, so a window's result does not depend on its group). A group ends once its windows fill
+    fixed-shape batches, so a window's result does not depend on its group; on the CPU with MKL, given the CLI's
+    MKL_CBWR strict mode, see cli._environment). A group ends once its windows fill
     whole batches in every stream (Segmenter.batch_counts), so no batch slot is padding, or at ``batch_size``
     images, or once its score maps reach D.GROUP_SCORE_BYTES (large vocabularies on large images). 512x512 inputs
     have one 448 window each, and groups of two, as before, ran six padding slots in every batch of 448 windows. A

@@ -492,7 +492,8 @@ class Segmenter:
         self, work: Sequence[torch.Tensor], one_input: bool = False
     ) -> list[tuple[list[tuple[int, Window]], int]]:
         """The windows of all working images in fixed-shape batches, each with the batch size it is padded to, so
-        results never depend on which windows share a batch. For a network that sees each window at its own size:
+        results never depend on which windows share a batch (on the CPU with MKL, given the strict reproducible mode
+        the CLI sets: see cli._environment). For a network that sees each window at its own size:
         sliding windows of one scale together, ``batch_size`` at a time (the last batch padded), and each whole-image
         window alone. For one that resizes every window to one input size (``one_input``): all windows together, in
         the same order (scales, then the whole images), ``batch_size`` at a time."""

@@ -178,3 +178,59 @@ def test_real_subprocess_json(cache_dir, photos, tmp_path):
     assert outputs_of(out) == {"legend.json"} | {
         f"{n}{s}" for n in ("b", "cmyk", "deep") for s in (".png", "_overlay.jpg")
     }
+
+
+SLOTS = """
+import sys, torch, torch.nn.functional as F
+from ovdiff_cli.cli import _environment
+if sys.argv[1] == "cli":
+    _environment(["ovdiff", "segment"])
+torch.manual_seed(0)
+torch.set_num_threads(2)
+q = torch.randn(1, 8, 1, 8).expand(8, -1, -1, -1).contiguous()
+k = torch.randn(1, 8, 77, 8).expand(8, -1, -1, -1).contiguous()
+o = F.scaled_dot_product_attention(q, k, k)
+print(all(torch.equal(o[b], o[0]) for b in range(8)))
+"""
+
+
+def test_the_cli_makes_attention_round_the_same_in_every_batch_slot():
+    """The cause of two copies of an image getting scores 1e-7 apart: torch's fused CPU attention splits a batch
+    between threads, each with a scratch buffer at its own alignment, and MKL's default small matrix products round
+    by alignment (here: one query, as in the tiny UNet's 1x1 middle block). The CLI's environment turns on MKL's
+    strict reproducible mode before torch loads; a fresh process shows the effect with and without it."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    runs = {
+        mode: subprocess.run([sys.executable, "-c", SLOTS, mode], capture_output=True, text=True, timeout=120, env=env)
+        for mode in ("cli", "bare")
+    }
+    assert runs["cli"].returncode == 0, runs["cli"].stderr
+    assert runs["cli"].stdout.split() == ["True"]
+    if runs["bare"].stdout.split() == ["True"]:
+        pytest.skip("this torch build rounds the same in every slot even without MKL's strict mode")
+
+
+def test_two_copies_of_an_image_in_other_batch_slots_get_the_same_labels(cache_dir, tmp_path):
+    """End to end: eight 64x85 images make one group; each adds (2, 6, 1) windows of sizes 64, 48 and whole, so
+    the whole-image windows share one batch of 8 in file order, and the copies s3 and s7 sit in slots 3 and 7 (on
+    two threads, the two threads' halves of the batch). Their label maps and stored scores are equal."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "eight"
+    folder.mkdir()
+    images = [rng.integers(0, 255, (64, 85, 3), dtype=np.uint8) for _ in range(8)]
+    images[7] = images[3]
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"s{i}.png")
+    cmd = [sys.executable, "-m", "ovdiff_cli", "segment", str(folder), "--classes", "cat,sky", "--no-filter"]
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*cmd, "--out", str(out), *FAST, "--cache-dir", cache_dir, "--scores", "--no-overlay"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    with np.load(out / "s3_scores.npz") as a, np.load(out / "s7_scores.npz") as b:
+        assert np.array_equal(a["scores"], b["scores"])
+    assert np.array_equal(np.array(Image.open(out / "s3.png")), np.array(Image.open(out / "s7.png")))

@@ -66,6 +66,11 @@ def _environment(argv: list[str]) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
     # OpenMP threads that spin while waiting turn a busy machine into a stalled one (see loading.set_threads).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # An image's result must not depend on its batch slot. torch's fused CPU attention gives each thread a scratch
+    # buffer at its own memory alignment, and MKL's default small matrix products round by alignment: the same
+    # window got scores 1e-7 apart in slots 0-3 and 4-7 of a batch. MKL's strict reproducible mode rounds the same
+    # whatever the alignment (no measurable cost); it must be set before MKL's first call.
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     verbose, quiet = bool({"-v", "--verbose"} & set(argv)), bool({"-q", "--quiet"} & set(argv))
     # ovdiff's own messages: notes (random weights...) by default, detail such as load times with -v, only errors
     # with -q. They go to stderr so that --json output stays clean.
