@@ -35,7 +35,7 @@ CPU_BATCH_SIZE = 1
 
 # --- 3.3 attribution + masks ------------------------------------------------------------------------------------
 MASKER = "auto"  # cutler when its checkpoint is here (the paper's), else maskcut with a note
-CUTLER_SCORE = 0.35  # CutLER instances kept as proposals score at least this (REFERENCE 3)
+CUTLER_SCORE = 0.35  # CutLER instances kept as proposals score above this (> 0.35, REFERENCE 3)
 MASKCUT_TAU = 0.15  # affinity threshold of the normalised cut (CutLER's MaskCut)
 MASKCUT_N_MASKS = 3  # rounds of the cut per image
 MASKCUT_MAX_IOU = 0.5  # a later round's mask overlapping the previous round's more than this is rejected
@@ -52,8 +52,9 @@ EXTRACTORS = ("sd", "dino", "clip")
 K_PARTS = 32
 KMEANS_ITERS = 300  # at most; Lloyd stops earlier once no assignment changes
 KMEANS_SEED = 0
-# Binarisation of a support mask after its bilinear resize to an extractor's feature grid.
-MASK_GRID_THRESHOLD = 0.5
+# Binarisation of a support mask after its bilinear resize to an extractor's feature grid: a cell is kept where the
+# resized value is above this, i.e. where the mask overlaps the cell's bilinear sample at all (REFERENCE 5).
+MASK_GRID_THRESHOLD = 0.0
 
 # --- downloads (ovdiff models fetch) ---------------------------------------------------------------------------------
 FETCH_CONNECT_TIMEOUT = 10.0  # seconds to open a connection

@@ -44,21 +44,22 @@ def candidate_classes(probs: torch.Tensor, cosines: torch.Tensor, eta: int = D.E
         eta: the most classes kept.
 
     Returns:
-        Class indices in [0, C), ascending; the ``eta`` best by cosine when no class reaches 1/C (only possible
-        through rounding, since the largest probability is at least the mean).
+        Class indices in [0, C) in the order of their probability, highest first (ties by index), as the
+        reference lists them in its subset prompts (REFERENCE 6); the ``eta`` best by cosine, in cosine order, when
+        no class reaches 1/C (only possible through rounding, since the largest probability is at least the mean).
     """
     c = probs.shape[0]
-    above = torch.nonzero(probs >= 1.0 / c).flatten()
-    if above.numel() == 0:
-        above = cosines.topk(min(eta, c)).indices
-    if above.numel() > eta:
-        above = above[probs[above].topk(eta).indices]
-    return sorted(int(i) for i in above)
+    keep = (probs >= 1.0 / c).tolist()
+    above = [i for i in sorted(range(c), key=lambda i: (-float(probs[i]), i)) if keep[i]]
+    if not above:
+        above = sorted(range(c), key=lambda i: (-float(cosines[i]), i))
+    return above[:eta]
 
 
 def all_subsets(candidates: Sequence[int]) -> list[tuple[int, ...]]:
-    """Every non-empty subset of ``candidates`` (2^k - 1 of them), each in ascending order."""
-    items = sorted(candidates)
+    """Every non-empty subset of ``candidates`` (2^k - 1 of them), by size, each in the candidates' order (the
+    order its prompt names the classes in: "a dog and a cat" when dog is the more probable)."""
+    items = list(candidates)
     return [s for r in range(1, len(items) + 1) for s in itertools.combinations(items, r)]
 
 

@@ -562,7 +562,7 @@ class ThresholdMasker(Masker):
 
 @register_masker("cutler")
 class CutlerMasker(Masker):
-    """The CutLER detector's instances (REFERENCE 3): every detection scoring at least `score_threshold` (at most
+    """The CutLER detector's instances (REFERENCE 3): every detection scoring above `score_threshold` (at most
     100 per image, the detector's own cap), its mask pasted at the support image's size. The detector runs on the
     models' device, `batch_size` support images at a time; it is loaded on first use, so building the masker (for
     cache keys) loads nothing.

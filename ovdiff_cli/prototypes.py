@@ -282,8 +282,6 @@ class ExtractorPrototypes:
         parts = self.kind == KIND_PART
         if bool(((self.part >= 0) != parts).any()):
             raise ValueError(f"{name}: part must be >= 0 exactly for part prototypes and -1 otherwise")
-        if bool((self.fg_masks & self.bg_masks).any()):
-            raise ValueError(f"{name}: fg_masks and bg_masks overlap")
         for g, mask, pmap in ((FG, self.fg_masks, self.part_fg), (BG, self.bg_masks, self.part_bg)):
             if bool(((pmap >= 0) != mask).any()):
                 raise ValueError(f"{name}: part_{REGION_NAMES[g]} must be >= 0 exactly on the {REGION_NAMES[g]} mask")
@@ -586,7 +584,8 @@ def extractor_prototypes(
 
     Args:
         features: (N, h, w, D) float raw features on the extractor's grid, on the computation device.
-        fg, bg: (N, h, w) bool disjoint masks on that grid.
+        fg, bg: (N, h, w) bool masks on that grid, each region on its own: resized from disjoint masks, they may
+            share cells on a coarse grid (a cell both overlap, REFERENCE 5).
         k: part clusters per region (fewer if a region has fewer distinct masked cells).
         seed: K-means seed (both regions).
     """

@@ -258,9 +258,14 @@ def class_scores(sims: torch.Tensor, bounds: Sequence[int], allowed: torch.Tenso
 
 
 def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """Size of an image scaled (up or down) so its short side is ``short_side``, aspect kept."""
-    scale = short_side / min(height, width)
-    return max(short_side, round(height * scale)), max(short_side, round(width * scale))
+    """Size of an image scaled (up or down) so its short side is ``short_side``, aspect kept, the long side
+    truncated as the reference's ``int()`` does (REFERENCE 6): 375 x 501 -> 448 x 598 (598.53), not 599. Integer
+    arithmetic, so an exact product is never truncated from 0.999... below it."""
+    short = min(height, width)
+    return (
+        short_side if height == short else height * short_side // short,
+        short_side if width == short else width * short_side // short,
+    )
 
 
 def window_offsets(length: int, window: int, stride: int) -> list[int]:

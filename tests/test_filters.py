@@ -41,6 +41,18 @@ def test_candidates_are_at_least_one_over_c_of_a_temperature_1_softmax():
     assert filters.candidate_classes(flat.softmax(0), flat) == [0, 1, 2]
     # None reaching 1/C (only by rounding in practice): the eta best by cosine.
     assert filters.candidate_classes(torch.full((4,), 0.2), torch.tensor([0.1, 0.3, 0.2, 0.0]), eta=2) == [1, 2]
+    assert filters.candidate_classes(torch.full((4,), 0.2), torch.tensor([0.1, 0.2, 0.3, 0.0]), eta=2) == [2, 1]
+
+
+def test_subset_prompts_name_classes_in_probability_order():
+    # REFERENCE 6: the subsets' prompts list the kept classes in the order of their probability. Cosines (.4, .5,
+    # .1, 0): softmax .2844, .3143, .2107, .1906 keeps 1 then 0, so the pair's prompt is "a class1 and a class0".
+    image, classes = planted_image([0.4, 0.5, 0.1, 0.0])
+    cos = classes @ image
+    assert filters.candidate_classes(cos.softmax(0), cos) == [1, 0]
+    encode = PlantedSubsets(image, winner=(1, 0))
+    assert filters.prefilter(image, classes, encode, eta=10) == (0, 1)  # the kept classes, ascending
+    assert encode.calls == [[(1,), (0,), (1, 0)]]
 
 
 def test_prefilter_picks_the_best_subset_among_all_of_them():
@@ -83,7 +95,7 @@ def test_prefilter_single_candidate_needs_no_subset_scores():
 def test_subset_prompts():
     assert filters.subset_prompt(["cat"]) == "a cat"
     assert filters.subset_prompt(["cat", "potted plant"]) == "a cat and a potted plant"
-    assert len(filters.all_subsets([3, 1, 2])) == 7 and filters.all_subsets([3, 1])[-1] == (1, 3)
+    assert len(filters.all_subsets([3, 1, 2])) == 7 and filters.all_subsets([3, 1]) == [(3,), (1,), (3, 1)]
 
 
 def test_clip_prefilter_with_tiny_clip(tiny_models):

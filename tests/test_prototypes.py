@@ -129,21 +129,23 @@ def test_class_prototype_equals_pooled_mean_random():
 
 
 def test_masks_reach_each_extractor_grid_bilinear_then_binarised():
-    # 4x4 -> 2x2 bilinear (no antialiasing) samples at the centre of each 2x2 block, i.e. averages it; a cell
-    # is kept above 0.5: 4/4 and 3/4 of a block are kept, 2/4 is not.
-    m = torch.zeros(1, 4, 4, dtype=torch.bool)
-    m[0, 0:2, 0:2] = True  # block (0, 0): 4 of 4
-    m[0, 0, 2:4] = True  # block (0, 1): 2 of 4
-    m[0, 2:4, 0] = True
-    m[0, 2, 1] = True  # block (1, 0): 3 of 4
-    assert masks_on_grid(m, (2, 2))[0].tolist() == [[True, False], [True, False]]
-    assert torch.equal(masks_on_grid(m, (4, 4)), m)
-    # In a bank, each extractor gets the masks on its own grid; fg and bg stay disjoint.
-    feats = {"fine": torch.rand(1, 4, 4, 2), "coarse": torch.rand(1, 2, 2, 3)}
+    # 8x8 -> 2x2 bilinear (no antialiasing, align_corners=False) samples cell (i, j) at source (4i + 1.5, 4j + 1.5):
+    # the mean of pixels 4i+1..4i+2 by 4j+1..4j+2. The reference keeps a cell where that value is > 0 (any
+    # overlap): one of those four pixels is enough, a pixel outside them counts for nothing.
+    m = torch.zeros(1, 8, 8, dtype=torch.bool)
+    m[0, 1, 1] = True  # cell (0, 0): value 1/4, kept
+    m[0, 0, 4] = True  # cell (0, 1): pixel (0, 4) is outside the sample, value 0, not kept
+    m[0, 5:7, 5:7] = True  # cell (1, 1): value 1
+    assert masks_on_grid(m, (2, 2))[0].tolist() == [[True, False], [False, True]]
+    assert masks_on_grid(m, (2, 2), threshold=0.5)[0].tolist() == [[False, False], [False, True]]
+    assert torch.equal(masks_on_grid(m, (8, 8)), m)
+    # In a bank, each extractor gets the masks on its own grid, fg and bg each on its own: on a coarse grid a cell
+    # both regions overlap is in both (cell (0, 0): fg 1/4, bg 3/4), as in the reference.
+    feats = {"fine": torch.rand(1, 8, 8, 2), "coarse": torch.rand(1, 2, 2, 3)}
     bank = build_bank("c", feats, m, ~m, k=1, support_keys=["s"])
-    assert torch.equal(bank["fine"].fg_masks, m)
-    assert bank["coarse"].fg_masks[0].tolist() == [[True, False], [True, False]]
-    assert bank["coarse"].bg_masks[0].tolist() == [[False, False], [False, True]]  # 0/4, 2/4; 1/4, 4/4
+    assert torch.equal(bank["fine"].fg_masks, m) and torch.equal(bank["fine"].bg_masks, ~m)
+    assert bank["coarse"].fg_masks[0].tolist() == [[True, False], [False, True]]
+    assert bank["coarse"].bg_masks[0].tolist() == [[True, True], [True, False]]  # 3/4, 1, 1, 0
 
 
 def test_empty_masks_make_no_prototypes():

@@ -155,6 +155,9 @@ def test_windows_are_the_slide_grid_plus_the_whole_image():
 
 def test_resized_size():
     assert S.resized_size(375, 500, 448) == (448, 597)
+    # The reference truncates the long side (int(501 * 448 / 375) = int(598.528) = 598); rounding would give 599.
+    assert S.resized_size(375, 501, 448) == (448, 598) and S.resized_size(501, 375, 448) == (598, 448)
+    assert S.resized_size(3, 5, 448) == (448, 746)  # upscaled: 746.67 -> 746
     assert S.resized_size(1000, 800, 448) == (560, 448)
     assert S.resized_size(448, 448, 448) == (448, 448)
 
@@ -186,7 +189,7 @@ def test_windows_of_a_batch_of_images_equal_one_by_one():
         assert torch.equal(seg([img])[0].scores, res.scores)
     assert together[0].size == (40, 64) and together[1].size == (70, 50)
     # 70 x 50 is resized to short side 32: 45 x 32 (scores live at that working resolution)
-    assert together[1].scores.shape == (3, 45, 32)
+    assert together[1].scores.shape == (3, 44, 32)  # 70 * 32 / 50 = 44.8, truncated as the reference does
 
 
 # --- upsampling to the input size ---------------------------------------------------------------------------------
