@@ -5,6 +5,7 @@ Light module (no torch): Pillow and numpy only, so listing inputs costs nothing 
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -74,10 +75,13 @@ def _walk(folder: Path, exclude: Path | None, on_skip: Callable[[Path], None]) -
     return [p for p in found if _is_image_file(p)]
 
 
-def _in_output_folder(path: Path, top: Path, on_skip: Callable[[Path], None]) -> bool:
-    """Whether a file a glob matched lies in an ovdiff output folder at or below ``top`` (the glob's fixed part)."""
+def _in_output_folder(
+    path: Path, top: Path, on_skip: Callable[[Path], None], is_output: Callable[[Path], bool]
+) -> bool:
+    """Whether a file a glob matched lies in an ovdiff output folder at or below ``top`` (the glob's fixed part);
+    ``is_output``: :func:`holds_outputs`, memoised by the caller (a glob's files share their folders)."""
     for folder in reversed(path.parents):
-        if folder.is_relative_to(top) and holds_outputs(folder):
+        if folder.is_relative_to(top) and is_output(folder):
             on_skip(folder)
             return True
     return False
@@ -112,6 +116,7 @@ def find_images(
             if on_skip is not None:
                 on_skip(folder)
 
+    is_output = functools.cache(holds_outputs)
     files: list[tuple[Path, Path]] = []  # (file, the folder its name is relative to)
     for raw in inputs:
         path = Path(os.path.abspath(raw))
@@ -124,15 +129,15 @@ def find_images(
             top = Path(os.path.abspath(fixed if fixed.endswith(os.sep) else os.path.dirname(fixed) or "."))
             matches = sorted(Path(os.path.abspath(m)) for m in glob.glob(raw, recursive=True))
             matched = [m for m in matches if m.is_file() and not m.name.startswith(".") and _is_image_file(m)]
-            matched = [m for m in matched if not _in_output_folder(m, top, skip)]
+            matched = [m for m in matched if not _in_output_folder(m, top, skip, is_output)]
             if not matched:
-                raise ValueError(f"INPUT {raw!r}: the pattern matches no image files{_skipped_note(skipped)}")
+                raise _none_found(f"INPUT {raw!r}: the pattern matches no image files", list(skipped))
             files += [(m, m.parent) for m in matched]
         else:
             raise ValueError(f"INPUT {raw!r}: no such file or folder")
     unique = list(dict.fromkeys(f for f, _ in files))
     if not unique:
-        raise ValueError(f"INPUT {' '.join(inputs)!r}: no image files found{_skipped_note(skipped)}")
+        raise _none_found(f"INPUT {' '.join(inputs)!r}: no image files found", list(skipped))
     base = Path(os.path.commonpath([str(r) for _, r in files]))
     names = [PurePosixPath(f.relative_to(base).as_posix()) for f in unique]
     stems = [n.with_suffix("") for n in names]
@@ -141,12 +146,17 @@ def find_images(
     return sorted(items, key=lambda it: str(it.rel))
 
 
-def _skipped_note(skipped: Mapping[Path, None]) -> str:
-    if not skipped:
-        return ""
-    first = next(iter(skipped))
-    more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
-    return f" (left out {first}{more}: it holds ovdiff outputs; name its files to segment them)"
+def skipped_note(folders: Sequence[Path]) -> str | None:
+    """One line for the input folders left out because they hold ovdiff outputs (None when there are none)."""
+    if not folders:
+        return None
+    more = f" and {len(folders) - 1} more folder{'s' if len(folders) > 2 else ''}" if len(folders) > 1 else ""
+    return f"left out {folders[0]}{more}: holds ovdiff outputs (its legend.json); name the files to segment them"
+
+
+def _none_found(what: str, skipped: Sequence[Path]) -> ValueError:
+    note = skipped_note(skipped)
+    return ValueError(what + (f" ({note})" if note else ""))
 
 
 def _to_rgb(img) -> np.ndarray:

@@ -244,15 +244,15 @@ def check_out_folder(
         input_files: (file, output name) of every image found, in every shard (see inputs.find_images).
 
     Raises:
-        ValueError (one line) when ``out_dir``: is not a folder; is an INPUT folder (outputs would mix with the
+        ValueError (one line) when ``out_dir``: is not a folder or cannot be written (see :func:`check_writable`);
+        is an INPUT folder (outputs would mix with the
         photos and be read as photos next time); would receive an output in place of an input file; holds a file
         at an output's path but no legend.json from ovdiff (a user's own file); holds results for another
         vocabulary without ``overwrite``; or, with ``overwrite``, holds outputs of images not in this run that
         the new legend would mislabel (a folder never mixes vocabularies).
     """
+    check_writable(out_dir, f"--out {out_dir}", folder=True)
     final = Path(os.path.realpath(out_dir))
-    if final.exists() and not final.is_dir():
-        raise ValueError(f"--out {out_dir}: exists and is not a folder")
     if any(os.path.isdir(raw) and Path(os.path.realpath(raw)) == final for raw in inputs):
         raise ValueError(
             f"--out {out_dir}: is an input folder; outputs would mix with the images (and be read as images next"

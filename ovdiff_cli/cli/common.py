@@ -162,8 +162,9 @@ def emit(doc: dict[str, Any], as_json: bool, save: Path | None, dumps: Callable[
     from ..outputs import save_atomically, writes_to_stdout
 
     text = dumps(doc) if dumps is not None else json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-    to_stdout = as_json or (save is not None and writes_to_stdout(save))
-    if save is not None and not writes_to_stdout(save):
+    save_to_stdout = save is not None and writes_to_stdout(save)
+    to_stdout = as_json or save_to_stdout
+    if save is not None and not save_to_stdout:
         try:
             save_atomically(save, lambda tmp: tmp.write_text(text, encoding="utf-8"), f"--save {save}")
         except ValueError as exc:

@@ -28,14 +28,6 @@ from .common import (
 from .shared import SegmentArgs, prepare, segmentation_options
 
 
-def skipped_note(folders: list[Path]) -> str | None:
-    """One note for the input folders left out because they hold ovdiff outputs (None when there are none)."""
-    if not folders:
-        return None
-    more = f" and {len(folders) - 1} more folder{'s' if len(folders) > 2 else ''}" if len(folders) > 1 else ""
-    return f"left out {folders[0]}{more}: holds ovdiff outputs (its legend.json); name the files to segment them"
-
-
 @segmentation_options
 def segment(
     inputs: Annotated[
@@ -60,14 +52,13 @@ def segment(
 
     Prototypes come from the cache; classes without them are synthesised first, as `ovdiff synth` does.
     """
-    from ..inputs import find_images, resolve_shard
-    from ..outputs import build_legend, check_out_folder, check_writable, write_legend
+    from ..inputs import find_images, resolve_shard, skipped_note
+    from ..outputs import build_legend, check_out_folder, write_legend
     from ..pipeline import build_segmenter, plan_outputs, segment_files
 
     with user_errors():
         skipped: list[Path] = []
         items = find_images(inputs, exclude=out_dir, on_skip=skipped.append)
-        check_writable(out_dir, f"--out {out_dir}", folder=True)
         check_outputs(("--save", save), inputs=[i.path for i in items], as_json=as_json)
         part = resolve_shard(shard)
         run_on = prepare(args)

@@ -112,7 +112,7 @@ def test_output_folders_inside_the_inputs_are_left_out_with_one_note(cache_dir, 
         assert set(tree(tmp_path / "o9")) == {"a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg", "legend.json"}
     # Named files are always taken; a folder that is all outputs says why it found nothing.
     assert [i.rel.name for i in find_images([str(photos / "seg" / "a.png")])] == ["a"]
-    with pytest.raises(ValueError, match=r"no image files found \(left out .*seg: it holds ovdiff outputs"):
+    with pytest.raises(ValueError, match=r"no image files found \(left out .*seg: holds ovdiff outputs"):
         find_images([str(photos / "seg")])
 
 
