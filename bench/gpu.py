@@ -166,10 +166,10 @@ def bench_segment(models: Models, n_images: int) -> dict:
     extractors = {name: build_extractor(name, models) for name in ("sd", "dino", "clip")}
     protoset = random_protoset(models, extractors)
     names = [c.name for c in protoset.classes]
-    prefilter = ClipPrefilter(models.get("clip"), names)
-    sim_dtype = torch.float32 if models.precision == "fp32" else None
+    prefilter = ClipPrefilter(pipeline.prefilter_clip(models), names)
     timings = Timings(sync)
-    segmenter = Segmenter(protoset, extractors, SegmentOptions(), prefilter, models.device, timings, False, sim_dtype)
+    match = models.dtype("match")
+    segmenter = Segmenter(protoset, extractors, SegmentOptions(), prefilter, models.device, timings, False, match)
     legend = outputs.build_legend(names, [False] * len(names))
     # 512x512 inputs have one 448 window and four 336 ones: segment groups eight of them, so that every batch of 8
     # windows is full (groups of two, before, padded six of the 448 batch's eight slots).
@@ -223,7 +223,7 @@ def main() -> None:
         help="a model set or folder (a folder of saved weights times real loading); tiny + --device cpu: a smoke run",
     )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (see the README)")
+    parser.add_argument("--precision", default="auto", help="auto, fast, fp32, bf16 or fp16 (see the README)")
     parser.add_argument("--n", type=int, default=32, help="support images per class for the synth command timing")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps for the synth command timing")
     parser.add_argument(

@@ -3,10 +3,10 @@
 One attention processor replaces diffusers' default on the UNet's *cross*-attention layers only; self-attention
 keeps the library's fused SDPA processor. The processor computes its output with fused SDPA too, and only when a
 capture is active does it additionally form the softmax for the conditional half of the guidance batch and keep
-the class-token columns. As the authors' code does (REFERENCE 2), every layer's map of every step is averaged
-over the class's tokens, upsampled *bicubic* to the latent grid per head, clamped at 0 (bicubic overshoots below
-zero), summed over heads, and accumulated; :func:`aggregate` averages over layers and steps. The same processor
-can record the layer's queries, which is how the SD feature extractor reads the UNet.
+the class-token columns. As the authors' code does (REFERENCE 2), every layer's map of every step is upsampled
+*bicubic* to the latent grid per head and per class token, clamped at 0 (bicubic overshoots below zero), summed
+over heads, averaged over the class's tokens, and accumulated; :func:`aggregate` averages over layers and steps.
+The same processor can record the layer's queries, which is how the SD feature extractor reads the UNet.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class AttentionTap:
     Attributes:
         tokens: class-token positions (into the 77-token context) to capture, or None when not capturing.
         cond_slice: which rows of the UNet batch are the conditional half of classifier-free guidance.
-        maps: per layer index, (B_cond, G_h, G_w) float32 sums over heads and steps of the token-averaged maps,
-            each upsampled bicubic to the latent grid and clamped at 0.
+        maps: per layer index, (B_cond, G_h, G_w) float32 sums over steps of the maps summed over heads and
+            averaged over the class's tokens, each (head, token) map upsampled bicubic to the latent grid and
+            clamped at 0 on its own.
         calls: per layer index, how many steps were added into ``maps``.
         queries: per layer index in ``query_layers``, the (B, h_l*w_l, C) queries of the last forward.
     """
@@ -100,11 +101,13 @@ class _CrossAttnProcessor:
         # Softmax over all 77 context tokens (the denominator needs them), then keep the class's columns: a
         # contiguous run of token positions, so a view rather than a gather.
         probs = torch.softmax(qc @ kc.transpose(-1, -2) * attn.scale, dim=-1)
-        per_head = probs[..., tap.token_span].mean(-1)  # (B, heads, n): averaged over the class's tokens
-        b, heads = per_head.shape[:2]
-        per_head = per_head.reshape(b * heads, 1, *tap.layer_hw(n))
-        up = F.interpolate(per_head, size=tap.latent_hw, mode="bicubic", align_corners=False).clamp_min_(0)
-        m = up.view(b, heads, *tap.latent_hw).sum(1)
+        cols = probs[..., tap.token_span].transpose(-1, -2)  # (B, heads, T, n)
+        b, heads, n_tokens = cols.shape[:3]
+        # Each (head, token) map is upsampled and clamped on its own before the tokens are averaged, as the authors'
+        # code does: bicubic overshoot makes this differ from averaging the tokens first.
+        cols = cols.reshape(b * heads * n_tokens, 1, *tap.layer_hw(n))
+        up = F.interpolate(cols, size=tap.latent_hw, mode="bicubic", align_corners=False).clamp_min_(0)
+        m = up.view(b, heads * n_tokens, *tap.latent_hw).sum(1).div_(n_tokens)
         if self.index in tap.maps:
             tap.maps[self.index].add_(m)
             tap.calls[self.index] += 1
@@ -178,14 +181,16 @@ def class_token_positions(tokenizer, prompt: str, class_name: str) -> list[int]:
     """Positions (in the 77-token context, start token = 0) of the class's tokens inside ``prompt``.
 
     Found by tokenising, so multi-word and multi-token classes ("potted plant", "donut with chocolate glaze")
-    get all their tokens. Positions cut off by the 77-token limit are dropped; an empty result means the class
-    was entirely truncated away.
+    get all their tokens. The *first* occurrence of the class's token sequence is used, as in the authors' code
+    (REFERENCE 2): a class that is also a word of the template ("a", "good", "picture" in "A good picture of a
+    {}") therefore gets the template's word, not the class slot at the end. Positions cut off by the 77-token
+    limit are dropped; an empty result means the class was entirely truncated away.
     """
     ids = tokenizer.encode(prompt)
     sub = tokenizer.encode(class_name)
     if not sub:
         raise ValueError(f"class {class_name!r} has no tokens")
-    for start in range(len(ids) - len(sub), -1, -1):  # last occurrence: the class ends the prompt template
+    for start in range(len(ids) - len(sub) + 1):
         if ids[start : start + len(sub)] == sub:
             return [1 + start + j for j in range(len(sub)) if 1 + start + j < 76]
     raise ValueError(f"class {class_name!r} does not appear in prompt {prompt!r} after tokenisation")

@@ -18,9 +18,10 @@ N_SUPPORT = 32
 # refuses (over 300 times the paper's N, a typing slip far more often than an experiment).
 N_WARN = 512
 N_MAX = 10_000
-# Rough cache bytes per support-image pixel: the PNG (1.5-3 bytes a pixel), the attribution map and the segmenter's
-# proposal masks (bit-packed, about ten per image). For the size estimate above N_WARN only.
-SUPPORT_BYTES_PER_PIXEL = 3.0
+# Rough cache bytes per support-image pixel: the PNG (1.5-3 bytes a pixel), the raw flooring residual (3), the
+# attribution map and the segmenter's proposal masks (bit-packed, about ten per image). For the size estimate above
+# N_WARN only.
+SUPPORT_BYTES_PER_PIXEL = 6.0
 STEPS = 30
 GUIDANCE = 8.0
 # REFERENCE 1: diffusers' DPMSolverMultistepScheduler (second order, dpmsolver++) built from SD's own config.
@@ -50,7 +51,10 @@ BG_ERODE = 1  # erosions of the bg mask with a 3x3 cross, at the support image's
 # --- 3.3 prototypes ---------------------------------------------------------------------------------------------
 EXTRACTORS = ("sd", "dino", "clip")
 K_PARTS = 32
-KMEANS_ITERS = 300  # at most; Lloyd stops earlier once no assignment changes
+KMEANS_ITERS = 300  # at most (scikit-learn's max_iter); Lloyd stops earlier, see KMEANS_TOL
+# Lloyd also stops once the centres move (sum of squared shifts) by at most this times the mean per-feature variance of
+# the clustered features, or when no label changes: scikit-learn 1.2's KMeans tol, as the reference runs it.
+KMEANS_TOL = 1e-4
 KMEANS_SEED = 0
 # Binarisation of a support mask after its bilinear resize to an extractor's feature grid: a cell is kept where the
 # resized value is above this, i.e. where the mask overlaps the cell's bilinear sample at all (REFERENCE 5).
@@ -61,9 +65,9 @@ FETCH_CONNECT_TIMEOUT = 10.0  # seconds to open a connection
 FETCH_READ_TIMEOUT = 60.0  # seconds without a byte before a download is given up (OVDIFF_FETCH_TIMEOUT overrides)
 
 # --- numerics ---------------------------------------------------------------------------------------------------
-# "auto": fp32 on the CPU; bf16 on CUDA (fp16 where the GPU lacks bf16), fp32 for DINO as the reference runs it.
+# "auto": the reference's numerics: fp32 on the CPU; on CUDA fp16 SD and pre-filter, fp32 dense CLIP, DINO and matching.
 PRECISION = "auto"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fast", "fp32", "bf16", "fp16")
 
 # --- 4.1 extractors ---------------------------------------------------------------------------------------------
 SD_FEATURE_TIMESTEP = 200
@@ -87,6 +91,9 @@ ETA = 10  # the CLIP pre-filter keeps at most this many classes, then scores all
 PREFILTER_TEMPERATURE = 1.0  # softmax over raw cosines (no CLIP logit scale), REFERENCE 6
 PREFILTER_TEMPLATE = "a {}"  # one class in a pre-filter prompt; subsets join these with PREFILTER_JOIN
 PREFILTER_JOIN = " and "
+# The pre-filter's image: the working image resized to this square (PIL Lanczos), then to CLIP's input size
+# (bilinear, no antialiasing), as the reference's CLIP transform does (REFERENCE 6).
+PREFILTER_RESIZE = 512
 STUFF_THRESHOLD = 0.85  # thing-class bg prototypes this similar to a stuff prototype are dropped
 PAMR = False
 PAMR_ITERS = 10

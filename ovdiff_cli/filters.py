@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +27,39 @@ from .models.loading import CONTEXT_LENGTH
 # dense CLIP extractor uses ImageNet's, as the reference does).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# --- the reference's image resizes ---------------------------------------------------------------------------------
+
+
+def lanczos_resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize as the reference resizes its PIL images: PIL's Lanczos filter.
+
+    Args:
+        image: (3, H, W) RGB, uint8 in [0, 255] or float in [0, 1], on any device.
+        size: the output (height, width).
+
+    Returns:
+        (3, *size) CPU tensor of the input's dtype: a uint8 image is resized as 8-bit RGB (PIL's fixed-point
+        arithmetic, rounded and clipped to bytes, exactly the reference's pixels); a float one plane by plane in
+        PIL's 32-bit float mode, clamped to [0, 1] as the byte image is clipped. An image already of that size is
+        returned as it is (PIL's resize copies it unfiltered), on its own device.
+    """
+    from PIL import Image
+
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    arr = image.detach().cpu()
+    if arr.is_floating_point():
+        planes = [Image.fromarray(c.float().numpy()).resize(size[::-1], Image.LANCZOS) for c in arr]
+        return torch.from_numpy(np.stack([np.asarray(p) for p in planes])).clamp(0, 1)
+    rgb = Image.fromarray(arr.permute(1, 2, 0).numpy()).resize(size[::-1], Image.LANCZOS)
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+def unit_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float [0, 1] image -> float32 in [0, 1] (bytes / 255, as torchvision's ``ToTensor``)."""
+    return image.float() / 255 if not image.is_floating_point() else image.float()
+
 
 # --- category pre-filter ------------------------------------------------------------------------------------------
 
@@ -165,15 +199,26 @@ class ClipPrefilter:
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[torch.Tensor], batch: int | None = None) -> torch.Tensor:
-        """images: each (3, H, W) float32 RGB in [0, 1] -> (B, D) unit embeddings of the whole images.
+        """Unit CLIP embeddings of whole images, seen as the reference's pre-filter sees them (REFERENCE 6).
 
-        Each image is resized (not cropped) to CLIP's input size, so classes at the borders still count. With
-        ``batch``, CLIP sees batches of exactly that many images (the last one zero-padded), so an image's embedding
-        does not depend on how many images it was embedded with.
+        Each image is resized (not cropped, so classes at the borders still count) to ``PREFILTER_RESIZE`` square
+        with PIL's Lanczos (:func:`lanczos_resize`: on the bytes of a uint8 image, as the reference resizes its PIL
+        working image), then as [0, 1] floats to CLIP's input size, bilinear without antialiasing, and normalised
+        with CLIP's mean/std. With ``batch``, CLIP sees batches of exactly that many images (the last one
+        zero-padded), so an image's embedding does not depend on how many images it was embedded with.
+
+        Args:
+            images: each (3, H, W) RGB, uint8 in [0, 255] or float in [0, 1]: the segmenter's working images, in
+                their own dtype (uint8 for byte inputs, to resize the bytes as the reference does).
+            batch: the fixed batch size CLIP runs at, or None for all images at once.
+
+        Returns:
+            (B, D) float32 unit embeddings, one per image, in order.
         """
-        x = torch.stack(
-            [F.interpolate(im[None], size=self.image_size, mode="bicubic", antialias=True)[0] for im in images]
-        ).clamp(0, 1)
+        side = (D.PREFILTER_RESIZE, D.PREFILTER_RESIZE)
+        device = self._param.device
+        x = torch.stack([unit_float(lanczos_resize(im, side).to(device)) for im in images])
+        x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=False)
         x = normalise_pixels(x, CLIP_MEAN, CLIP_STD).to(self._param.dtype)
         size = batch or x.shape[0]
         pad = -x.shape[0] % size

@@ -1,18 +1,20 @@
 """Foreground/background masks of support images (paper section 3.3, eq. 1), as the authors' code makes them.
 
 An unsupervised segmenter (a *masker*) proposes binary object masks per support image; `select_masks` adds
-the background proposal (complement of all proposals) as proposal 0 and picks fg = the proposal with the
-highest mean attribution, bg = the one with the lowest, refined to attribution < `BG_ATTRIBUTION_MAX` and eroded
-once with a 3x3 cross (REFERENCE 3). Everything happens at the support image's resolution, on attribution maps
-upsampled to it (:func:`ovdiff_cli.attribution.at_image_size`).
+the background proposal (complement of all proposals) as proposal 0, ranks them by mean attribution and gives each
+pixel to the highest-ranked proposal covering it: fg = the top proposal, bg = the pixels won by the lowest-ranked
+proposal that wins any, refined to attribution < `BG_ATTRIBUTION_MAX` and eroded once with a 3x3 cross
+(REFERENCE 3). Everything happens at the support image's resolution, on attribution maps upsampled to it
+(:func:`ovdiff_cli.attribution.at_image_size`).
 
 Maskers are looked up by name in a small registry (`register_masker`, `build_masker`, `available_maskers`,
 `resolve_masker_name`). Registered:
 
 * ``cutler``: the CutLER detector, the paper's segmenter (REFERENCE 3).
 * ``maskcut``: training-free normalised cuts on DINO keys, as CutLER's MaskCut (a fallback; no CRF).
-* ``threshold``: a 3-class multi-Otsu split of the class's attribution maps (the paper's "-CutLER" variant):
-  it makes fg and bg directly, with no proposals, no extra 0.2 cut and no erosion.
+* ``threshold``: a 3-class multi-Otsu split of the class's attribution maps (the paper's "-CutLER" variant),
+  thresholds from the latent-grid maps, applied at the image size: it makes fg and bg directly, with no proposals,
+  no extra 0.2 cut and no erosion.
 """
 
 from __future__ import annotations
@@ -102,9 +104,21 @@ class Masker(ABC):
         raise NotImplementedError(f"masker {self.name!r} makes masks directly")
 
     def masks(
-        self, attribution: torch.Tensor, features: torch.Tensor | None = None, images: torch.Tensor | None = None
+        self,
+        attribution: torch.Tensor,
+        features: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        *,
+        grid_attribution: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fg, bg): (N, S, S) bool each, disjoint per image; eq. 1 over `propose`'s proposals."""
+        """(fg, bg): (N, S, S) bool each, disjoint per image; eq. 1 over `propose`'s proposals.
+
+        Args:
+            attribution: (N, S, S) float32 in [0, 1], the class's attribution maps at the support image size.
+            features, images: as for `propose`.
+            grid_attribution: (N, G, G) float32 in [0, 1], the same maps on the latent grid before upsampling, for
+                maskers that compute something there (the threshold masker's multi-Otsu); eq. 1 ignores it.
+        """
         _check_attribution(attribution)
         proposals = self.propose(attribution, features, images)
         return stack_masks([select_masks(p, a) for p, a in zip(proposals, attribution, strict=True)], attribution)
@@ -513,7 +527,8 @@ class ThresholdMasker(Masker):
     """Attribution thresholds only: the paper's "-CutLER" variant (REFERENCE 3).
 
     One 3-class multi-Otsu split over all N maps of the class together (so an image's masks depend on the other
-    images of its class); fg = attribution > t_high, bg = attribution < t_low, with no further cut and no
+    images of its class), computed on the latent-grid maps and applied to the image-size maps (`masks`'
+    ``grid_attribution``); fg = attribution > t_high, bg = attribution < t_low, with no further cut and no
     erosion. When multi-Otsu cannot split the maps (fewer than 3 distinct values, or non-increasing thresholds)
     the fallback thresholds are used: bg < `fallback_bg`, fg > `fallback_fg`. An image with an empty fg gets
     no bg either (the reference skips it).
@@ -530,13 +545,14 @@ class ThresholdMasker(Masker):
     def params(self) -> dict[str, Any]:
         return {"fallback_bg": self.fallback_bg, "fallback_fg": self.fallback_fg}
 
-    def thresholds(self, attribution: torch.Tensor) -> tuple[float, float]:
-        """(t_low, t_high) for the (N, S, S) maps of one class: multi-Otsu, or the fallback pair.
+    def thresholds(self, maps: torch.Tensor) -> tuple[float, float]:
+        """(t_low, t_high) of one class's (N, G, G) maps: multi-Otsu over all their values, or the fallback pair.
 
-        Multi-Otsu thresholds are skimage's: the centres of the last histogram bin (256 bins over the value
-        range) of the lower classes, used as bg = A < t_low, fg = A > t_high.
+        The reference computes them on the latent-grid maps (64x64 for SD 1.5), before upsampling (REFERENCE 3).
+        Multi-Otsu thresholds are skimage's: the centres of the last histogram bin (256 bins over the value range)
+        of the lower classes, used as bg = A < t_low, fg = A > t_high.
         """
-        values = attribution.detach().to(torch.float64).cpu().numpy().ravel()
+        values = maps.detach().to(torch.float64).cpu().numpy().ravel()
         try:
             t_low, t_high = (float(t) for t in threshold_multiotsu(values, classes=3))
         except ValueError:
@@ -546,10 +562,31 @@ class ThresholdMasker(Masker):
         return t_low, t_high
 
     def masks(
-        self, attribution: torch.Tensor, features: torch.Tensor | None = None, images: torch.Tensor | None = None
+        self,
+        attribution: torch.Tensor,
+        features: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        *,
+        grid_attribution: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fg, bg): (N, S, S) bool each: the thresholds of `grid_attribution` applied to `attribution`.
+
+        Args:
+            attribution: (N, S, S) float32 in [0, 1], the maps at the support image size; the masks are cut here.
+            features, images: unused.
+            grid_attribution: (N, G, G) float32 in [0, 1], the same maps on the latent grid before upsampling; the
+                thresholds are computed on them, as the reference does. None: computed on `attribution` itself
+                (only right when no grid maps exist, e.g. maps that were never upsampled).
+        """
         _check_attribution(attribution)
-        t_low, t_high = self.thresholds(attribution)
+        if grid_attribution is None:
+            grid_attribution = attribution
+        _check_attribution(grid_attribution)
+        if grid_attribution.shape[0] != attribution.shape[0]:
+            raise ValueError(
+                f"grid_attribution has {grid_attribution.shape[0]} maps, attribution {attribution.shape[0]}"
+            )
+        t_low, t_high = self.thresholds(grid_attribution)
         fg = attribution > t_high
         present = fg.flatten(1).any(1)[:, None, None]
         return fg, (attribution < t_low) & present
@@ -634,17 +671,22 @@ def select_masks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 1 as the authors' code applies it (REFERENCE 3): fg and bg masks of one support image.
 
-    Candidates are the background proposal (pixels outside every proposal) as proposal 0, then the proposals in
-    order; empty candidates are left out. Each is scored by its mean attribution M^T A / M^T M; fg = the highest,
-    bg = the lowest (ties: the lowest candidate index, so the background proposal first). bg is then refined:
-    only pixels with attribution < `bg_max`, eroded `erode` times with a 3x3 cross.
+    Candidates are the background proposal (pixels outside every proposal) as index 0, then the proposals in
+    order; empty candidates are left out. Each is scored by its mean attribution M^T A / M^T M and ranked by score,
+    highest first (ties: the lower candidate index ranks higher). The pixels are then partitioned: each goes to the
+    highest-ranked candidate covering it. fg = the pixels won by the top candidate (all of it). bg = the pixels won
+    by the lowest-scoring candidate that wins any pixel (ties: the lowest candidate index, so the background
+    proposal first): a low proposal lying wholly inside higher-ranked ones is passed over, and the pixels a low
+    proposal shares with a higher-ranked one are not bg. bg is then refined: only pixels with attribution <
+    `bg_max`, eroded `erode` times with a 3x3 cross (the image border counts as set). When the top candidate wins
+    every pixel, bg is empty.
 
     With fewer than two non-empty candidates eq. 1 cannot tell fg from bg: then fg = attribution > `fg_fallback`
     and bg = attribution < `bg_max`, with no erosion. Shared pixels stay fg. An image whose fg is empty gets an
     empty bg too: the reference skips such a support image entirely.
 
     Args:
-        proposals: (R, S, S) bool, R >= 0, object proposals (without the background proposal).
+        proposals: (R, S, S) bool, R >= 0, object proposals (without the background proposal), may overlap.
         attribution: (S, S) float in [0, 1], at the same resolution.
 
     Returns:
@@ -669,9 +711,19 @@ def select_masks(
         # three times faster.
         flat = attr.ravel()
         scores = np.array([np.compress(m.ravel(), flat).mean() for m in candidates])
-        # np.argmax / np.argmin return the first extremum: ties go to the lowest index.
-        fg = candidates[int(np.argmax(scores))]
-        bg = _erode_cross(candidates[int(np.argmin(scores))] & (attr < bg_max), erode)
+        # Best first; lexsort's last key is the primary one, and the index breaks ties (lower index first).
+        ranked = np.lexsort((np.arange(len(candidates)), -scores))
+        # Paint from the lowest-ranked candidate up, so each pixel ends with the highest-ranked one covering it;
+        # every pixel is painted (the background proposal covers the rest). Over ten times faster than an argmax
+        # over the (K, S*S) stack, whose reduction axis is strided.
+        winner = np.empty(attr.shape, dtype=np.intp)
+        for i in ranked[::-1]:
+            winner[candidates[i]] = i
+        won = np.bincount(winner.ravel(), minlength=len(candidates)) > 0
+        # np.argmin returns the first minimum: ties go to the lowest candidate index.
+        lowest = int(np.argmin(np.where(won, scores, np.inf)))
+        fg = candidates[int(ranked[0])]
+        bg = _erode_cross((winner == lowest) & (attr < bg_max), erode)
     bg = bg & ~fg
     if not fg.any():
         bg = np.zeros_like(bg)

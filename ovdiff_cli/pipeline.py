@@ -14,6 +14,7 @@ seed (or existing prediction files scored without any model).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import time
@@ -43,9 +44,12 @@ T = TypeVar("T")
 # Bump a stage's version whenever its bytes would change for the same key fields.
 # 2: the reference's recipe (issue 11): DPM-Solver++ by default, bicubic per-step attribution stored in float32,
 # masks chosen at the support image's resolution, per-extractor prototypes from raw features.
-SUPPORT_VERSION = 2
-PROPOSALS_VERSION = 2
-BANK_VERSION = 2
+# 3: the last mile (issue 23): images floored with their residual kept, DPM-Solver++'s last step second order,
+# tokens upsampled one by one; CutLER on the float image at torchvision's size; eq. 1's per-pixel partition,
+# per-grid skips, sklearn's K-means stop, fp32 prototypes, DINO support at 512, windows resized without antialias.
+SUPPORT_VERSION = 3
+PROPOSALS_VERSION = 3
+BANK_VERSION = 3
 # Segmented images whose outputs may wait for the writer thread before the next image waits for them.
 WRITE_QUEUE = 4
 
@@ -117,23 +121,40 @@ class _Silent:
 # --- keys ---------------------------------------------------------------------------------------------------------
 
 
+def configured_batch_size(opts: SynthOptions, models: Models) -> int:
+    """The user's ``--batch-size``, else D.BATCH_SIZE on an accelerator and the model set's ``cpu_batch_size`` on
+    the CPU (D.CPU_BATCH_SIZE for full-size networks)."""
+    if opts.batch_size is not None:
+        return opts.batch_size
+    return models.spec.cpu_batch_size if models.device.type == "cpu" else D.BATCH_SIZE
+
+
 def batch_size(opts: SynthOptions, models: Models) -> int:
-    """Images per network batch: the user's ``--batch-size``, else D.BATCH_SIZE on an accelerator and the model
-    set's ``cpu_batch_size`` on the CPU (D.CPU_BATCH_SIZE for full-size networks); never more than N, so a small
-    support set never generates images it does not need (every slot of a batch holds a genuine image)."""
-    size = opts.batch_size
-    if size is None:
-        size = models.spec.cpu_batch_size if models.device.type == "cpu" else D.BATCH_SIZE
-    return min(size, opts.n)
+    """Images per network batch when computing on support images (masks, features): the configured batch size,
+    never more than N."""
+    return min(configured_batch_size(opts, models), opts.n)
+
+
+def sampling_batch_size(opts: SynthOptions, models: Models) -> int:
+    """Images per batch when generating: images run in batches of this size aligned to their index, every slot a
+    genuine image (see :func:`support_key`). On an accelerator it is :func:`batch_size`, so a small support set
+    never generates images it does not need; on the CPU the configured batch size whatever N (1 for full-size
+    networks), so N never changes an image's batch there."""
+    return batch_size(opts, models) if models.device.type != "cpu" else configured_batch_size(opts, models)
 
 
 def support_key(models: Models, class_name: str, index: int, opts: SynthOptions) -> str:
     """Cache key of support image ``index`` of ``class_name``: everything that determines its bytes.
 
-    N is deliberately absent (image i is the same whatever N is, once N is at least the batch size). The batch
-    size is present: it fixes the batch shape the networks ran with, which can change low-order bits on some
-    devices. So is the dtype SD ran in.
+    N is absent. The batch is present, as (batch, slot, batch size) of :func:`sampling_batch_size`: the batch
+    size changes low-order bits (on this project's CPU an image generated alone differs from the same image in a
+    batch of 4), the slot and the neighbours do not (every slot holds its genuine image, so they are the same
+    whoever asks). On the CPU that batch does not follow N, so a growing N reuses every cached image; on an
+    accelerator it follows N while N is below the batch size. Passing an accelerator's ``--batch-size`` and
+    ``--precision`` on the CPU asks for the images and banks it made. The dtype SD ran in is in the key too.
     """
+    b = sampling_batch_size(opts, models)
+    slot = [index // b, index % b, b]
     return cachelib.make_key(
         "support",
         SUPPORT_VERSION,
@@ -141,7 +162,7 @@ def support_key(models: Models, class_name: str, index: int, opts: SynthOptions)
         negative_prompt=opts.negative_prompt,
         class_name=class_name,
         image_seed=synthesis.image_seed(opts.seed, class_name, index),
-        batch_slot=[index // (b := batch_size(opts, models)), index % b, b],
+        batch_slot=slot,
         model=models.hashes["sd"],
         steps=opts.steps,
         guidance=opts.guidance,
@@ -210,6 +231,7 @@ def bank_key(models: Models, class_name: str, keys: list[str], opts: SynthOption
         k=opts.k,
         kmeans_seed=D.KMEANS_SEED,
         kmeans_iters=D.KMEANS_ITERS,
+        kmeans_tol=D.KMEANS_TOL,
     )
 
 
@@ -287,7 +309,7 @@ class SupportWriter:
         return self
 
     def submit(self, key: str, index: int, image: synthesis.SupportImage) -> None:
-        self._jobs.submit(key, encode_support, image.image, image.attribution, self.class_name, index)
+        self._jobs.submit(key, encode_support, image.image, image.residual, image.attribution, self.class_name, index)
         self._store(wait=False)
 
     def _store(self, wait: bool) -> None:
@@ -323,7 +345,7 @@ def ensure_support(
     missing = {i for i, k in enumerate(keys) if cache.get("support", k) is None}
     progress.start(f"{class_name}: images", opts.n)
     progress.advance(opts.n - len(missing))
-    b = batch_size(opts, models)
+    b = sampling_batch_size(opts, models)
     for batch in sorted({i // b for i in missing}):
         # Every slot holds its genuine image (even past N), so the batch is the same whoever asks for it.
         slots = range(batch * b, (batch + 1) * b)
@@ -348,25 +370,31 @@ def ensure_support(
     return support
 
 
-def encode_support(image: np.ndarray, attribution: np.ndarray, class_name: str, index: int) -> bytes:
-    """A support cache entry: (H, W, 3) uint8 image as PNG and (G, G) attribution as float32, in safetensors
-    (float32: the thresholds 0.2 and 0.5 are applied to it after upsampling, so it is kept exact)."""
+def encode_support(
+    image: np.ndarray, residual: np.ndarray, attribution: np.ndarray, class_name: str, index: int
+) -> bytes:
+    """A support cache entry, in safetensors: the (H, W, 3) uint8 image as PNG, its (H, W, 3) uint8 flooring
+    residual raw (noise: PNG would not shrink it; see :func:`synthesis.quantise`) and the (G, G) attribution as
+    float32 (the thresholds 0.2 and 0.5 are applied to it after upsampling, so it is kept exact)."""
     return cachelib.encode_arrays(
         {
             "image_png": np.frombuffer(cachelib.encode_png(image), dtype=np.uint8),
+            "residual": np.ascontiguousarray(residual, dtype=np.uint8),
             "attribution": attribution.astype(np.float32),
         },
         {"class": class_name, "index": index},
     )
 
 
-def load_support(cache: cachelib.Cache, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 image and (G, G) float32 attribution in [0, 1] of one cached support image."""
+def load_support(cache: cachelib.Cache, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 image, (H, W, 3) uint8 flooring residual and (G, G) float32 attribution in [0, 1] of one
+    cached support image."""
     payload = cache.get("support", key)
     if payload is None:
         raise KeyError(f"support image {key[:12]} is not in the cache")
     arrays, _ = cachelib.decode_arrays(payload)
-    return cachelib.decode_png(arrays["image_png"].tobytes()), arrays["attribution"].astype(np.float32)
+    image = cachelib.decode_png(arrays["image_png"].tobytes())
+    return image, arrays["residual"], arrays["attribution"].astype(np.float32)
 
 
 def support_image(cache: cachelib.Cache, key: str) -> np.ndarray | None:
@@ -392,24 +420,17 @@ def _batched(images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], b
 
 
 def support_masks(
-    cache: cachelib.Cache,
-    models: Models,
-    keys: list[str],
-    images: torch.Tensor,
-    attr: torch.Tensor,
-    opts: SynthOptions,
+    cache: cachelib.Cache, models: Models, keys: list[str], support: SupportTensors, opts: SynthOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fg, bg (N, S, S) bool masks at the support image's resolution (REFERENCE 3).
 
-    Args:
-        images: (N, 3, S, S) float32 in [0, 1] on the models' device.
-        attr: (N, S, S) float32 attribution maps at the image resolution.
-
-    Proposals of proposal-based maskers are cached per image (bit-packed).
+    CutLER sees the unquantised images (``support.floats``, as the reference runs it at sampling time), MaskCut's
+    DINO the saved ones. Proposals of proposal-based maskers are cached per image (bit-packed).
     """
     masker = build_class_masker(opts, models)
+    attr = support.attribution
     if not masker.proposal_based:
-        return masker.masks(attr)
+        return masker.masks(attr, grid_attribution=support.grid_attribution)
     size = tuple(attr.shape[1:])
     fields = _masker_fields(models, masker)
     pkeys = [cachelib.make_key("proposals", PROPOSALS_VERSION, support=k, **fields) for k in keys]
@@ -423,8 +444,9 @@ def support_masks(
         feats = None
         if masker.needs_features:
             # On the models' device: MaskCut's eigenproblems are milliseconds on a GPU, seconds on a CPU.
-            feats = _batched(images[todo], build_extractor("dino", models).maskcut_keys, batch_size(opts, models))
-        for i, props in zip(todo, masker.propose(attr[todo], feats, images[todo]), strict=True):
+            dino = build_extractor("dino", models)
+            feats = _batched(support.images[todo], dino.maskcut_keys, batch_size(opts, models))
+        for i, props in zip(todo, masker.propose(attr[todo], feats, support.floats[todo]), strict=True):
             proposals[i] = props.cpu()
             packed = np.packbits(props.cpu().numpy().astype(bool).reshape(-1))
             cache.put("proposals", pkeys[i], cachelib.encode_arrays({"masks": packed}, {"count": len(props)}))
@@ -440,29 +462,54 @@ def _unpack_masks(payload: bytes, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool).reshape(count, *size))
 
 
+@dataclass
+class SupportTensors:
+    """A class's support set on the models' device, ready for masks and features (N images of side S).
+
+    Attributes:
+        images: (N, 3, S, S) float32 in [0, 1], the saved bytes / 255: what the feature extractors see.
+        floats: (N, 3, S, S) float32 in [0, 1], the unquantised images (to 1/512 of a grey level): what CutLER
+            sees (REFERENCE 1).
+        attribution: (N, S, S) float32 in [0, 1] at the image size: what masks are chosen on.
+        grid_attribution: (N, G, G) float32 in [0, 1] on the latent grid, as captured.
+    """
+
+    images: torch.Tensor
+    floats: torch.Tensor
+    attribution: torch.Tensor
+    grid_attribution: torch.Tensor
+
+
 def support_tensors(
     cache: cachelib.Cache, models: Models, keys: list[str], fresh: dict[str, synthesis.SupportImage] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A class's support images and attribution maps on the models' device, ready for masks and features.
+) -> SupportTensors:
+    """A class's support images and attribution maps on the models' device (see :class:`SupportTensors`).
 
     Images generated in this run (``fresh``) are taken as they are, already on the device; the others are read from
-    the cache (PNG, lossless: the same values). Returns (N, 3, S, S) float32 images in [0, 1] and (N, S, S) float32
-    attribution maps at the image size in [0, 1].
+    the cache (PNG and raw residual, lossless: the same values).
     """
     fresh = fresh or {}
-    pixels, maps = [], []
+    pixels, residuals, maps = [], [], []
     for key in keys:
         if key in fresh:
             pixels.append(fresh[key].pixels.to(models.device).permute(1, 2, 0))
+            residuals.append(fresh[key].residual_pixels.to(models.device).permute(1, 2, 0))
             maps.append(torch.from_numpy(fresh[key].attribution))
         else:
-            image, attr = load_support(cache, key)
+            image, residual, attr = load_support(cache, key)
             pixels.append(torch.from_numpy(image).to(models.device))
+            residuals.append(torch.from_numpy(residual).to(models.device))
             maps.append(torch.from_numpy(attr))
     # (N, H, W, 3) viewed as (N, 3, H, W): channels-last memory, the layout the networks have always been given
     # (convolutions' last bits depend on it, and with them the cached banks).
-    images = torch.stack(pixels).permute(0, 3, 1, 2).float() / 255
-    return images, attribution.at_image_size(torch.stack(maps).to(models.device), images.shape[-1])
+    saved, residual = torch.stack(pixels).permute(0, 3, 1, 2), torch.stack(residuals).permute(0, 3, 1, 2)
+    grid = torch.stack(maps).to(models.device)
+    return SupportTensors(
+        images=saved.float() / 255,
+        floats=synthesis.restore_float(saved, residual),
+        attribution=attribution.at_image_size(grid, saved.shape[-1]),
+        grid_attribution=grid,
+    )
 
 
 def build_class_bank(
@@ -479,14 +526,15 @@ def build_class_bank(
     PNG decoding, attribution upsampling), "masks", "features" and "prototypes"."""
     timings = timings or Timings()
     with timings("decode"):
-        images, attr = support_tensors(cache, models, keys, fresh)
+        support = support_tensors(cache, models, keys, fresh)
     with timings("masks"):
-        fg, bg = support_masks(cache, models, keys, images, attr, opts)
+        fg, bg = support_masks(cache, models, keys, support, opts)
     features = {}
     with timings("features"):
         for name in opts.extractors:
             ext = build_extractor(name, models)
-            features[name] = _batched(images, lambda x, ext=ext: ext(x, support=True), batch_size(opts, models))
+            run = lambda x, ext=ext: ext(x, support=True)  # noqa: E731
+            features[name] = _batched(support.images, run, batch_size(opts, models))
     with timings("prototypes"):
         return prototypes.build_bank(
             class_name,
@@ -661,6 +709,16 @@ def segment_roles(
     return sorted(roles)
 
 
+def prefilter_clip(models: Models) -> torch.nn.Module:
+    """The CLIP network the pre-filter runs: the dense extractor's own, or a copy of it in the pre-filter's dtype
+    when the two differ (``--precision auto`` on CUDA: fp16 pre-filter, fp32 dense features, as the reference)."""
+    clip = models.get("clip")
+    dtype = models.dtype("prefilter")
+    if next(clip.parameters()).dtype == dtype:
+        return clip
+    return copy.deepcopy(clip).to(dtype)
+
+
 def build_segmenter(
     classes: list[ClassSpec],
     synth_opts: SynthOptions,
@@ -680,9 +738,9 @@ def build_segmenter(
     prefilter = None
     if seg_opts.prefilter and len(classes) > 1:
         names, stuff = [c.name for c in classes], [c.stuff for c in classes]
-        prefilter = ClipPrefilter(models.get("clip"), names, seg_opts.eta, stuff)
+        prefilter = ClipPrefilter(prefilter_clip(models), names, seg_opts.eta, stuff)
     sync = torch.cuda.synchronize if models.device.type == "cuda" else None
-    sim_dtype = torch.float32 if models.precision == "fp32" else None  # --precision fp32: the reference's numerics
+    sim_dtype = models.dtype("match")
     if seg_opts.batch_size is None and models.device.type == "cpu":
         seg_opts = replace(seg_opts, batch_size=models.spec.cpu_batch_size)  # the set knows its networks' size
     return Segmenter(protoset, extractors, seg_opts, prefilter, models.device, Timings(sync), compile, sim_dtype)

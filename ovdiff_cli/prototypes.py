@@ -7,7 +7,10 @@ binarised) become an :class:`ExtractorPrototypes`: for each region g in (fg, bg)
 
 * one *class* prototype, the mean of all masked features (so mask-size weighted, eq. 3),
 * one *instance* prototype per support image whose mask in g is not empty on the grid, the masked mean (eq. 2),
-* up to K *part* prototypes, the member means of a K-means clustering of that extractor's masked features.
+* up to K *part* prototypes, the centres of a K-means clustering of that extractor's masked features.
+
+An image whose foreground mask is empty on an extractor's grid gives that extractor no prototype at all, background
+included (REFERENCE 3).
 
 A :class:`PrototypeBank` holds one of these per extractor. Every prototype keeps its provenance (kind, region,
 image or cluster) and each extractor keeps its masks and cluster maps on its grid, so
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ovdiff_cli.defaults import K_PARTS, KMEANS_ITERS, KMEANS_SEED, MASK_GRID_THRESHOLD
+from ovdiff_cli.defaults import K_PARTS, KMEANS_ITERS, KMEANS_SEED, KMEANS_TOL, MASK_GRID_THRESHOLD
 
 __all__ = [
     "BG",
@@ -43,6 +46,7 @@ __all__ = [
     "KIND_PART",
     "REGION_NAMES",
     "ExtractorPrototypes",
+    "KMeansResult",
     "PrototypeBank",
     "build_bank",
     "kmeans",
@@ -61,7 +65,8 @@ BG = 1
 REGION_NAMES: tuple[str, ...] = ("fg", "bg")
 
 FORMAT = "ovdiff-prototype-bank"
-FORMAT_VERSION = 2
+# 3: prototypes stored as float32 (2 stored them as float16).
+FORMAT_VERSION = 3
 
 # Tensors in the safetensors payload are named "<extractor>/<field>".
 _INT_FIELDS: dict[str, torch.dtype] = {
@@ -106,100 +111,140 @@ def _sums_by_matmul(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def _cluster_means(x: torch.Tensor, assign: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cluster means (k, D) (rows of empty clusters are 0) and counts (k,) int64."""
-    counts = torch.bincount(assign, minlength=k)
+def _cluster_sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums (k, D) of the rows of x (M, D) and member counts (k,) int64 under ``labels`` (M,)."""
+    counts = torch.bincount(labels, minlength=k)
     if _sums_by_matmul(x.device):
-        sums = F.one_hot(assign, k).to(x.dtype).T @ x
+        sums = F.one_hot(labels, k).to(x.dtype).T @ x
     else:
-        sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, assign, x)
-    return sums / counts.clamp_min(1).to(x.dtype)[:, None], counts
+        sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    return sums, counts
 
 
-def kmeans(
-    x: torch.Tensor, k: int, seed: int = KMEANS_SEED, iters: int = KMEANS_ITERS
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic K-means (greedy k-means++ init, one run, then Lloyd iterations) on the rows of ``x``, on x's
-    device.
+def _kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator, eps: float) -> torch.Tensor:
+    """Greedy k-means++ seeding (scikit-learn's, which the reference's KMeans uses): (k', D) initial centres, rows
+    of x (M, D); ``x_sq`` (M,) is x's squared row norms.
 
-    Args:
-        x: (M, D) float32 points.
-        k: requested number of clusters (>= 1).
-        seed: seeds a CPU ``torch.Generator`` used for every random draw of the k-means++ init, so the result
-            depends only on (x, k, seed, iters) and not on the global RNG state or on the device's RNG.
-        iters: maximum number of Lloyd iterations; stops earlier once the assignment no longer changes.
-
-    Returns:
-        ``(centroids, assign)``: centroids (k', D) float32, assign (M,) int64 with values in [0, k'). Every
-        returned cluster is non-empty and each centroid is exactly the mean of its members under ``assign``
-        (so callers can pool other features with the same assignment and get consistent prototypes). k' =
-        min(k, M) unless x has fewer than that many distinct rows, in which case only as many clusters as
-        distinct rows can be formed. M == 0 gives (0, D) centroids and an empty assignment.
-
-    Empty clusters: during the iterations a cluster that loses all its members is re-seeded with the point
-    farthest from its current centroid (ties -> lowest index, several empties take distinct points in cluster
-    order). Clusters that are still empty at the end (only possible when there are fewer distinct points than
-    clusters) are dropped and the remaining ones relabelled 0..k'-1 in their original order.
+    Each next centre is the best, by the resulting potential, of 2 + log(k) candidates drawn from ``gen`` with
+    probability proportional to D(x)^2. Points within ``eps`` (squared distance) of a centre count as coinciding
+    with it and are never drawn, so k' < k when x has fewer than k distinct rows.
     """
-    if x.dim() != 2:
-        raise ValueError(f"kmeans expects a 2-d (M, D) tensor, got shape {tuple(x.shape)}")
-    if k < 1:
-        raise ValueError(f"kmeans needs k >= 1, got {k}")
-    x = x.float()
-    m, d = x.shape
-    device = x.device
-    if m == 0:
-        return x.new_zeros((0, d)), torch.zeros(0, dtype=torch.int64, device=device)
-    k = min(k, m)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    x_sq = (x * x).sum(1)
-    # Distances below this are rounding noise of the matmul expansion: such points count as coinciding with a
-    # centroid (a duplicate), so they are never drawn as new seeds.
-    tol = 1e-6 * max(1.0, float(x_sq.max()))
-
-    # Greedy k-means++ (scikit-learn's init, which the reference's KMeans uses): each next centre is the best, by
-    # the resulting potential, of 2 + log(k) candidates drawn with probability proportional to D(x)^2.
+    m = x.shape[0]
     trials = 2 + int(math.log(k))
     first = int(torch.randint(m, (1,), generator=gen).item())
-    centroids = x[first : first + 1].clone()
-    min_d2 = _sq_dists(x, x_sq, centroids)[:, 0]
-    while centroids.shape[0] < k:
-        w = torch.where(min_d2 > tol, min_d2, torch.zeros_like(min_d2)).double().cpu()
+    centers = x[first : first + 1].clone()
+    min_d2 = _sq_dists(x, x_sq, centers)[:, 0]
+    while centers.shape[0] < k:
+        w = torch.where(min_d2 > eps, min_d2, torch.zeros_like(min_d2)).double().cpu()
         if float(w.sum()) <= 0.0:
             break  # every point coincides with a centre: no further distinct centres exist
         cumulative = torch.cumsum(w, 0)
         draws = torch.rand(trials, generator=gen, dtype=torch.float64) * cumulative[-1]
         cand = torch.searchsorted(cumulative, draws, right=True).clamp_max(m - 1)
-        d2 = torch.minimum(min_d2[None], _sq_dists(x, x_sq, x[cand.to(device)]).T)  # (trials, M)
+        d2 = torch.minimum(min_d2[None], _sq_dists(x, x_sq, x[cand.to(x.device)]).T)  # (trials, M)
         best = int(d2.sum(1).argmin())
-        centroids = torch.cat([centroids, x[int(cand[best]) : int(cand[best]) + 1]])
+        centers = torch.cat([centers, x[int(cand[best]) : int(cand[best]) + 1]])
         min_d2 = d2[best]
-    k = centroids.shape[0]
+    return centers
 
-    assign = _sq_dists(x, x_sq, centroids).argmin(1)
-    for _ in range(iters):
-        means, counts = _cluster_means(x, assign, k)
-        empty = counts == 0
-        # An empty cluster keeps its old centroid unless it can be re-seeded below.
-        centroids = torch.where(empty[:, None], centroids, means)
-        if bool(empty.any()):
-            far = _sq_dists(x, x_sq, centroids).gather(1, assign[:, None])[:, 0]
-            for j in torch.nonzero(empty).flatten().tolist():
-                p = int(far.argmax())
-                if float(far[p]) <= tol:
-                    break  # all points sit on their centroids: nothing left to split off
-                centroids[j] = x[p]
-                far[p] = -1.0  # each empty cluster takes a different point
-        new_assign = _sq_dists(x, x_sq, centroids).argmin(1)
-        if torch.equal(new_assign, assign):
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """What :func:`kmeans` returns, named after scikit-learn's ``KMeans`` attributes.
+
+    Attributes:
+        centers: (k', D) float32 on x's device: the centres after the last Lloyd update (``cluster_centers_``).
+        labels: (M,) int64 on x's device, values in [0, k'): each point's nearest centre in ``centers``
+            (``labels_``). A centre may be nobody's nearest (rare: the last update moved it off all its points).
+        n_iter: Lloyd iterations run (``n_iter_``), in [1, iters]; 0 when M == 0.
+        strict: True when the run stopped because no label changed (scikit-learn's strict convergence); False
+            when it stopped by the centre-shift tolerance or at ``iters``.
+    """
+
+    centers: torch.Tensor
+    labels: torch.Tensor
+    n_iter: int
+    strict: bool
+
+
+def kmeans(
+    x: torch.Tensor, k: int, seed: int = KMEANS_SEED, iters: int = KMEANS_ITERS, tol: float = KMEANS_TOL
+) -> KMeansResult:
+    """K-means as scikit-learn 1.2's ``KMeans(n_clusters=k, n_init="auto")`` runs it (REFERENCE 5): one greedy
+    k-means++ seeding, then Lloyd iterations, deterministic, on x's device.
+
+    Each iteration assigns every point to its nearest centre, then moves each centre to its members' mean. It stops
+    when no label changed since the previous iteration, when the centres moved by at most ``tol`` times the mean
+    per-feature variance of x (sum over centres of the squared shift), or after ``iters`` iterations; unless it
+    stopped on unchanged labels, the labels are then recomputed from the last centres. ``tol=0`` stops only on
+    unchanged labels.
+
+    Args:
+        x: (M, D) float points (computed in float32).
+        k: requested number of clusters (>= 1).
+        seed: seeds a CPU ``torch.Generator`` used for every random draw of the seeding, so the result depends only
+            on (x, k, seed, iters, tol), not on the global RNG state or on the device's RNG. (Not scikit-learn's
+            RNG: the same seed draws other points than ``random_state``.)
+        iters: maximum number of Lloyd iterations (scikit-learn's ``max_iter``).
+        tol: centre-shift tolerance relative to the data's mean per-feature variance (scikit-learn's ``tol``).
+
+    Returns:
+        A :class:`KMeansResult` with k' = min(k, M) centres, fewer when x has fewer distinct rows than that (only
+        as many clusters as distinct rows can be formed). M == 0 gives (0, D) centres and no labels.
+
+    Empty clusters, relocated as scikit-learn does: when an assignment leaves clusters empty, they take, in index
+    order, the points farthest from their assigned centres (farthest first, ties -> lowest index); each such point
+    becomes its new cluster's centre and leaves its old cluster's mean. A point that coincides with its centre is
+    never taken, and a cluster left empty keeps its centre.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"kmeans expects a 2-d (M, D) tensor, got shape {tuple(x.shape)}")
+    if k < 1:
+        raise ValueError(f"kmeans needs k >= 1, got {k}")
+    if iters < 1:
+        raise ValueError(f"kmeans needs iters >= 1, got {iters}")
+    x = x.float()
+    m, d = x.shape
+    if m == 0:
+        return KMeansResult(x.new_zeros((0, d)), torch.zeros(0, dtype=torch.int64, device=x.device), 0, True)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    x_sq = (x * x).sum(1)
+    # Squared distances below this are rounding noise of the matmul expansion: such a point coincides with a centre.
+    eps = 1e-6 * max(1.0, float(x_sq.max()))
+    centers = _kmeans_plusplus(x, x_sq, min(k, m), gen, eps)
+    k = centers.shape[0]
+    # scikit-learn's _tolerance: tol scaled by the mean over features of the data's (biased) variance.
+    shift_tol = tol * float(x.var(0, correction=0).mean())
+
+    previous = None
+    strict = False
+    n_iter = 0
+    while n_iter < iters:
+        n_iter += 1
+        d2 = _sq_dists(x, x_sq, centers)
+        labels = d2.argmin(1)
+        sums, counts = _cluster_sums(x, labels, k)
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        if empty:
+            far = d2.gather(1, labels[:, None])[:, 0]
+            for j, p in zip(empty, far.argsort(descending=True, stable=True)[: len(empty)].tolist(), strict=True):
+                if float(far[p]) <= eps:
+                    break  # the rest sit on their centres: nothing left to split off
+                sums[labels[p]] -= x[p]
+                counts[labels[p]] -= 1
+                sums[j], counts[j] = x[p], 1
+        new = torch.where((counts > 0)[:, None], sums / counts.clamp_min(1).to(x.dtype)[:, None], centers)
+        shift = float(((new - centers) ** 2).sum())
+        centers = new
+        if previous is not None and torch.equal(labels, previous):
+            strict = True
             break
-        assign = new_assign
-
-    # Return the member means of the final assignment (not the last centroids), dropping empty clusters.
-    means, counts = _cluster_means(x, assign, k)
-    keep = counts > 0
-    relabel = torch.cumsum(keep.long(), 0) - 1
-    return means[keep], relabel[assign]
+        if shift <= shift_tol:
+            break
+        previous = labels
+    if not strict:
+        labels = _sq_dists(x, x_sq, centers).argmin(1)
+    return KMeansResult(centers, labels, n_iter, strict)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,8 +274,8 @@ class ExtractorPrototypes:
     P = number of prototypes, N = number of support images, (h, w) = the extractor's feature grid.
 
     Attributes:
-        prototypes: (P, D) float32 CPU tensor. Rows are pooled from raw features, then L2-normalised and rounded
-            to float16 precision (see :func:`build_bank`), so their norms are 1 up to ~1e-3.
+        prototypes: (P, D) float32 CPU tensor. Rows are pooled from raw features, then L2-normalised (norm 1 up to
+            float32 rounding).
         kind: (P,) int8, KIND_CLASS / KIND_INSTANCE / KIND_PART.
         region: (P,) int8, FG / BG.
         image: (P,) int16, support image index in [0, N) for instance prototypes, -1 otherwise.
@@ -413,9 +458,9 @@ class PrototypeBank:
         )
 
     def to_bytes(self) -> bytes:
-        """Safetensors bytes of the bank: prototypes as float16, provenance arrays in their own dtypes, names
-        and ``meta`` as one canonical JSON string in the metadata. Deterministic: the same bank gives the same
-        bytes. Raises ValueError if ``meta`` is not JSON-able.
+        """Safetensors bytes of the bank: prototypes as float32 (as the reference stores them), provenance arrays
+        in their own dtypes, names and ``meta`` as one canonical JSON string in the metadata. Deterministic: the
+        same bank gives the same bytes. Raises ValueError if ``meta`` is not JSON-able.
         """
         from safetensors.torch import save
 
@@ -425,7 +470,7 @@ class PrototypeBank:
             raise ValueError(f"bank metadata is not JSON-serialisable: {exc}") from None
         tensors: dict[str, torch.Tensor] = {}
         for e, protos in self.extractors.items():
-            tensors[f"{e}/prototypes"] = protos.prototypes.detach().cpu().to(torch.float16).contiguous()
+            tensors[f"{e}/prototypes"] = protos.prototypes.detach().cpu().contiguous()
             for name in (*_INT_FIELDS, *_GRID_FIELDS):
                 tensors[f"{e}/{name}"] = getattr(protos, name).detach().cpu().contiguous()
         return save(tensors, metadata={_META_KEY: header})
@@ -447,7 +492,7 @@ class PrototypeBank:
         extractors = info["extractors"]
         if not isinstance(extractors, list) or not all(isinstance(e, str) for e in extractors):
             raise ValueError("prototype bank extractors must be a list of strings")
-        fields_ = {"prototypes": torch.float16} | _INT_FIELDS | _GRID_FIELDS
+        fields_ = {"prototypes": torch.float32} | _INT_FIELDS | _GRID_FIELDS
         expected = {f"{e}/{name}": dtype for e in extractors for name, dtype in fields_.items()}
         missing = sorted(set(expected) - set(tensors))
         if missing:
@@ -464,7 +509,7 @@ class PrototypeBank:
             class_name=info["class_name"],
             extractors={
                 e: ExtractorPrototypes(
-                    prototypes=tensors[f"{e}/prototypes"].float(),
+                    prototypes=tensors[f"{e}/prototypes"],
                     **{name: tensors[f"{e}/{name}"] for name in (*_INT_FIELDS, *_GRID_FIELDS)},
                 )
                 for e in extractors
@@ -518,12 +563,9 @@ def read_bank_info(data: bytes) -> dict:
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
-    """L2-normalise rows, then round to float16 precision (kept as float32).
-
-    The rounding makes a freshly built bank bit-identical to the same bank read back from its (float16) bytes,
-    so segmenting with a cached bank and with a fresh one gives the same result.
-    """
-    return F.normalize(t, dim=-1).to(torch.float16).float().cpu()
+    """L2-normalised rows of t (P, D) float32, on the CPU. Stored as they are (float32), so a freshly built bank
+    is bit-identical to the same bank read back from its bytes."""
+    return F.normalize(t, dim=-1).cpu()
 
 
 def masks_on_grid(masks: torch.Tensor, grid: tuple[int, int], threshold: float = MASK_GRID_THRESHOLD) -> torch.Tensor:
@@ -546,8 +588,9 @@ def _region_prototypes(
 
     Returns:
         (prototypes (P_g, D) normalised CPU float32, kind (P_g,) int8, image (P_g,) int16, part map (N, h, w)
-        int16 CPU with the cluster of each masked cell and -1 elsewhere); P_g = 0 and an all -1 part map when the
-        mask is empty everywhere.
+        int16 CPU with the cluster (K-means label) of each masked cell and -1 elsewhere); P_g = 0 and an all -1
+        part map when the mask is empty everywhere. Part prototypes are the K-means centres, as the reference's
+        ``cluster_centers_`` (not re-pooled from the final labels).
     """
     n = mask.shape[0]
     sizes = mask.flatten(1).sum(1)  # m_n, (N,)
@@ -564,17 +607,16 @@ def _region_prototypes(
     m = sizes[present].to(torch.float32)  # (N',)
     w = mask.flatten(1).to(torch.float32)  # (N, hw) mask weights
     pix = feats[mask]  # (M, D), masked cells in row-major (n, y, x) order
-    _, assign = kmeans(pix, k, seed=seed)
-    n_parts = int(assign.max()) + 1
-    part_map[mask.cpu()] = assign.to(torch.int16).cpu()
+    clusters = kmeans(pix, k, seed=seed)
+    n_parts = clusters.centers.shape[0]
+    part_map[mask.cpu()] = clusters.labels.to(torch.int16).cpu()
     # eq. 2: P_n = M_n^T Phi(S_n) / m_n (the masked sum over all images first, so no feature copy is made)
     sums = torch.einsum("nh,nhd->nd", w, feats.reshape(n, -1, feats.shape[-1]))[present]
     inst = sums / m[:, None]
     cls = sums.sum(0, keepdim=True) / m.sum()  # eq. 3: sum_n m_n P_n / sum_n m_n, the mean of every masked cell
-    parts, _ = _cluster_means(pix, assign, n_parts)
     kind = torch.tensor([KIND_CLASS] + [KIND_INSTANCE] * len(present) + [KIND_PART] * n_parts, dtype=torch.int8)
     image = torch.cat([torch.tensor([-1]), present.cpu(), torch.full((n_parts,), -1, dtype=torch.int64)])
-    return _normalise(torch.cat([cls, inst, parts])), kind, image.to(torch.int16), part_map
+    return _normalise(torch.cat([cls, inst, clusters.centers])), kind, image.to(torch.int16), part_map
 
 
 def extractor_prototypes(
@@ -585,12 +627,15 @@ def extractor_prototypes(
     Args:
         features: (N, h, w, D) float raw features on the extractor's grid, on the computation device.
         fg, bg: (N, h, w) bool masks on that grid, each region on its own: resized from disjoint masks, they may
-            share cells on a coarse grid (a cell both overlap, REFERENCE 5).
+            share cells on a coarse grid (a cell both overlap, REFERENCE 5). An image whose fg is empty here gives
+            no prototype at all: its bg cells are dropped too (REFERENCE 3, skipping per extractor), and the stored
+            bg mask says so.
         k: part clusters per region (fewer if a region has fewer distinct masked cells).
         seed: K-means seed (both regions).
     """
     features = features.float()
     fg, bg = fg.to(features.device), bg.to(features.device)
+    bg = bg & fg.flatten(1).any(1)[:, None, None]
     protos, kinds, regions, images, parts, part_maps = [], [], [], [], [], []
     for g, mask in ((FG, fg), (BG, bg)):
         pr, kind, image, part_map = _region_prototypes(features, mask, k, seed)
@@ -633,7 +678,8 @@ def build_bank(
         class_name: the class.
         features: extractor name -> (N, h_e, w_e, D_e) float raw support features on that extractor's grid.
         fg, bg: (N, S, S) bool foreground / background masks at the support image's resolution, disjoint; each
-            extractor sees them resized to its grid (:func:`masks_on_grid`).
+            extractor sees them resized to its grid (:func:`masks_on_grid`), where an image without fg gives that
+            extractor no prototype (:func:`extractor_prototypes`).
         k: number of part clusters per extractor and region.
         seed: K-means seed.
         support_keys: the N support images' cache keys.

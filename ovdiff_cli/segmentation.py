@@ -373,8 +373,8 @@ class Segmenter:
         timings: optional accumulator of seconds per phase.
         compile: run the extractors' networks through ``torch.compile``. Sliding windows come in one fixed shape
             per scale, so each extractor compiles once per window size (and once per whole-image shape).
-        sim_dtype: dtype of the matching matmul; None = fp16 on CUDA (fast, ~3 significant digits, the
-            prototypes are stored at fp16 precision anyway), fp32 elsewhere.
+        sim_dtype: dtype of the matching matmul: fp32 by default, as the reference (REFERENCE 6); fp16 is faster
+            on CUDA (``--precision fast``), to about 3 significant digits.
     """
 
     def __init__(
@@ -386,7 +386,7 @@ class Segmenter:
         device: torch.device | str = "cpu",
         timings: Timings | None = None,
         compile: bool = False,
-        sim_dtype: torch.dtype | None = None,
+        sim_dtype: torch.dtype = torch.float32,
     ) -> None:
         if set(extractors) != set(protoset.sets):
             raise ValueError(
@@ -395,8 +395,6 @@ class Segmenter:
             )
         self.device = torch.device(device)
         self.protoset = protoset.to(self.device)
-        if sim_dtype is None:
-            sim_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.sim_dtype = sim_dtype
         self._protos = {e: s.prototypes.to(sim_dtype) for e, s in self.protoset.sets.items()}
         self.bounds = {e: s.bounds for e, s in self.protoset.sets.items()}
@@ -445,7 +443,10 @@ class Segmenter:
         return 4 * self.protoset.num_channels * len(self.extractors) * h * w
 
     def kept_classes(self, images: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
-        """Per image, the 1-based ids of the classes the pre-filter keeps (all when it is off)."""
+        """Per image, the 1-based ids of the classes the pre-filter keeps (all when it is off).
+
+        ``images``: the :meth:`resized_input` of each input (uint8 or float, as given): the reference's pre-filter
+        resizes its PIL working image's bytes, not the float working image."""
         everything = tuple(range(1, len(self.protoset.classes) + 1))
         if self.prefilter is None or len(everything) == 1:
             return [everything] * len(images)
@@ -475,23 +476,16 @@ class Segmenter:
         with self.timings("similarity"):
             return class_scores(sims, self.bounds[name], allowed[:, None, None]).permute(0, 3, 1, 2)
 
-    def working_image(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) uint8 or [0, 1] float image -> (3, h, w) float32 on the device, short side ``short_side``,
-        resized with Lanczos as the reference (PIL; a uint8 image is resized as 8-bit RGB, as PIL does it)."""
-        from PIL import Image
+    def resized_input(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 or [0, 1] float image -> (3, h, w) of the same dtype, short side ``short_side``, resized
+        with Lanczos as the reference resizes its PIL image (:func:`filters.lanczos_resize`; a uint8 image as 8-bit
+        RGB). The pre-filter is handed this image; :meth:`working_image` is it as floats on the device."""
+        return filters.lanczos_resize(image, resized_size(*image.shape[-2:], self.options.short_side))
 
-        size = resized_size(*image.shape[-2:], self.options.short_side)
-        if tuple(image.shape[-2:]) != size:
-            with torch.no_grad():
-                arr = image.detach().cpu()
-                if arr.is_floating_point():
-                    planes = [Image.fromarray(c.float().numpy()).resize(size[::-1], Image.LANCZOS) for c in arr]
-                    image = torch.from_numpy(np.stack([np.asarray(p) for p in planes])).clamp(0, 1)
-                else:
-                    rgb = Image.fromarray(arr.permute(1, 2, 0).numpy()).resize(size[::-1], Image.LANCZOS)
-                    image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
-        x = image.to(self.device)
-        return x.float() / 255 if not x.is_floating_point() else x.float()
+    def working_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 or [0, 1] float image -> (3, h, w) float32 in [0, 1] on the device: :meth:`resized_input`
+        as floats."""
+        return filters.unit_float(self.resized_input(image).to(self.device))
 
     def _batches(
         self, work: Sequence[torch.Tensor], one_input: bool = False
@@ -619,8 +613,9 @@ class Segmenter:
         """
         opts = self.options
         with self.timings("resize"):
-            work = [self.working_image(im) for im in images]
-        kept = self.kept_classes(work)
+            resized = [self.resized_input(im) for im in images]
+            work = [filters.unit_float(im.to(self.device)) for im in resized]
+        kept = self.kept_classes(resized)
         allowed = {e: torch.stack([s.allowed(k) for k in kept]) for e, s in self.protoset.sets.items()}
         canvases = self.accumulate(work, allowed, self.eq4, self.protoset.num_channels)
         if opts.pamr:

@@ -21,6 +21,7 @@ from . import cache as cachelib
 
 EXPORT_FORMAT = "ovdiff-export/1"
 STAGES = ("bank", "support")
+SUPPORT_ARRAYS = frozenset({"image_png", "residual", "attribution"})  # what pipeline.encode_support writes
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -53,7 +54,10 @@ def collect(cache: cachelib.Cache, classes: list[str] | None = None, with_suppor
         payload = cache.get("bank", key)
         if payload is None:
             continue  # corrupt: dropped by get, nothing to share
-        bank = PrototypeBank.from_bytes(payload)
+        try:
+            bank = PrototypeBank.from_bytes(payload)
+        except ValueError:
+            continue  # a bank an earlier ovdiff wrote (another format): no run of this one can use it
         if wanted is not None and bank.class_name not in wanted:
             continue
         entries.append(Entry("bank", key, bank.class_name, payload))
@@ -89,13 +93,23 @@ def _check_payload(stage: str, payload: bytes, class_name: str) -> None:
             raise ValueError(f"the bank is for class {bank.class_name!r}, the manifest says {class_name!r}")
         return
     arrays, _ = cachelib.decode_arrays(payload)
-    if set(arrays) != {"image_png", "attribution"}:
+    if set(arrays) != SUPPORT_ARRAYS:
         held = ", ".join(sorted(arrays)) or "nothing"
-        raise ValueError(f"a support entry holds {held}, expected image_png and attribution")
+        raise ValueError(f"a support entry holds {held}, expected {', '.join(sorted(SUPPORT_ARRAYS))}")
     image = cachelib.decode_png(arrays["image_png"].tobytes())
-    attr = arrays["attribution"]
-    if image.ndim != 3 or image.shape[2] != 3 or attr.ndim != 2 or attr.dtype != np.float16:
-        raise ValueError(f"a support entry has image {image.shape} and attribution {attr.shape} {attr.dtype}")
+    residual, attr = arrays["residual"], arrays["attribution"]
+    if (
+        image.ndim != 3
+        or image.shape[2] != 3
+        or residual.shape != image.shape
+        or residual.dtype != np.uint8
+        or attr.ndim != 2
+        or attr.dtype != np.float32
+    ):
+        raise ValueError(
+            f"a support entry has image {image.shape}, residual {residual.shape} {residual.dtype} and attribution"
+            f" {attr.shape} {attr.dtype}"
+        )
 
 
 def read_export(path: Path) -> list[Entry]:

@@ -3,7 +3,8 @@
 Image ``i`` of class ``c`` starts from noise drawn with its own generator seeded by :func:`image_seed`, so any
 image can be regenerated alone and N can grow. Images run through the UNet in fixed-shape batches aligned to
 their index (image i always sits in slot i mod B of batch i div B, next to the same neighbours): an image's
-bytes then depend on nothing but its own key, whatever subset of a batch was asked for.
+bytes then depend on nothing but its own key, whatever subset of a batch was asked for (the batch size B is in
+the key: see ``pipeline.support_key``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +20,9 @@ import torch
 from . import attribution
 from .defaults import GUIDANCE, NEGATIVE_PROMPT, PROMPT_TEMPLATE, SCHEDULER, SCHEDULERS
 from .models.loading import Generator
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
 
 
 def prompt_for(class_name: str) -> str:
@@ -59,17 +64,29 @@ def prompt_notes(class_names: list[str]) -> list[str]:
     return notes
 
 
-def make_scheduler(name: str, config: dict):
+def make_scheduler(name: str, config: dict) -> SchedulerMixin:
     """The sampler ``name`` built from SD's own scheduler config (as the authors' code builds it).
 
-    ``dpmsolver++``: DPM-Solver++ multistep, second order (the reference, REFERENCE 1). ``ddim``: DDIM with eta
-    0. Both are deterministic given the initial noise, so per-image seeds still fix every image. Raises
-    ValueError naming the accepted names.
+    ``dpmsolver++``: DPM-Solver++ multistep, second order, as diffusers 0.14 (the reference's pin, REFERENCE 1)
+    computes it: timesteps spaced ``linspace`` over the training range, the schedule ending at the smallest
+    training sigma (``final_sigmas_type="sigma_min"``; the newer default ``"zero"`` makes the last step a
+    first-order jump to sigma 0), and only runs of fewer than 15 steps taking their last step at first order
+    (``lower_order_final``; ``euler_at_final`` off), so at 30 steps every step after the first is second order.
+    ``ddim``: DDIM with eta 0. Both are deterministic given the initial noise, so per-image seeds still fix every
+    image. Raises ValueError naming the accepted names.
     """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+        return DPMSolverMultistepScheduler.from_config(
+            config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            timestep_spacing="linspace",
+            final_sigmas_type="sigma_min",
+            lower_order_final=True,
+            euler_at_final=False,
+        )
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     raise ValueError(f"--scheduler {name!r}: expected one of {', '.join(SCHEDULERS)}")
@@ -80,16 +97,40 @@ class SupportImage:
     """One generated support image.
 
     Attributes:
-        image: (H, W, 3) uint8 RGB in host memory (what the cache stores, as PNG).
+        image: (H, W, 3) uint8 RGB in host memory, the decoded image floored to bytes (x255, then truncated, as
+            the reference's ``to_pil_image``): what the cache stores as PNG and what the feature extractors see.
+        residual: (H, W, 3) uint8 in host memory, what flooring dropped in 1/256 of a grey level (see
+            :func:`quantise`): with ``image`` it restores the float image CutLER sees (:func:`restore_float`).
         attribution: (G, G) float32 in [0, 1], min-max normalised class-token attribution on the latent grid
             (:func:`attribution.at_image_size` gives the image-resolution map the masks are chosen on).
-        pixels: the same image as (3, H, W) uint8 on the device that generated it, so a run's later stages
-            start from it there instead of from the decoded PNG (the same values: PNG is lossless).
+        pixels: ``image`` as (3, H, W) uint8 on the device that generated it, so a run's later stages start from
+            it there instead of from the decoded PNG (the same values: PNG is lossless).
+        residual_pixels: ``residual`` as (3, H, W) uint8 on that device.
     """
 
     image: np.ndarray
+    residual: np.ndarray
     attribution: np.ndarray
     pixels: torch.Tensor
+    residual_pixels: torch.Tensor
+
+
+def quantise(decoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's output -> (bytes, residual), both (..., 3, H, W) uint8 on its device (REFERENCE 1).
+
+    ``decoded`` is in [-1, 1] (any float dtype). The reference maps it to ``x = (decoded / 2 + 0.5).clamp(0, 1)``
+    and saves ``floor(255 x)``; its CutLER sees the float ``x``. The residual keeps ``255 x - floor(255 x)`` in
+    [0, 1) to 1/256 (floored), so the float image is kept to 1/512 of a grey level in one more byte per channel.
+    """
+    scaled = (decoded.float() / 2 + 0.5).clamp(0, 1) * 255
+    whole = scaled.floor()
+    return whole.to(torch.uint8), ((scaled - whole) * 256).floor().to(torch.uint8)
+
+
+def restore_float(image: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """(bytes, residual) from :func:`quantise` -> the float image in [0, 1], float32, same shape: each value the
+    centre of its residual's 1/256 step, ``(image + (residual + 0.5) / 256) / 255``."""
+    return (image.float() + (residual.float() + 0.5) / 256) / 255
 
 
 def _initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -145,6 +186,7 @@ def generate(
             latents = sampler.step(eps, t, latents).prev_sample
         maps = attribution.minmax(attribution.aggregate(tap)) if capture else torch.zeros(b, g, g)
     decoded = gen.vae.decode(latents / gen.vae.config.scaling_factor).sample
-    pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W) on the device
-    host, maps = pixels.permute(0, 2, 3, 1).cpu().numpy(), maps.cpu().numpy()
-    return [SupportImage(host[i], maps[i], pixels[i]) for i in range(b)]
+    pixels, residual = quantise(decoded)  # (B, 3, H, W) uint8 each, on the device
+    host, rest = pixels.permute(0, 2, 3, 1).cpu().numpy(), residual.permute(0, 2, 3, 1).cpu().numpy()
+    maps = maps.cpu().numpy()
+    return [SupportImage(host[i], rest[i], maps[i], pixels[i], residual[i]) for i in range(b)]

@@ -496,7 +496,7 @@ def test_messages_list_names_as_text_not_python_lists():
     payload = cachelib.encode_arrays({"image_png": np.zeros(1, np.uint8), "mask": np.zeros(1, np.uint8)})
     with pytest.raises(ValueError) as info:
         sharing._check_payload("support", payload, "cat")
-    assert str(info.value) == "a support entry holds image_png, mask, expected image_png and attribution"
+    assert str(info.value) == "a support entry holds image_png, mask, expected attribution, image_png, residual"
     with pytest.raises(ValueError) as info:
         parse_extractors(("sd", "sd"))
     assert str(info.value) == "--extractors 'sd,sd': an extractor is listed twice"

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from cutler_names import FULL_KEYS, FULL_NUM_BATCHES_TRACKED, FULL_PARAMETERS, detectron2_cutler_keys
-from PIL import Image
 
 from ovdiff_cli.cutler.checkpoint import CheckpointError, convert, load_cutler, map_state_dict, mapping_report
 from ovdiff_cli.cutler.configs import FULL, TINY
@@ -334,20 +333,52 @@ def test_rejects_non_rgb(detector):
 # --- ops against hand-computed values ---
 
 
-def test_resized_shape_is_detectron2s_resize_shortest_edge():
-    assert resized_shape(480, 640, 800, 1333) == (800, 1067)  # 640 * 800 / 480 = 1066.7
+def test_resized_shape_is_torchvisions_resize_with_max_size():
+    # REFERENCE 3, torchvision's Resize(800, max_size=1333): short side 800, long = int(800 * long / short), and
+    # when that exceeds 1333: long 1333, short = int(1333 * 800 / truncated long).
+    assert resized_shape(480, 640, 800, 1333) == (800, 1066)  # 640 * 800 / 480 = 1066.67, truncated (not 1067)
+    assert resized_shape(640, 480, 800, 1333) == (1066, 800)
     assert resized_shape(512, 512, 800, 1333) == (800, 800)
-    assert resized_shape(500, 2000, 800, 1333) == (333, 1333)  # long side capped: 800 * 1333 / 3200 = 333.25
-    assert resized_shape(640, 480, 128, 213) == (171, 128)
+    assert resized_shape(500, 2000, 800, 1333) == (333, 1333)  # long 3200 capped: 1333 * 800 / 3200 = 333.25
+    assert resized_shape(2000, 500, 800, 1333) == (1333, 333)
+    assert resized_shape(375, 1000, 800, 1333) == (499, 1333)  # long int(2133.3) = 2133: 1333 * 800 / 2133 = 499.95
+    assert resized_shape(640, 480, 128, 213) == (170, 128)  # 640 * 128 / 480 = 170.67
 
 
-def test_resize_is_within_one_level_of_pil():
-    rng = np.random.default_rng(0)
-    for (h, w), (new_h, new_w) in [((60, 80), (128, 171)), ((300, 400), (128, 171))]:
-        array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        pil = np.asarray(Image.fromarray(array).resize((new_w, new_h), Image.BILINEAR)).astype(np.int16)
-        ours = resize_image(torch.from_numpy(array).permute(2, 0, 1), (new_h, new_w)).permute(1, 2, 0)
-        assert np.abs(ours.numpy().astype(np.int16) - pil).max() <= 1
+def test_resized_shape_and_resize_are_torchvisions_tensor_resize():
+    """Against torchvision's own functional ``resize`` (the reference's transform, not ours): the same output size
+    for any input shape, and the same pixels (the same bilinear kernel without antialiasing on the same float
+    input, so bit-equal)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    generator = torch.Generator().manual_seed(0)
+    for h, w in [(37, 53), (53, 37), (64, 64), (20, 90), (128, 160), (300, 200), (11, 400)]:
+        image = torch.rand(3, h, w, generator=generator)
+        expected = TF.resize(image * 255, 128, InterpolationMode.BILINEAR, max_size=213, antialias=False)
+        assert resized_shape(h, w, 128, 213) == tuple(expected.shape[1:]), (h, w)
+        assert torch.equal(resize_image(image, tuple(expected.shape[1:])), expected), (h, w)
+        # A uint8 tensor: torchvision resizes it in float and rounds back to bytes.
+        as_bytes = (image * 255).round().to(torch.uint8)
+        expected = TF.resize(as_bytes, 128, InterpolationMode.BILINEAR, max_size=213, antialias=False)
+        assert torch.equal(resize_image(as_bytes, tuple(expected.shape[1:])), expected.float()), (h, w)
+
+
+def test_detector_input_is_the_torchvision_resized_float_image(detector):
+    # What the network sees: the float support image resized as the reference's Resize(min, max_size) does (no
+    # antialiasing, long side truncated), in 0-255 units, normalised with CutLER's RGB statistics, zero-padded.
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    image = torch.rand(3, 70, 45, generator=torch.Generator().manual_seed(1))
+    batch, sizes = detector._preprocess([image])
+    resized = TF.resize(image * 255, 128, InterpolationMode.BILINEAR, max_size=213, antialias=False)
+    assert sizes == [(199, 128)] == [tuple(resized.shape[1:])]  # 70 * 128 / 45 = 199.1
+    mean = torch.tensor([123.675, 116.280, 103.530]).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.120, 57.375]).view(3, 1, 1)
+    assert batch.shape == (1, 3, 224, 128)  # padded to multiples of 32
+    assert torch.equal(batch[0, :, :199], (resized - mean) / std)
+    assert not batch[0, :, 199:].any()
 
 
 def test_box_coder_round_trip():

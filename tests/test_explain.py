@@ -48,7 +48,8 @@ def planted(tmp_path):
         images, fg = support_set(cls)
         keys = [f"{cls}-support-{n}" for n in range(len(images))]
         for n, key in enumerate(keys):
-            cache.put("support", key, pipeline.encode_support(images[n], np.zeros((SIZE, SIZE)), cls, n))
+            zeros = np.zeros_like(images[n])
+            cache.put("support", key, pipeline.encode_support(images[n], zeros, np.zeros((SIZE, SIZE)), cls, n))
         feats = PixelExtractor(torch.eye(3))(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
         fg_t = torch.from_numpy(fg)
         banks.append(build_bank(cls, {"x": feats}, fg_t, ~fg_t, k=1, support_keys=keys))

@@ -117,6 +117,32 @@ def test_clip_prefilter_with_tiny_clip(tiny_models):
         assert torch.equal(pre.image_embeddings([im], batch=4)[0], batched[i])
 
 
+def test_prefilter_sees_the_references_image(tiny_models):
+    """REFERENCE 6, restated with the reference's own tools: the PIL working image resized to 512x512 by PIL's
+    Lanczos, torchvision's ToTensor, Resize to CLIP's input size (bilinear, no antialiasing) and Normalize with
+    CLIP's mean/std. The same kernels see the same inputs, so the embedding is bit-equal."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    clip = tiny_models.get("clip")
+    pre = filters.ClipPrefilter(clip, ["cat", "dog"])
+    size = list(clip.visual.image_size)  # open_clip keeps it as a (height, width) pair
+    rng = np.random.default_rng(0)
+    working = rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)  # a small stand-in for the 448 working image
+    x = TF.to_tensor(Image.fromarray(working).resize((512, 512), Image.LANCZOS))
+    x = TF.resize(x, size, InterpolationMode.BILINEAR, antialias=False)
+    x = TF.normalize(x, [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+    with torch.no_grad():
+        expected = l2n(clip.encode_image(x[None]))[0]
+    got = pre.image_embeddings([torch.from_numpy(working).permute(2, 0, 1)])[0]
+    assert torch.equal(got, expected)
+    # A float image in [0, 1] is resized plane by plane in PIL's float mode: the byte route's pixels but for its
+    # rounding to bytes after the 512 resize (two different noise images embed about 1e-2 apart in cosine).
+    as_float = pre.image_embeddings([torch.from_numpy(working).permute(2, 0, 1).float() / 255])[0]
+    assert 1 - float(as_float @ expected) < 1e-5
+
+
 def test_stuff_filter_direct():
     protos = l2n(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1], [1, 0.01]]))
     thing_bg = torch.tensor([True, True, False, False])

@@ -7,8 +7,10 @@ import json
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
+from skimage.filters import threshold_multiotsu
 
 from ovdiff_cli import masks
 from ovdiff_cli.defaults import MASKCUT_N_MASKS, MASKCUT_TAU, THRESHOLD_FALLBACK_BG, THRESHOLD_FALLBACK_FG
@@ -167,6 +169,83 @@ def test_select_fg_and_bg_never_overlap() -> None:
     fg, bg = select_masks(props, a, erode=0)
     assert torch.equal(fg, props[0])
     assert torch.equal(bg, _box(8, 8, 4, 8, 0, 8))
+
+
+def _cross_erosion(mask: np.ndarray) -> np.ndarray:
+    """One erosion with a 3x3 cross, the border counting as set (scipy's kernel, not ovdiff's)."""
+    return ndi.binary_erosion(mask, ndi.generate_binary_structure(2, 1), border_value=1)
+
+
+def test_select_passes_over_a_low_proposal_inside_a_higher_one() -> None:
+    # 8x8: P0 rows 0-2 x cols 0-2 at 0.9 (mean 0.9); P1 rows 4-7 x cols 3-7 at 0.1 around P2 = rows 5-6 x cols 4-5
+    # at 0.0, which lies wholly inside P1 (P1 mean 1.6 / 20 = 0.08, P2 mean 0.0); the background proposal (35 px)
+    # at 0.15. Ranking: P0 > background 0.15 > P1 0.08 > P2 0.0. Every pixel of P2 goes to P1, so P2 wins none and
+    # is passed over: bg = P1's pixels (all of P1), not P2.
+    a = torch.full((8, 8), 0.15)
+    a[0:3, 0:3] = 0.9
+    a[4:8, 3:8] = 0.1
+    a[5:7, 4:6] = 0.0
+    props = torch.stack([_box(8, 8, 0, 3, 0, 3), _box(8, 8, 4, 8, 3, 8), _box(8, 8, 5, 7, 4, 6)])
+    fg, bg = select_masks(props, a, erode=0)
+    assert torch.equal(fg, props[0])
+    assert torch.equal(bg, props[1])  # the whole-candidate rule gave P2 here
+    # Eroded once with the cross: row 4 and column 3 touch non-bg pixels; row 7 and column 7 touch the border.
+    _, bg1 = select_masks(props, a)
+    assert torch.equal(bg1, _box(8, 8, 5, 8, 4, 8))  # the whole-candidate rule eroded P2 (2x2) away entirely
+
+
+def test_select_bg_leaves_out_pixels_a_higher_proposal_shares() -> None:
+    # 8x8: P0 rows 0-1 at 0.9; P1 rows 3-5 x cols 0-4 at 0.12; P2 rows 4-7 x cols 3-7 at 0.02, overlapping P1 in
+    # rows 4-5 x cols 3-4 (set to 0.02 as well); the background proposal at 0.15. Means: P1 (11 * 0.12 + 4 * 0.02)
+    # / 15 = 0.0933, P2 0.02: P0 > background > P1 > P2. The shared pixels go to P1, the higher one: bg = P2 minus
+    # them.
+    a = torch.full((8, 8), 0.15)
+    a[0:2] = 0.9
+    a[3:6, 0:5] = 0.12
+    a[4:8, 3:8] = 0.02
+    p1, p2 = _box(8, 8, 3, 6, 0, 5), _box(8, 8, 4, 8, 3, 8)
+    props = torch.stack([_box(8, 8, 0, 2, 0, 8), p1, p2])
+    fg, bg = select_masks(props, a, erode=0)
+    assert torch.equal(fg, props[0])
+    expected = p2 & ~p1  # the whole-candidate rule kept the 4 shared pixels
+    assert int(expected.sum()) == 16 and torch.equal(bg, expected)
+    _, bg1 = select_masks(props, a)
+    assert torch.equal(bg1, torch.from_numpy(_cross_erosion(expected.numpy())))
+
+
+def _reference_eq1(props: np.ndarray, a: np.ndarray, bg_max: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """REFERENCE 3's eq. 1 restated pixel-wise: each pixel's label is the first candidate covering it in rank order
+    (candidates: background proposal first, empty ones left out; rank: mean attribution, best first)."""
+    cands = [m for m in [~props.any(axis=0), *props] if m.any()]
+    scores = [float(a[m].mean()) for m in cands]
+    order = sorted(range(len(cands)), key=lambda j: (-scores[j], j))  # best first, ties: lower index first
+    covers = np.stack([cands[j] for j in order])
+    assert covers.any(axis=0).all()
+    label = np.array(order)[np.argmax(covers, axis=0)]  # argmax of a bool stack: the first True
+    low = min(set(label.ravel().tolist()), key=lambda j: (scores[j], j))
+    fg = label == order[0]
+    bg = _cross_erosion((label == low) & (a < bg_max)) & ~fg
+    return fg, bg if fg.any() else np.zeros_like(bg)
+
+
+@pytest.mark.parametrize(("side", "count", "seed"), [(24, 6, 6), (24, 12, 7), (40, 20, 10), (512, 100, 3)])
+def test_select_equals_the_painted_partition_on_random_overlapping_proposals(side: int, count: int, seed: int) -> None:
+    # Random boxes (nested, overlapping, covering the image or not) each with its own attribution level over noise:
+    # every case of the partition. 512x512 with 100 proposals is the CutLER worst case.
+    rng = np.random.default_rng(seed)
+    a = 0.1 + 0.05 * rng.random((side, side))
+    props = np.zeros((count, side, side), dtype=bool)
+    for r in range(count):
+        y0, x0 = rng.integers(0, side - 2, size=2)
+        y1, x1 = y0 + rng.integers(2, side - y0 + 1), x0 + rng.integers(2, side - x0 + 1)
+        props[r, y0:y1, x0:x1] = True
+        a[y0:y1, x0:x1] = 0.3 * rng.random() + 0.05 * rng.random((y1 - y0, x1 - x0))
+    a = a.astype(np.float32)
+    fg, bg = select_masks(torch.from_numpy(props), torch.from_numpy(a))
+    exp_fg, exp_bg = _reference_eq1(props, a.astype(np.float64))
+    # Bit equality: the same float64 means of the same float32 values decide the same ranking.
+    assert np.array_equal(fg.numpy(), exp_fg) and np.array_equal(bg.numpy(), exp_bg)
+    assert bool(exp_bg.any()) and not bool((fg & bg).any())
 
 
 def test_select_rejects_bad_shapes() -> None:
@@ -382,6 +461,28 @@ def test_threshold_fallback() -> None:
     assert torch.equal(fg[0], a[0] > 0.5) and torch.equal(bg[0], a[0] < 0.2)
     fg, bg = masker.masks(torch.zeros(2, 8, 8))  # nothing above 0.5: no fg, so no bg either
     assert not bool(fg.any()) and not bool(bg.any())
+
+
+def test_threshold_otsu_runs_on_the_grid_maps_and_cuts_the_upsampled_ones() -> None:
+    """REFERENCE 3: the multi-Otsu thresholds come from the latent-grid maps (64x64 for SD 1.5), before upsampling;
+    fg and bg are then cut on the image-size maps."""
+    g = torch.Generator().manual_seed(0)
+    grid = torch.rand(2, 8, 8, generator=g) ** 2  # skewed: upsampling changes the value histogram
+    grid[:, 2:5, 2:6] = 0.8 + 0.2 * torch.rand(2, 3, 4, generator=g)
+    grid[0, 0, 0], grid[1, 7, 7] = 0.0, 1.0
+    image = F.interpolate(grid[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    # Expected: skimage's multi-Otsu (the reference's own call) on the grid values alone.
+    t_low, t_high = (float(t) for t in threshold_multiotsu(grid.double().numpy().ravel(), classes=3))
+    masker = build_masker("threshold")
+    assert masker.thresholds(grid) == (t_low, t_high)
+    fg, bg = masker.masks(image, grid_attribution=grid)
+    assert fg.shape == bg.shape == (2, 64, 64)
+    assert torch.equal(fg, image > t_high) and torch.equal(bg, image < t_low)
+    # The test tells the rules apart: thresholds taken on the upsampled maps cut other pixels.
+    up_fg, up_bg = masker.masks(image)
+    assert not torch.equal(up_fg, fg) or not torch.equal(up_bg, bg)
+    with pytest.raises(ValueError, match="grid_attribution"):
+        masker.masks(image, grid_attribution=grid[:1])
 
 
 # ----------------------------------------------------------------------------------------------------------

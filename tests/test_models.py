@@ -498,13 +498,26 @@ def test_cutler_is_a_component_of_every_set_and_overridable(tmp_path):
         resolve_models(f"tiny,cutler={tmp_path / 'nope.pth'}")
 
 
-def test_precision_choices():
+def test_precision_choices(monkeypatch):
     from ovdiff_cli.models.loading import resolve_precision
 
+    f32, f16, b16 = torch.float32, torch.float16, torch.bfloat16
+    roles = ("sd", "clip", "prefilter", "dino", "cutler", "match")
     cpu = resolve_precision("auto", torch.device("cpu"))
-    assert set(cpu.values()) == {torch.float32}
-    assert resolve_precision("bf16", torch.device("cpu"))["sd"] == torch.bfloat16
-    assert resolve_precision("bf16", torch.device("cpu"))["cutler"] == torch.float32  # box math stays fp32
+    assert set(cpu) == set(roles) and set(cpu.values()) == {f32}
+    assert resolve_precision("fast", torch.device("cpu")) == cpu  # no fast half precision on the CPU
+    assert resolve_precision("bf16", torch.device("cpu"))["sd"] == b16
+    assert resolve_precision("bf16", torch.device("cpu"))["cutler"] == f32  # box math stays fp32
+    assert resolve_precision("bf16", torch.device("cpu"))["match"] == f32
+    # CUDA under auto: the reference's numerics (REFERENCE 1, 4, 6), written out role by role.
+    cuda = torch.device("cuda")
+    reference = {"sd": f16, "clip": f32, "prefilter": f16, "dino": f32, "cutler": f32, "match": f32}
+    assert resolve_precision("auto", cuda) == reference
+    assert resolve_precision("fp32", cuda) == dict.fromkeys(roles, f32)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    fast = {"sd": b16, "clip": b16, "prefilter": b16, "dino": f32, "cutler": f32, "match": f16}
+    assert resolve_precision("fast", cuda) == fast
+    assert resolve_precision("fp16", cuda) == dict.fromkeys(roles, f16) | {"cutler": f32}
     with pytest.raises(ValueError, match="--precision 'fp8'"):
         resolve_precision("fp8", torch.device("cpu"))
 

@@ -62,6 +62,103 @@ def test_growing_n_generates_only_new_images(cache, tiny_models):
         assert grown[0].prototypes[e]["instance"] >= small[0].prototypes[e]["instance"]
 
 
+def test_growing_n_below_the_batch_size_reuses_every_image_on_the_cpu(tmp_path, tiny_models):
+    """Issue 23: with the default batch size, N 4 then 6 generates only images 4 and 5, and all six are the bytes a
+    fresh N = 6 run makes (on the CPU batches keep the configured size whatever N)."""
+    grown = {"n": 6, "batch_size": None}
+    with Cache(tmp_path / "a") as a:
+        run(a, tiny_models, ["cat"], n=4, batch_size=None)
+        stats = fresh_stats(a)
+        second = run(a, tiny_models, ["cat"], **grown)[0]
+        assert (second.images_generated, second.images_cached) == (2, 4)
+        assert stats["support"]["writes"] == 2
+        keys = pipeline.class_keys(tiny_models, "cat", pipeline.SynthOptions(**{**FAST, **grown}))[0]
+        incremental = [a.get("support", k) for k in keys]
+    with Cache(tmp_path / "b") as b:
+        direct = run(b, tiny_models, ["cat"], **grown)[0]
+        assert direct.images_generated == 6 and [b.get("support", k) for k in keys] == incremental
+    assert direct.digest == second.digest
+
+
+def test_support_keys_hold_the_batch_the_image_ran_in(tiny_models):
+    """The key holds the batch an image ran in: on CUDA it follows N below the batch size of 8; on the CPU it is
+    the configured batch size, whatever N."""
+    import torch
+
+    from ovdiff_cli.models.loading import Models
+
+    gpu = Models(tiny_models.spec, torch.device("cuda"), "auto")  # builds nothing: keys come from the spec
+
+    def keys(models, n):
+        opts = pipeline.SynthOptions(**{**FAST, "n": n, "batch_size": None})
+        return [pipeline.support_key(models, "cat", i, opts) for i in range(n)]
+
+    assert keys(tiny_models, 6)[:4] == keys(tiny_models, 4)
+    assert keys(gpu, 6)[:4] != keys(gpu, 4)[:4]  # batches of 4, then of 6: other batch shapes
+    assert keys(gpu, 12)[:8] == keys(gpu, 8)  # from N = 8 on, the batch is 8 whatever N is
+    assert keys(gpu, 8) != keys(tiny_models, 8)  # SD's dtype differs: fp16 under auto on CUDA
+    assert keys(Models(tiny_models.spec, torch.device("cuda"), "fp32"), 8) == keys(tiny_models, 8)
+
+
+def test_support_bytes_are_floored_and_cutler_sees_the_float_image(tmp_path, tiny_models, monkeypatch):
+    """Row 14: saved pixels are floor(255 x) of x = decoded / 2 + 0.5, as torchvision's to_pil_image makes them;
+    CutLER gets the float x (to 1/512 of a grey level), the same from a fresh run and from the cache."""
+    import torch
+    from torchvision.transforms.functional import to_pil_image
+
+    from ovdiff_cli import synthesis
+
+    decoded = torch.linspace(-1.2, 1.2, 3 * 8 * 8).reshape(3, 8, 8)
+    x = (decoded / 2 + 0.5).clamp(0, 1)
+    saved, residual = synthesis.quantise(decoded)
+    assert np.array_equal(saved.permute(1, 2, 0).numpy(), np.asarray(to_pil_image(x)))
+    assert saved[0, 4, 0] == int(x[0, 4, 0] * 255)  # 0.5 -> 127 (rounding would give 128)
+    # one residual step is 1/256 of a grey level; restoring takes its centre, so the error is at most half of it
+    assert (synthesis.restore_float(saved, residual) - x).abs().max() <= 0.5 / 256 / 255 + 1e-7
+
+    seen = []
+
+    def record(self, attribution, features=None, images=None):
+        seen.append(images.clone())
+        return [torch.zeros(0, *attribution.shape[1:], dtype=torch.bool) for _ in range(attribution.shape[0])]
+
+    monkeypatch.setattr(pipeline.masks.CutlerMasker, "propose", record)
+    opts = {"masker": "cutler"}
+    with Cache(tmp_path / "a") as a:
+        run(a, tiny_models, ["cat"], **opts)
+        keys = pipeline.class_keys(tiny_models, "cat", pipeline.SynthOptions(**{**FAST, **opts}))[0]
+        payloads = {k: a.get("support", k) for k in keys}
+    with Cache(tmp_path / "b") as b:  # the same images from the cache alone: CutLER sees the same floats
+        for k, payload in payloads.items():
+            b.put("support", k, payload)
+        run(b, tiny_models, ["cat"], **opts)
+        floored = torch.stack([torch.from_numpy(pipeline.load_support(b, k)[0]) for k in keys]).permute(0, 3, 1, 2)
+    fresh, cached = seen
+    assert torch.equal(fresh, cached)
+    assert (fresh * 255 >= floored.float() - 1e-3).all() and (fresh * 255 < floored.float() + 1).all()
+    assert not torch.equal(fresh, floored.float() / 255)
+
+
+def test_threshold_masks_take_otsu_from_the_cached_grid_maps(cache, tiny_models):
+    """Row 15 through the pipeline: the "-CutLER" thresholds are skimage's multi-Otsu of the class's latent-grid
+    maps as cached, applied to the maps at the image size."""
+    import torch
+    from skimage.filters import threshold_multiotsu
+
+    from ovdiff_cli import attribution
+
+    opts = pipeline.SynthOptions(**{**FAST, "masker": "threshold"})
+    keys = pipeline.ensure_support(cache, tiny_models, "cat", opts, pipeline._Silent()).keys
+    grid = torch.stack([torch.from_numpy(pipeline.load_support(cache, k)[2]) for k in keys])
+    low, high = threshold_multiotsu(grid.double().numpy().ravel(), classes=3)
+    support = pipeline.support_tensors(cache, tiny_models, keys)
+    assert torch.equal(support.grid_attribution, grid)
+    big = attribution.at_image_size(grid, tiny_models.spec.image_size)
+    fg, bg = pipeline.support_masks(cache, tiny_models, keys, support, opts)
+    want_fg = big > high
+    assert torch.equal(fg, want_fg) and torch.equal(bg, (big < low) & want_fg.flatten(1).any(1)[:, None, None])
+
+
 def test_image_alone_equals_image_in_its_batch(tmp_path, tiny_models):
     """Image 3 regenerated on its own is byte-identical to image 3 generated with its batch of 4."""
     opts = pipeline.SynthOptions(**FAST)
@@ -160,12 +257,12 @@ def test_bank_contents(cache, tiny_models):
     assert bank.class_name == "cat" and bank.names == ("clip", "dino")
     assert bank["dino"].prototypes.shape[1] == 32 and bank["clip"].prototypes.shape[1] == 32
     n = 4
-    # Each extractor on its own grid (REFERENCE 4): tiny DINO sees a 64-pixel support image at short side 56
-    # (7x7 patches), CLIP at its own size (8x8 patches of 8).
-    assert bank["dino"].fg_masks.shape == (n, 7, 7) and bank["clip"].fg_masks.shape == (n, 8, 8)
+    # Each extractor on its own grid (REFERENCE 4): tiny DINO and CLIP both see the 64-pixel support image at its
+    # own size (8x8 patches of 8; DINO's windows would be shrunk to short side 56, support images never are).
+    assert bank["dino"].fg_masks.shape == (n, 8, 8) and bank["clip"].fg_masks.shape == (n, 8, 8)
     for e in bank.names:
         assert not (bank[e].fg_masks & bank[e].bg_masks).any()
-        assert np.allclose(np.linalg.norm(bank[e].prototypes.numpy(), axis=1), 1, atol=2e-3)
+        assert np.allclose(np.linalg.norm(bank[e].prototypes.numpy(), axis=1), 1, atol=1e-5)  # fp32, unit rows
         assert res.prototypes[e]["class"] == int((bank[e].kind == 0).sum())
 
 
@@ -194,9 +291,9 @@ def test_segment_roles_only_what_the_run_needs(cache, tiny_models):
     assert pipeline.segment_roles(classes, opts, SegmentOptions(), tiny_models, cache) == ["clip", "dino"]
 
 
-def test_cpu_batches_hold_one_image_and_generate_only_what_is_asked(cache, tiny_models, monkeypatch):
-    """On the CPU a padded batch slot costs a whole forward: the default batch there is one image, so --n 1
-    generates one image (not a padded batch of 8) and features run once per image."""
+def test_cpu_batches_keep_their_size_and_store_only_what_is_asked(cache, tiny_models, monkeypatch):
+    """On the CPU a padded batch slot costs a whole forward: the default batch there is one image for full-size
+    networks, so --n 1 generates one image and features run once per image."""
     import torch
 
     from ovdiff_cli import defaults as D
@@ -219,12 +316,18 @@ def test_cpu_batches_hold_one_image_and_generate_only_what_is_asked(cache, tiny_
         "generate",
         lambda gen, name, seeds, **kw: generated.append(len(seeds)) or real(gen, name, seeds, **kw),
     )
-    res = pipeline.synthesize([ClassSpec("cat")], opts, tiny_models, cache)
-    assert generated == [1] and res[0].images_generated == 1
-    # The key records the batch the image was generated in: slot 0 of batch 0 of size 1.
+    # A full-size set's batch of one, asked for by name here: one image generated, one stored.
+    stats = fresh_stats(cache)
+    res = pipeline.synthesize([ClassSpec("cat")], replace(opts, batch_size=1), tiny_models, cache)
+    assert generated == [1] and res[0].images_generated == 1 and stats["support"]["writes"] == 1
+    # On the CPU generation keeps the configured batch whatever N (so N can grow): tiny's 8 run, 1 is stored.
+    stats = fresh_stats(cache)
+    res = pipeline.synthesize([ClassSpec("dog")], opts, tiny_models, cache)
+    assert generated == [1, 8] and res[0].images_generated == 1 and stats["support"]["writes"] == 1
+    # The key records the batch the image was generated in: slot 0 of batch 0 of the configured size.
     key_cpu = pipeline.support_key(tiny_models, "cat", 0, opts)
-    assert key_cpu == pipeline.support_key(tiny_models, "cat", 0, replace(opts, batch_size=1))
-    assert key_cpu != pipeline.support_key(tiny_models, "cat", 0, replace(opts, n=8, batch_size=8))
+    assert key_cpu == pipeline.support_key(tiny_models, "cat", 0, replace(opts, n=8, batch_size=8))
+    assert key_cpu != pipeline.support_key(tiny_models, "cat", 0, replace(opts, batch_size=1))
 
 
 def test_each_class_reports_its_stage_times(cache, tiny_models):
@@ -234,3 +337,19 @@ def test_each_class_reports_its_stage_times(cache, tiny_models):
     assert sum(v for k, v in first.stages.items() if k != "load") <= first.seconds
     again = run(cache, tiny_models, ["cat"])[0]
     assert again.stages == {"load": 0.0}  # a cached bank: no stage ran, nothing was loaded
+
+
+def test_prefilter_runs_its_own_dtype_beside_fp32_dense_clip(tiny_models, monkeypatch):
+    """Row 16: under --precision auto on CUDA the pre-filter's CLIP runs fp16 while dense CLIP features stay fp32
+    (REFERENCE 4, 6): a converted copy, the dense network untouched. Same dtype: the very same network."""
+    import torch
+
+    assert pipeline.prefilter_clip(tiny_models) is tiny_models.get("clip")
+    monkeypatch.setitem(tiny_models.dtypes, "prefilter", torch.bfloat16)
+    copy = pipeline.prefilter_clip(tiny_models)
+    dense = tiny_models.get("clip")
+    assert copy is not dense
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in dense.parameters()} == {torch.float32}
+    for a, b in zip(copy.parameters(), dense.parameters(), strict=True):
+        assert torch.equal(a, b.to(torch.bfloat16))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
@@ -24,8 +25,9 @@ from ovdiff_cli.prototypes import (
     masks_on_grid,
 )
 
-# fp16 storage of prototypes: unit vectors are exact to ~5e-4 per component.
-ATOL = 2e-3
+# Prototypes are float32 (REFERENCE 5): pooled and normalised in float32, against a float32 re-computation with
+# other reduction orders they agree to ~1e-6 per component.
+ATOL = 1e-5
 
 
 def unit(*v: float) -> torch.Tensor:
@@ -74,7 +76,7 @@ def test_instance_and_class_prototypes_by_hand():
     assert torch.allclose(bg_i0, unit(0.6, 0.8), atol=ATOL)
     assert torch.allclose(bg_i1, unit(0.0, 1.0), atol=ATOL)
     assert torch.allclose(bg_c, unit(0.3, 0.9), atol=ATOL)
-    # every stored prototype is (to fp16 precision) unit length
+    # every stored prototype is (to float32 precision) unit length
     assert torch.allclose(pa.norm(dim=1), torch.ones(len(a)), atol=ATOL)
 
 
@@ -161,6 +163,31 @@ def test_empty_masks_make_no_prototypes():
     assert a.select(region="bg").numel() == 0
 
 
+def test_an_image_without_fg_on_a_grid_gives_that_extractor_nothing():
+    # REFERENCE 3: skipping is decided per extractor on its own grid. Image 1's only fg pixel (0, 4) lies outside
+    # every 2x2-grid cell's bilinear sample (see the test above): on the coarse grid its fg is empty, so its bg cells
+    # are dropped there too; on the full-size grid it keeps both.
+    fg = torch.zeros(2, 8, 8, dtype=torch.bool)
+    fg[0, 5:7, 5:7] = True  # image 0: coarse cell (1, 1)
+    fg[1, 0, 4] = True
+    coarse = torch.rand(2, 2, 2, 3, generator=torch.Generator().manual_seed(5))
+    feats = {"coarse": coarse, "fine": torch.rand(2, 8, 8, 2)}
+    bank = build_bank("c", feats, fg, ~fg, k=1, support_keys=["s0", "s1"])
+    c = bank["coarse"]
+    # image 0's bg on the coarse grid: every cell but (1, 1), whose sample is all fg; image 1: nothing
+    assert c.bg_masks.tolist() == [[[True, True], [True, False]], [[False, False], [False, False]]]
+    assert c.fg_masks.tolist() == [[[False, False], [False, True]], [[False, False], [False, False]]]
+    assert c.image[c.kind == KIND_INSTANCE].tolist() == [0, 0]  # one fg and one bg instance, both image 0's
+    (bg_class,) = c.select(region="bg", kinds="class").tolist()
+    want = F.normalize((coarse[0, 0, 0] + coarse[0, 0, 1] + coarse[0, 1, 0]) / 3, dim=0)
+    assert torch.allclose(c.prototypes[bg_class], want, atol=ATOL)
+    assert (c.part_bg[1] == -1).all()
+    # the full-size grid still has image 1, fg and bg
+    f = bank["fine"]
+    assert f.image[f.kind == KIND_INSTANCE].tolist() == [0, 1, 0, 1]
+    assert torch.equal(f.bg_masks, ~fg)
+
+
 def test_build_bank_default_k_and_input_checks():
     feats = {"a": torch.rand(1, 12, 12, 3, generator=torch.Generator().manual_seed(0))}
     fg = torch.zeros(1, 12, 12, dtype=torch.bool)
@@ -200,56 +227,140 @@ def cluster_sums(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def first_rows_init(monkeypatch):
+    """K-means seeded with known centres, the first k rows of the data, instead of the k-means++ draw."""
+    import ovdiff_cli.prototypes as module
+
+    monkeypatch.setattr(module, "_kmeans_plusplus", lambda x, x_sq, k, gen, eps: x[:k].clone())
+
+
+def lloyd_sklearn(
+    x: torch.Tensor, centres: torch.Tensor, max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, int, bool, float]:
+    """scikit-learn 1.2's _kmeans_single_lloyd, re-stated in float64 with explicit differences (no cluster may
+    empty here): (last centres, labels_, n_iter_, strict convergence, the smallest gap between a point's nearest
+    and second-nearest squared distance seen in any assignment)."""
+    x, centres = x.double(), centres.double()
+    tol = tol * float(x.var(0, correction=0).mean())  # sklearn's _tolerance: tol * mean(var(X, axis=0))
+    labels_old = torch.full((x.shape[0],), -1)
+    margin = math.inf
+    for i in range(max_iter):
+        d2 = ((x[:, None] - centres[None]) ** 2).sum(-1)
+        top2 = d2.topk(2, dim=1, largest=False).values
+        margin = min(margin, float((top2[:, 1] - top2[:, 0]).min()))
+        labels = d2.argmin(1)
+        assert (torch.bincount(labels, minlength=len(centres)) > 0).all()
+        new = torch.stack([x[labels == j].mean(0) for j in range(len(centres))])
+        center_shift_tot = float(((new - centres) ** 2).sum())
+        centres = new
+        if torch.equal(labels, labels_old):
+            return centres, labels, i + 1, True, margin
+        if center_shift_tot <= tol:
+            break
+        labels_old = labels
+    # not strictly converged: the E-step again, so the labels match the returned centres
+    labels = ((x[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+    return centres, labels, i + 1, False, margin
+
+
+def slow_points() -> torch.Tensor:
+    """600 uniform points in the unit square: from its first 4 rows as centres, Lloyd stops by the centre-shift
+    tolerance after 8 iterations, while labels still change (11 until none does)."""
+    return torch.rand(600, 2, generator=torch.Generator().manual_seed(98))
+
+
+@pytest.mark.parametrize("tol", [1e-4, 0.0])
+def test_kmeans_stops_as_scikit_learn(tol, first_rows_init, cluster_sums):
+    x = slow_points()
+    want_centres, want_labels, want_iter, want_strict, margin = lloyd_sklearn(x, x[:4], 300, tol)
+    # the data tells the two stopping rules apart, and their part maps and prototypes differ
+    _, strict_labels, strict_iter, _, _ = lloyd_sklearn(x, x[:4], 300, 0.0)
+    assert (want_iter, want_strict) == ((8, False) if tol else (11, True)) and strict_iter == 11
+    if tol:
+        assert not torch.equal(want_labels, strict_labels)
+        member_means = torch.stack([x.double()[want_labels == j].mean(0) for j in range(4)])
+        assert (member_means - want_centres).abs().max() > 1e-3  # the last centres are not the labels' means
+
+    got = kmeans(x, 4, tol=tol)
+    assert (got.n_iter, got.strict) == (want_iter, want_strict)
+    # Float32 matmul distances against float64 differences: ~1e-6 apart, while every nearest centre won by at
+    # least `margin` (> 1e-4), so the labels must agree exactly.
+    assert margin > 1e-4
+    assert torch.equal(got.labels, want_labels)
+    # float32 means of 150 points in [0, 1]^2 against float64: a few ulps
+    assert torch.allclose(got.centers.double(), want_centres, atol=1e-6)
+
+
+def test_kmeans_relocates_empty_clusters_as_scikit_learn(monkeypatch, cluster_sums):
+    import ovdiff_cli.prototypes as module
+
+    # Centres 0, 2, 100 on a line: points 0 and 0.9 go to 0, points 2 and 10 to 2, none to 100. The empty cluster
+    # takes the point farthest from its own centre (10, 64 away), which leaves its old cluster: that centre is the
+    # mean of 2 alone, not of 2 and 10.
+    monkeypatch.setattr(module, "_kmeans_plusplus", lambda x, x_sq, k, gen, eps: torch.tensor([[0.0], [2.0], [100.0]]))
+    x = torch.tensor([[0.0], [2.0], [0.9], [10.0]])
+    got = kmeans(x, 3, iters=1)
+    assert got.centers[:, 0].tolist() == pytest.approx([0.45, 2.0, 10.0])
+    assert got.labels.tolist() == [0, 1, 0, 2]  # re-assigned to the last centres (stopped at iters, not strict)
+    assert (got.n_iter, got.strict) == (1, False)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_kmeans_recovers_planted_clusters(seed, cluster_sums):
     x, labels = planted_points()
-    centroids, assign = kmeans(x, 3, seed=seed)
-    assert centroids.shape == (3, 4) and assign.shape == (60,) and assign.dtype == torch.int64
-    assert same_partition(assign, labels)
+    got = kmeans(x, 3, seed=seed)
+    assert got.centers.shape == (3, 4) and got.labels.shape == (60,) and got.labels.dtype == torch.int64
+    assert same_partition(got.labels, labels)
+    # The first assignment already finds the planted clusters and the second one confirms it: strict convergence,
+    # so the last centres are exactly their members' means.
+    assert (got.n_iter, got.strict) == (2, True)
     for j in range(3):
-        assert torch.allclose(centroids[j], x[assign == j].mean(0), atol=1e-5)
+        assert torch.allclose(got.centers[j], x[got.labels == j].mean(0), atol=1e-5)
 
 
 def test_kmeans_deterministic(cluster_sums):
     x = torch.randn(200, 5, generator=torch.Generator().manual_seed(3))
-    c1, a1 = kmeans(x, 7, seed=11)
+    r1 = kmeans(x, 7, seed=11)
     torch.manual_seed(123)  # the global RNG must not matter
-    c2, a2 = kmeans(x, 7, seed=11)
-    assert torch.equal(c1, c2) and torch.equal(a1, a2)
-    counts = torch.bincount(a1, minlength=7)
-    assert (counts > 0).all()  # every returned cluster has members
-    for j in range(7):
-        assert torch.allclose(c1[j], x[a1 == j].mean(0), atol=1e-5)
+    r2 = kmeans(x, 7, seed=11)
+    assert torch.equal(r1.centers, r2.centers) and torch.equal(r1.labels, r2.labels) and r1.n_iter == r2.n_iter
+    assert r1.centers.shape == (7, 5)
+    # the labels are each point's nearest centre among those returned
+    assert torch.equal(r1.labels, torch.cdist(x, r1.centers).argmin(1))
 
 
 def test_kmeans_clusters_never_empty(cluster_sums):
-    # A tight blob next to a spread-out one, many clusters: Lloyd steps sometimes empty a cluster (seed 224
-    # does with the current init), which must be re-seeded, so k clusters come back, all non-empty.
+    # A tight blob next to a spread-out one, many clusters: k clusters come back, each some point's nearest centre
+    # (how an emptied cluster is relocated: test_kmeans_relocates_empty_clusters_as_scikit_learn).
     for s in range(300):
         g = torch.Generator().manual_seed(s)
         x = torch.randn(40, 2, generator=g)
         x[:20] *= 0.01
-        c, a = kmeans(x, 12, seed=s)
-        assert c.shape == (12, 2)
-        assert (torch.bincount(a, minlength=12) > 0).all()
-        for j in range(12):
-            assert torch.allclose(c[j], x[a == j].mean(0), atol=1e-6)
+        got = kmeans(x, 12, seed=s)
+        assert got.centers.shape == (12, 2)
+        assert (torch.bincount(got.labels, minlength=12) > 0).all()
+        if got.strict:
+            for j in range(12):
+                assert torch.allclose(got.centers[j], x[got.labels == j].mean(0), atol=1e-6)
 
 
 def test_kmeans_k_larger_than_m_and_duplicates_and_empty(cluster_sums):
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
-    c, a = kmeans(x, 10)
-    assert c.shape == (3, 2) and sorted(a.tolist()) == [0, 1, 2]
-    assert torch.equal(c[a], x)  # each point is its own cluster
+    got = kmeans(x, 10)
+    assert got.centers.shape == (3, 2) and sorted(got.labels.tolist()) == [0, 1, 2]
+    assert torch.equal(got.centers[got.labels], x)  # each point is its own cluster
     # fewer distinct points than k: only as many clusters as distinct points
     xd = torch.tensor([[1.0, 1.0]] * 4 + [[-1.0, 2.0]] * 3)
-    c, a = kmeans(xd, 5)
-    assert c.shape == (2, 2)
-    assert same_partition(a, torch.tensor([0] * 4 + [1] * 3))
-    c, a = kmeans(torch.zeros(0, 3), 4)
-    assert c.shape == (0, 3) and a.shape == (0,) and a.dtype == torch.int64
+    got = kmeans(xd, 5)
+    assert got.centers.shape == (2, 2)
+    assert same_partition(got.labels, torch.tensor([0] * 4 + [1] * 3))
+    got = kmeans(torch.zeros(0, 3), 4)
+    assert got.centers.shape == (0, 3) and got.labels.shape == (0,) and got.labels.dtype == torch.int64
     with pytest.raises(ValueError):
         kmeans(x, 0)
+    with pytest.raises(ValueError):
+        kmeans(x, 2, iters=0)
 
 
 def test_kmeans_init_is_greedy_kmeans_plus_plus():
@@ -258,8 +369,7 @@ def test_kmeans_init_is_greedy_kmeans_plus_plus():
     # centre, whatever the seed: the clusters are {stack} and {far}.
     x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [9.0, 9.0]])
     for seed in range(5):
-        _, a = kmeans(x, 2, seed=seed)
-        assert same_partition(a, torch.tensor([0, 0, 0, 1]))
+        assert same_partition(kmeans(x, 2, seed=seed).labels, torch.tensor([0, 0, 0, 1]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,6 +406,7 @@ def planted_two_extractors() -> tuple[dict[str, torch.Tensor], torch.Tensor, tor
 
 
 def test_parts_cluster_per_extractor_and_are_member_means():
+    # The planted groups converge strictly (labels unchanged), where the last centres are their members' means.
     feats, fg, bg, group = planted_two_extractors()
     bank = build_bank("c", feats, fg, bg, k=2, support_keys=["s0", "s1"])
     assert bank.names == ("a", "b")
@@ -313,6 +424,20 @@ def test_parts_cluster_per_extractor_and_are_member_means():
     # the same features given in another dict order give the identical bank
     again = build_bank("c", dict(sorted(feats.items())), fg, bg, k=2, support_keys=["s0", "s1"])
     assert again.digest() == bank.digest()
+
+
+def test_parts_are_the_last_centres_and_the_map_their_labels(first_rows_init):
+    # REFERENCE 5: the part prototypes are scikit-learn's cluster_centers_ (the centres after the last update) and
+    # the part map its labels_. On slow_points Lloyd stops by tolerance, where those differ from re-pooled means.
+    x = slow_points()
+    want_centres, want_labels, _, strict, _ = lloyd_sklearn(x, x[:4], 300, 1e-4)
+    assert not strict
+    fg = torch.ones(1, 20, 30, dtype=torch.bool)
+    a = build_bank("c", {"a": x.reshape(1, 20, 30, 2)}, fg, ~fg, k=4, support_keys=["s"])["a"]
+    assert torch.equal(a.part_fg.flatten().long(), want_labels)  # masked cells in row-major order are x's rows
+    parts = a.prototypes[a.select(region="fg", kinds="part")]
+    # float32 centres against float64, normalised: a few ulps (see test_kmeans_stops_as_scikit_learn)
+    assert torch.allclose(parts.double(), F.normalize(want_centres, dim=1), atol=1e-6)
 
 
 def test_support_pixels_provenance():
@@ -361,6 +486,20 @@ def full_bank() -> PrototypeBank:
     feats, fg, bg, _ = planted_two_extractors()
     meta = {"k": 4, "masker": "threshold", "nested": {"list": [1, 2.5, None], "é": "ü"}}
     return build_bank("donut with chocolate glaze", feats, fg, bg, k=2, support_keys=["s0", "s1"], meta=meta)
+
+
+def test_prototypes_are_stored_as_float32():
+    # REFERENCE 5: prototypes are fp32, in memory and in the bank's bytes. A single pixel (1, 3) is its own class
+    # prototype; 1 / sqrt(10) is 7e-5 away from its float16 rounding, far above float32 rounding.
+    feats = {"a": torch.tensor([[[[1.0, 3.0]]]])}
+    fg = torch.ones(1, 1, 1, dtype=torch.bool)
+    bank = build_bank("c", feats, fg, ~fg, k=1, support_keys=["s"])
+    want = F.normalize(torch.tensor([1.0, 3.0]), dim=0)
+    assert (want.half().float() - want).abs().max() > 5e-5
+    assert (bank["a"].prototypes[0] - want).abs().max() < 1e-7
+    stored, _ = _split(bank.to_bytes())
+    assert stored["a/prototypes"].dtype == torch.float32
+    assert torch.equal(stored["a/prototypes"], bank["a"].prototypes)
 
 
 def test_round_trip_and_deterministic_bytes():
@@ -419,6 +558,7 @@ def test_malformed_payloads_raise_value_error():
         "no metadata": save(tensors),
         "bad metadata": save(tensors, metadata={"ovdiff": "{not json"}),
         "other format": save(tensors, metadata={"ovdiff": json.dumps({"format": "x"})}),
+        "float16 version": save(tensors, metadata={"ovdiff": metadata["ovdiff"].replace('"version":3', '"version":2')}),
         "truncated": data[:-10],
         "garbage": b"\x00" * 3,
         "garbage header": struct.pack("<Q", 5) + b"hello",

@@ -127,6 +127,38 @@ def test_removed_class_and_its_background_prototypes_do_not_vote():
     assert ps.allowed([1])["x"].tolist() == [True, False, True, False]
 
 
+class RecordingPrefilter:
+    """Pre-filter stand-in: records the images the segmenter hands it and keeps class 1 only."""
+
+    def __init__(self) -> None:
+        self.images: list[torch.Tensor] = []
+
+    def image_embeddings(self, images, batch=None):
+        self.images += list(images)
+        return torch.zeros(len(images), 4)
+
+    def __call__(self, emb):
+        return (0,)
+
+
+def test_prefilter_is_handed_the_pil_lanczos_working_image():
+    # REFERENCE 6: the filter resizes the reference's working image, the input's bytes resized by PIL's Lanczos to
+    # short side 448 (here 16; the long side truncated: 24 * 16 / 20 = 19.2 -> 19), not the float working image.
+    from PIL import Image
+
+    ext = PixelExtractor(torch.eye(3))
+    ps = protoset({"x": [[0, 0, 1], [1, 0, 0], [0, 1, 0]]}, channel=[0, 1, 2], source=[1, 1, 2])
+    pre = RecordingPrefilter()
+    opts = S.SegmentOptions(scales=(16,), stride=16, short_side=16, prefilter=True)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    (seg,) = S.Segmenter(ps, {"x": ext}, opts, prefilter=pre)([torch.from_numpy(pixels).permute(2, 0, 1)])
+    expected = np.asarray(Image.fromarray(pixels).resize((19, 16), Image.LANCZOS))
+    (seen,) = pre.images
+    assert seen.dtype == torch.uint8 and np.array_equal(seen.permute(1, 2, 0).numpy(), expected)
+    assert seg.kept == (1,)
+
+
 # --- sliding windows ----------------------------------------------------------------------------------------------
 
 

@@ -73,7 +73,8 @@ PrecisionOpt = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="auto (fp32 on CPU; bf16 SD and CLIP on CUDA), fp32 (the reference's numerics), bf16 or fp16.",
+        help="auto (the reference's numerics: fp32 on CPU; fp16 SD on CUDA), fast (bf16 SD and CLIP, fp16 matching"
+        " on CUDA), fp32, bf16 or fp16.",
     ),
 ]
 StuffTableOpt = Annotated[

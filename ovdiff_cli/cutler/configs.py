@@ -30,7 +30,7 @@ class CutlerConfig:
     fpn_channels: int  # FPN.OUT_CHANNELS
     box_fc_dim: int  # ROI_BOX_HEAD.FC_DIM (NUM_FC 2, NUM_CONV 0 in Base-RCNN-FPN)
     mask_conv_dim: int  # ROI_MASK_HEAD.CONV_DIM (NUM_CONV 4)
-    # --- test-time input (INPUT.*_TEST; ResizeShortestEdge) ---
+    # --- test-time input (INPUT.*_TEST), resized as the reference does: torchvision Resize(min, max_size=max) ---
     min_size_test: int
     max_size_test: int
     # Defaults below are FULL's and hold for TINY too.

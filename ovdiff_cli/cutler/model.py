@@ -5,6 +5,8 @@ The module tree reproduces detectron2's attribute names (``backbone.bottom_up.re
 the rules in :mod:`.checkpoint`. The inference path follows detectron2's ``GeneralizedRCNN.inference`` with
 CutLER's ``CustomCascadeROIHeads``: resize, normalise and pad, ResNet + FPN, RPN proposals, three cascade stages
 whose class probabilities are averaged, NMS, the mask head on the final boxes, and pasting into the input image.
+The resize is the reference's, torchvision's tensor ``Resize(800, max_size=1333)`` (REFERENCE 3), not detectron2's
+``ResizeShortestEdge`` of its predictor (rounded sides, PIL's antialiased bilinear filter).
 """
 
 from __future__ import annotations
@@ -345,7 +347,8 @@ class CutlerDetector(nn.Module):
         self.eval()
 
     def _preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-        """Resize, normalise and zero-pad: a ``(N, 3, H, W)`` batch in the model's dtype and each resized ``(h, w)``."""
+        """Resize (:func:`.ops.resize_image` to :func:`.ops.resized_shape`), normalise and zero-pad: a ``(N, 3, H, W)``
+        batch in the model's dtype and each resized ``(h, w)``."""
         cfg = self.config
         dtype = self.backbone.bottom_up.stem.conv1.weight.dtype
         normalised, sizes = [], []

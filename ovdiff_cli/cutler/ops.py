@@ -15,32 +15,34 @@ from torchvision.ops import roi_align
 
 
 def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
-    """Output ``(height, width)`` of detectron2's test-time ``ResizeShortestEdge``.
+    """Output ``(height, width)`` of torchvision's ``Resize(short_edge, max_size=max_size)``, which the reference
+    resizes CutLER's inputs with (REFERENCE 3).
 
-    The short side becomes ``short_edge`` unless the long side would then exceed ``max_size``, in which case the
-    long side becomes ``max_size``; both are rounded half up, as ``ResizeShortestEdge.get_output_shape`` does.
+    The short side becomes ``short_edge`` and the long side ``int(short_edge * long / short)``, truncated; when
+    that exceeds ``max_size``, the long side becomes ``max_size`` and the short side ``int(max_size * short /
+    long)`` of the first result, truncated again (torchvision's ``_compute_resized_output_size``, the same float
+    expressions). A square image keeps both sides equal.
     """
-    scale = short_edge / min(height, width)
-    new_h, new_w = (short_edge, scale * width) if height < width else (scale * height, short_edge)
-    if max(new_h, new_w) > max_size:
-        shrink = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = short_edge, int(short_edge * long / short)
+    if new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
 def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """``(3, H, W)`` uint8 [0, 255] or float [0, 1] image to ``(3, h, w)`` float32 in [0, 255], as detectron2 resizes.
+    """``(3, H, W)`` uint8 [0, 255] or float [0, 1] image to ``(3, h, w)`` float32 in [0, 255], as the reference
+    resizes CutLER's inputs: torchvision's tensor ``Resize``, bilinear (``align_corners=False``) without
+    antialiasing, on the float image, scaled to detectron2's 0-255 units.
 
-    detectron2's predictor resizes the uint8 image with PIL's bilinear filter (antialiased when shrinking) and feeds
-    0-255 floats. ``F.interpolate(antialias=True)`` implements that filter in float; uint8 inputs are rounded back to
-    integers as PIL's output is, so they differ from PIL's fixed-point result by at most 1. Float inputs are not
-    rounded (detectron2 never sees them).
+    The reference feeds the float support image (REFERENCE 1); a uint8 input is resized as torchvision resizes a
+    uint8 tensor, in float and rounded back to integers (a convex combination of bytes stays within [0, 255]).
     """
     pixels = image.float() if image.dtype == torch.uint8 else image.float() * 255.0
     if tuple(image.shape[1:]) == tuple(size):
         return pixels
-    pixels = F.interpolate(pixels[None], size, mode="bilinear", align_corners=False, antialias=True)[0]
-    return pixels.round().clamp(0, 255) if image.dtype == torch.uint8 else pixels
+    pixels = F.interpolate(pixels[None], size, mode="bilinear", align_corners=False, antialias=False)[0]
+    return pixels.round() if image.dtype == torch.uint8 else pixels
 
 
 class BoxCoder:

@@ -61,17 +61,24 @@ class Extractor:
     def __call__(self, images: torch.Tensor, support: bool = False) -> torch.Tensor:
         """images (B, 3, H, W) float32 RGB in [0, 1] -> (B, h, w, D) float32 raw features on the extractor's grid.
 
-        ``support``: the images are support images rather than windows of a target image (CLIP sees them at
-        their own size, windows at its fixed input size).
+        ``support``: the images are support images rather than windows of a target image (DINO and CLIP see them
+        at their own size, windows by their own rules).
         """
         return self.forward(resize(images, self.input_size(*images.shape[-2:], support)))
 
 
-def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 3, H, W) float -> (B, 3, *size), bilinear (antialiased when shrinking); unchanged when sizes match."""
+def resize(images: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """(B, 3, H, W) float -> (B, 3, *size) float of the same dtype, bilinear with half-pixel centres
+    (``align_corners=False``); the same tensor when the sizes already match.
+
+    Without antialiasing by default, as the reference resizes windows into its networks: torchvision 0.13's tensor
+    resize, which neither antialiases nor clamps a float image (REFERENCE 4). Bilinear weights are convex, so
+    [0, 1] inputs stay in [0, 1] up to rounding. ``antialias``: widen the filter when shrinking (PIL-like), for
+    inputs whose resize the reference does not pin (MaskCut's).
+    """
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return F.interpolate(images, size=size, mode="bilinear", antialias=antialias, align_corners=False)
 
 
 def patch_multiple(length: float, patch: int) -> int:

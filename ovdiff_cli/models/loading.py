@@ -81,33 +81,45 @@ def set_threads(threads: int | None = None) -> int:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA GPUs that support it (fp16's range can overflow in the VAE and attention), else fp16 on
-    CUDA; fp32 elsewhere, where half-precision kernels are slow or missing."""
+    """The fast half precision of ``--precision fast``: bf16 on CUDA GPUs that support it (fp16's range can
+    overflow in the VAE and attention), else fp16 on CUDA; fp32 elsewhere, where half-precision kernels are slow or
+    missing."""
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_FP32_ROLES = ("sd", "clip", "prefilter", "dino", "cutler", "match")
 
 
 def resolve_precision(precision: str, device: torch.device) -> dict[str, torch.dtype]:
-    """``--precision`` -> the dtype each network runs in (role -> dtype).
+    """``--precision`` -> the dtype each computation runs in (role -> dtype).
 
-    ``auto`` is fp32 on the CPU and MPS; on CUDA it is bf16 (fp16 where unsupported) for SD and CLIP and fp32
-    for DINO, which the reference runs in fp32. ``fp32`` is the reference's numerics everywhere; ``bf16`` and
-    ``fp16`` apply to every network. Raises ValueError naming the accepted values.
+    Roles are the networks ("sd", "clip" for dense CLIP features, "dino", "cutler"), "prefilter" (the CLIP
+    pre-filter, the same network as "clip") and "match" (the feature-prototype similarity matmul).
+
+    ``auto`` is fp32 off CUDA; on CUDA it is the reference's numerics (REFERENCE 1, 4, 6): SD and the pre-filter in
+    fp16, dense CLIP, DINO, CutLER and matching in fp32. ``fast`` (faster, not the reference's bits) runs SD and
+    every CLIP in bf16 (fp16 where unsupported) and matches in fp16 on CUDA. ``fp32`` is fp32 everywhere; ``bf16`` and
+    ``fp16`` apply to every network, with fp16 matching on CUDA. CutLER's box and mask math stays fp32 whatever
+    the precision: its ROIAlign has no bf16 kernel, and proposals decide which support pixels become prototypes
+    at all. Raises ValueError naming the accepted values.
     """
     from ..defaults import PRECISIONS
 
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    out = dict.fromkeys(_FP32_ROLES, torch.float32)
+    if device.type != "cuda":
+        if precision in _PRECISIONS:  # an explicit choice applies off CUDA too (matching stays fp32)
+            out |= dict.fromkeys(("sd", "clip", "prefilter", "dino"), _PRECISIONS[precision])
+        return out
     if precision == "auto":
-        fast = default_dtype(device)
-        return {"sd": fast, "clip": fast, "dino": torch.float32, "cutler": torch.float32}
-    # CutLER's box and mask math stays fp32 whatever the precision: its ROIAlign has no bf16 kernel, and proposals
-    # decide which support pixels become prototypes at all.
-    return dict.fromkeys(("sd", "dino", "clip"), _PRECISIONS[precision]) | {"cutler": torch.float32}
+        return out | {"sd": torch.float16, "prefilter": torch.float16}
+    half = default_dtype(device) if precision == "fast" else _PRECISIONS[precision]
+    networks = ("sd", "clip", "prefilter") if precision == "fast" else ("sd", "clip", "prefilter", "dino")
+    return out | dict.fromkeys(networks, half) | {"match": torch.float32 if half == torch.float32 else torch.float16}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

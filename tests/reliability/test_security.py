@@ -90,6 +90,28 @@ def import_into(tmp_path: Path, file: Path):
     return result, stored
 
 
+def test_export_with_support_imports_every_image_and_leaves_out_old_banks(tmp_path):
+    """--with-support carries the support entries whole (image, flooring residual, attribution) and import accepts
+    them; a bank an earlier ovdiff wrote (another bank format) is left out of the export instead of failing it."""
+    cache = tmp_path / "source"
+    assert runner.invoke(app, ["synth", "cat", *TINY, "--cache-dir", str(cache)]).exit_code == 0
+    with Cache(cache) as c:
+        key = sharing._stage_keys(c, "bank")[0]
+        old = cachelib.encode_arrays({"x": np.zeros(1, np.uint8)}, {"ovdiff": {"version": 2}})
+        c.put("bank", "0" * 64, old)
+        n_support = len(sharing._stage_keys(c, "support"))
+    assert n_support > 0
+    file = tmp_path / "banks.ovd"
+    cmd = ["cache", "export", str(file), "--with-support", "--cache-dir", str(cache)]
+    result = runner.invoke(app, cmd)
+    assert result.exit_code == 0 and f"1 prototype banks and {n_support} support images" in result.output, result.output
+    result, stored = import_into(tmp_path, file)
+    assert result.exit_code == 0, result.output
+    assert stored == {"bank": 1, "support": n_support}
+    with Cache(tmp_path / "target") as target, Cache(cache) as source:
+        assert target.get("bank", key) == source.get("bank", key)
+
+
 def test_export_then_import_then_segment_needs_no_generation(exported, tmp_path):
     result, stored = import_into(tmp_path, exported)
     assert result.exit_code == 0 and "2 new, 0 already there" in result.output, result.output
