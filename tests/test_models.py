@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from real_format import cutler_checkpoint
 
 from ovdiff_cli.models import ModelUnavailable, component_hash, loading, resolve_models
 from ovdiff_cli.models.loading import CONTEXT_LENGTH, Models, PromptTokenizer, resolve_device
@@ -73,7 +74,7 @@ def test_resolve_folder_layout(tmp_path):
         assert comp.hub_id is None and comp.revision is None
         assert comp.library == resolve_models("sd15").components[role].library
         assert local_snapshot(comp) == root / role
-        assert presence(comp) == "present"
+        assert weight_files(comp)  # found and whole (fake weights: their contents would be "wrong", see below)
 
 
 def test_resolve_folder_missing_subfolder(tmp_path):
@@ -196,7 +197,7 @@ def test_missing_or_empty_weight_file_is_named(tmp_path):
     (root / "clip" / "open_clip_model.safetensors").unlink()
     with pytest.raises(ModelUnavailable, match=r"weight file open_clip_model\.safetensors is missing"):
         weight_files(spec.components["clip"])
-    assert presence(spec.components["clip"]) == "missing"
+    assert presence(spec.components["clip"]) == f"missing: open_clip_model.safetensors is missing in {root / 'clip'}"
     with pytest.raises(ModelUnavailable):
         Models(spec, torch.device("cpu")).check_available(["clip"])
     (root / "clip" / "open_clip_model.safetensors").write_bytes(b"")
@@ -226,17 +227,6 @@ def test_missing_local_folder_is_unavailable(tmp_path):
     assert presence(comp) == "missing"
     with pytest.raises(ModelUnavailable, match=re.escape(str(tmp_path / "gone"))):
         component_hash(comp)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face hub cache, also patched into huggingface_hub (which reads HF_HUB_CACHE at import)."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def _fake_snapshot(cache: Path, repo: str, sha: str, files: list[str], ref: str | None = "main") -> Path:
@@ -277,7 +267,7 @@ def test_hub_snapshot_found_offline(hub_cache):
     # revision "main" is resolved through refs/main, without the network.
     assert Path(local_snapshot(dino)).resolve() == snap.resolve()
     assert re.fullmatch(sha + r"-[0-9a-f]{12}", component_hash(dino))
-    assert presence(dino) == "present"
+    assert weight_files(dino) and presence(dino).startswith("wrong: config.json is not a JSON file")  # fake files
     # The pinned SD revision is a commit sha: its snapshot folder is found without any ref.
     sd_snap = _fake_snapshot(
         hub_cache, "stable-diffusion-v1-5/stable-diffusion-v1-5", SD15_REVISION, list(ROLE_FILES["sd"]), ref=None
@@ -286,7 +276,7 @@ def test_hub_snapshot_found_offline(hub_cache):
     assert component_hash(spec.components["sd"]).startswith(SD15_REVISION + "-")
     # CLIP is still missing.
     assert presence(spec.components["clip"]) == "missing"
-    Models(spec, torch.device("cpu")).check_available(["sd", "dino"])
+    assert weight_files(spec.components["sd"])
 
 
 def test_tiny_presence_is_built_in():
@@ -474,8 +464,7 @@ def test_cutler_is_a_component_of_every_set_and_overridable(tmp_path):
     for name in ("tiny", "sd15-random"):
         assert resolve_models(name).components["cutler"].builtin
     # ROLE=PATH works for every set, tiny included, with a checkpoint file or a folder holding one.
-    ckpt = tmp_path / "cutler_cascade_final.pth"
-    ckpt.write_bytes(b"not read for hashing beyond its bytes")
+    ckpt = cutler_checkpoint(tmp_path / "cutler_cascade_final.safetensors")
     spec = resolve_models(f"tiny,cutler={ckpt}")
     comp = spec.components["cutler"]
     assert comp.local == str(ckpt) and comp.library == "detectron2" and not comp.builtin
@@ -557,11 +546,11 @@ def test_bad_weight_files_never_make_or_reuse_a_cached_entry(tmp_path):
     bad = runner.invoke(app, args)
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1, bad.output
     assert "CLIP ViT: weight file open_clip_model.safetensors is truncated" in bad.output
-    # Whole but not what the network needs (another model's tensors): the load fails, one line.
+    # Whole but not what the network needs (another model's tensors): found before any work too, one line.
     save_file({"unrelated": torch.zeros(3)}, weights)
     bad = runner.invoke(app, args)
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1, bad.output
-    assert "CLIP ViT" in bad.output and "cannot load" in bad.output
+    assert "CLIP ViT: weight file open_clip_model.safetensors has no tensor 'positional_embedding'" in bad.output
     weights.unlink()  # missing
     bad = runner.invoke(app, args)
     assert bad.exit_code == 2 and "open_clip_model.safetensors is missing" in bad.output
@@ -577,34 +566,6 @@ def test_bad_weight_files_never_make_or_reuse_a_cached_entry(tmp_path):
 
 
 # --- downloads that cannot hang (issue 13, item 2) -----------------------------------------------------------------
-
-
-@pytest.fixture
-def silent_server():
-    """A loopback TCP server that accepts connections and never answers; closed after the test."""
-    import contextlib
-    import socket
-    import threading
-
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.settimeout(0.2)
-    held, stop = [], threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                held.append(server.accept()[0])
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join(2)
-    for conn in held:
-        conn.close()
-    server.close()
 
 
 def test_downloads_give_up_on_a_silent_server(silent_server, monkeypatch, tmp_path):
@@ -701,15 +662,16 @@ def test_sd_commit_is_found_under_the_repository_s_other_names(hub_cache):
 
 
 def test_an_incomplete_folder_is_listed_as_incomplete_with_its_file(tmp_path):
-    root = _fake_model_folder(tmp_path / "models")
-    comp = resolve_models(str(root)).components["clip"]
+    root = tmp_path / "clip"
+    _tiny_clip_folder(root)
+    comp = resolve_models(f"tiny,clip={root}").components["clip"]
     assert presence(comp) == "present"
-    weights = root / "clip" / "open_clip_model.safetensors"
+    weights = root / "open_clip_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-3])
     status = presence(comp)
     assert status.startswith("incomplete: open_clip_model.safetensors is truncated (") and str(root) in status
     weights.unlink()
-    assert presence(comp) == "missing"
+    assert presence(comp) == f"missing: open_clip_model.safetensors is missing in {root}"
 
 
 def test_models_list_piped_prints_whole_values():
@@ -741,15 +703,16 @@ def test_fetch_to_hard_links_or_copies_and_replaces_dangling_links(hub_cache, tm
     assert lay_out(dino, snap, linked, link=True) == f"{linked}: 2 files (2 symlinked)"
     assert (linked / "config.json").is_symlink() and (linked / "config.json").exists()
     # The laid-out folder is a model folder: --models NAME,dino=PATH reads it.
-    assert presence(resolve_models(f"sd15,dino={target}").components["dino"]) == "present"
+    assert weight_files(resolve_models(f"sd15,dino={target}").components["dino"])
 
 
-def test_clip_from_a_folder_runs_quickgelu_even_when_its_config_forgets_it(tmp_path):
-    """OpenAI's CLIP weights were trained with QuickGELU: a folder whose config lacks `quick_gelu` must not load
-    them under plain GELU."""
+def test_clip_from_a_folder_runs_quickgelu_even_when_its_config_forgets_it(tmp_path, monkeypatch):
+    """OpenAI's CLIP weights were trained with QuickGELU: a folder holding them (known by the weight file's sha256,
+    as sd15 registers its pinned file) whose config lacks `quick_gelu` must not load them under plain GELU."""
     from open_clip.transformer import QuickGELU
     from safetensors.torch import save_file
 
+    from ovdiff_cli.models.registry import QUICK_GELU_WEIGHTS
     from ovdiff_cli.models.tiny import TINY_CLIP
 
     folder = tmp_path / "clip"
@@ -758,6 +721,8 @@ def test_clip_from_a_folder_runs_quickgelu_even_when_its_config_forgets_it(tmp_p
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
     tiny = Models(resolve_models("tiny"), torch.device("cpu")).get("clip")
     save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, folder / "open_clip_model.safetensors")
+    digest = hashlib.sha256((folder / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    monkeypatch.setitem(QUICK_GELU_WEIGHTS, digest, "OpenAI's, for this test")
     clip = Models(resolve_models(f"tiny,clip={folder}"), torch.device("cpu")).get("clip")
     acts = [type(m) for m in clip.modules() if isinstance(m, QuickGELU | torch.nn.GELU)]
     assert acts and set(acts) == {QuickGELU}
@@ -797,7 +762,8 @@ def test_clip_from_a_folder_equals_open_clips_own_loading(tmp_path, precision):
     models = Models(resolve_models(f"tiny,clip={tmp_path / 'clip'}"), torch.device("cpu"), precision)
     clip = models.get("clip")
     lp = {"fp32": "fp32", "bf16": "pure_bf16"}[precision]
-    ref = open_clip.create_model(f"local-dir:{tmp_path / 'clip'}", force_quick_gelu=True, precision=lp).eval()
+    # Its config says no quick_gelu: both follow it (GELU), as open_clip does for any folder.
+    ref = open_clip.create_model(f"local-dir:{tmp_path / 'clip'}", precision=lp).eval()
     _assert_same_state(clip, ref)
     assert not clip.training and not any(p.requires_grad for p in clip.parameters())
     ids = torch.randint(0, 49408, (2, 77))

@@ -60,7 +60,8 @@ def _environment(argv: list[str]) -> None:
 
     Outside ``ovdiff models fetch`` nothing may touch the network (weights are never downloaded implicitly), so
     the Hugging Face libraries run offline and fail at once when something is not cached. Their logging, advice
-    and progress bars stay silent unless the command runs with ``-v``.
+    and progress bars stay silent unless the command runs with ``-v``; progress bars also when stderr is no
+    terminal.
     """
     if argv[1:3] != ["models", "fetch"]:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -91,6 +92,10 @@ def _environment(argv: list[str]) -> None:
         ):
             os.environ.setdefault(name, value)
         logging.getLogger().setLevel(logging.ERROR)  # timm and open_clip log through the root logger
+    elif not sys.stderr.isatty():
+        # A progress bar redraws itself with carriage returns: in a log file (`-v 2> run.log`) that is one unreadable
+        # line. transformers follows huggingface_hub's switch (read at import); loading.py passes it on to diffusers.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""``ovdiff models list|fetch|convert``: which model sets exist, what they need, what is here; download for offline
-use; convert CutLER's checkpoint to safetensors once."""
+"""``ovdiff models list|verify|fetch|convert``: which model sets exist, what they need, what is here; check the weight
+files' bytes; download for offline use; convert CutLER's checkpoint to safetensors once."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Annotated
 
 import typer
 
-from .common import HELP_OPTIONS, JsonOpt, fail, out, print_table, user_errors
+from .common import EXIT_FAILED, HELP_OPTIONS, JsonOpt, err, fail, out, print_table, user_errors
 
 app = typer.Typer(
-    help="List model sets, pre-download their weights, convert checkpoints.",
+    help="List model sets, verify and pre-download their weights, convert checkpoints.",
     no_args_is_help=True,
     context_settings=HELP_OPTIONS,
 )
@@ -22,12 +22,12 @@ app = typer.Typer(
 @app.command("list")
 def list_(as_json: JsonOpt = False) -> None:
     """Model sets, the networks each needs, and whether their weights are on this machine."""
-    from ..models.registry import ROLE_TITLES, list_model_sets, presence
+    from ..models.registry import ROLE_TITLES, found_source, list_model_sets, presence
 
     rows = []
     for spec in list_model_sets():
         comps = {
-            role: {"source": c.source, "status": presence(c), "library": c.library}
+            role: {"source": found_source(c), "status": presence(c), "library": c.library}
             for role, c in spec.components.items()
         }
         rows.append({"name": spec.name, "description": spec.description, "components": comps})
@@ -54,6 +54,66 @@ def list_(as_json: JsonOpt = False) -> None:
     )
     if out.is_terminal:
         out.print("Fetch missing weights with `ovdiff models fetch sd15` (needs internet), or use --models tiny.")
+
+
+@app.command("verify")
+def verify(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="SET", help="A model set, folder or NAME,ROLE=PATH,... as --models takes [default: every set]."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-read every byte of the weight files and check them; exit 1 if any is bad.
+
+    Cache keys trust names, for speed: a hub file is known by the name of the blob it links to, a local file by the
+    sha256 remembered for its path, size and modification time. A hub file whose bytes are not what its blob's name
+    says is corrupt (delete it and fetch again); a local file whose remembered digest is of other bytes (edited
+    with its size and time kept) gets the right one, so cache keys follow it from then on. Networks whose weights
+    are not on this machine are listed, not checked.
+    """
+    from ..models.registry import ROLE_TITLES, WeightsMissing, list_model_sets, resolve_models
+    from ..models.registry import verify as verify_component
+
+    with user_errors():
+        specs = [resolve_models(name)] if name is not None else list_model_sets()
+    rows = []
+    for spec in specs:
+        for role, comp in spec.components.items():
+            if comp.builtin:
+                continue  # built in-process: no file to check
+            try:
+                checks = verify_component(comp)
+            except WeightsMissing:
+                rows.append({"set": spec.name, "network": role, "file": None, "state": "not here", "bad": False})
+                continue
+            rows += [
+                {"set": spec.name, "network": role, "file": c.path and str(c.path), "state": c.state, "bad": c.bad}
+                | ({"detail": c.detail} if c.detail else {})
+                for c in checks
+            ]
+    bad = sum(r["bad"] for r in rows)
+    if as_json:
+        typer.echo(json.dumps({"files": rows, "bad": bad}, indent=2))
+    elif not rows:
+        err.print("nothing to verify: every network is built in-process")
+    else:
+        print_table(
+            ("set", "network", "file", "status"),
+            [
+                (r["set"], ROLE_TITLES[r["network"]], r["file"], ": ".join(filter(None, (r["state"], r.get("detail")))))
+                for r in rows
+            ],
+            style=lambda column, value: (
+                None if column != "status" else {"ok": "green", "not here": "dim"}.get(value, "red")
+            ),
+            group=True,
+        )
+        err.print(f"{sum(r['file'] is not None for r in rows)} files re-read, {bad} bad")
+    if bad:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command("fetch")
@@ -98,10 +158,11 @@ def fetch(
 
 
 def _download_failure(comp, exc: Exception) -> str:
-    """One line: what could not be fetched from where, why, and what to do."""
+    """One line: what could not be fetched from where, why (the bound and the real wait when the server stayed
+    silent; else the first cause, which the hub wraps in its own errors), and what to do."""
     from urllib.parse import urlparse
 
-    from ..models.registry import fetch_timeouts
+    from ..models.registry import FetchTimeout
 
     if comp.url:
         host = urlparse(comp.url).netloc
@@ -109,12 +170,12 @@ def _download_failure(comp, exc: Exception) -> str:
         from huggingface_hub.constants import ENDPOINT
 
         host = urlparse(ENDPOINT).netloc
+    while exc.__cause__ is not None and not isinstance(exc, FetchTimeout):
+        exc = exc.__cause__
     detail = str(exc).strip().splitlines()
     why = f"{type(exc).__name__}: {detail[0]}" if detail else type(exc).__name__
-    timeout = "timed out" in why.lower() or "timeout" in type(exc).__name__.lower()
-    if timeout:
-        connect, read = fetch_timeouts()
-        why = f"no answer within {max(connect, read):g} s ({type(exc).__name__})"
+    if isinstance(exc, FetchTimeout):
+        why = str(exc)
     return (
         f"could not download {comp.source} from {host}: {why}; run the command again (finished files are kept), raise"
         " OVDIFF_FETCH_TIMEOUT for a slow link, or fetch on another machine and copy HF_HOME / OVDIFF_WEIGHTS here"

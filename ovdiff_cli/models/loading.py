@@ -25,6 +25,8 @@ from .registry import (
     ModelSetSpec,
     ModelUnavailable,
     WeightsMissing,
+    _fetch_hint,
+    clip_activation,
     component_hash,
     local_snapshot,
     weight_files,
@@ -200,8 +202,12 @@ def _load_hub_generator(path: Path, device: torch.device, dtype: torch.dtype) ->
     """SD's parts read from their safetensors straight into ``dtype`` on ``device``: the networks are built on the
     meta device (accelerate), so no random initialisation runs and no float32 copy of 4 GB is ever made."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
     from transformers import CLIPTextModel
 
+    if are_progress_bars_disabled():  # diffusers keeps its own switch (on), where transformers follows the hub's
+        diffusers_logging.disable_progress_bar()
     place = {"device_map": str(device)} if device.type != "cpu" else {}
     common = {"low_cpu_mem_usage": True, **place}
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **common)
@@ -297,15 +303,16 @@ def load_clip(comp: Component, device: torch.device, dtype: torch.dtype) -> torc
                 embed_dim=cfg["embed_dim"],
                 vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
                 text_cfg=CLIPTextCfg(**cfg["text_cfg"]),
-                quick_gelu=cfg.get("quick_gelu", False),
+                quick_gelu=clip_activation(comp) == "quickgelu",
             )
         return _prepare(model, device, dtype)
     root = local_snapshot(comp)
     config_name, weights_name = ROLE_FILES["clip"]
     cfg = dict(json.loads((root / config_name).read_text())["model_cfg"])
-    # OpenAI's CLIP weights were trained with QuickGELU; a config that forgets to say so loads them silently under
-    # the wrong activation.
-    cfg["quick_gelu"] = True
+    # The activation the weights were trained with, which a config may not say (OpenAI's QuickGELU): weights run under
+    # the other one load silently and give other features.
+    cfg["quick_gelu"] = clip_activation(comp) == "quickgelu"
+    log.info("CLIP ViT runs %s", "QuickGELU" if cfg["quick_gelu"] else "GELU")
     # As open_clip's create_model picks the class; the tower configs stay dicts, which both classes accept.
     cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
     model = without_init(lambda: cls(**cfg))
@@ -349,10 +356,15 @@ def _load(role: str, comp: Component, device: torch.device, dtype: torch.dtype, 
             raise  # built in-process from a config: not a user's file, a bug
         lines = str(exc).strip().splitlines()
         where = files[0].parent if len(files) > 1 else files[0]
+        # A downloaded set's files can be fetched again; a folder of the user's own can only be replaced.
+        again = (
+            f"`ovdiff models verify {comp.fetch_set}` checks the files' bytes; fetch it again with {_fetch_hint(comp)}"
+            if comp.fetch_set
+            else f"replace it, or pass another {'file' if len(files) == 1 else 'folder'} with --models NAME,{role}=PATH"
+        )
         raise ModelUnavailable(
             f"{ROLE_TITLES[role]}: cannot load the weights in {where} ({type(exc).__name__}: "
-            f"{lines[0] if lines else 'no detail'}); a truncated or replaced file? fetch it again with "
-            f"`ovdiff models fetch`"
+            f"{lines[0] if lines else 'no detail'}); a truncated or replaced file? {again}"
         ) from None
 
 
@@ -415,17 +427,20 @@ class Models:
         return self._loaded[role]
 
     def check_available(self, roles: list[str]) -> None:
-        """Fail at once (ModelUnavailable) if any needed network's weights are missing locally."""
+        """Fail at once (ModelUnavailable, one line naming the file) if any needed network's weights are missing
+        locally, cut short, or not what the network needs (tensor names and shapes against its architecture; a
+        passed file is remembered, so this loads nothing and costs seconds once per file)."""
         for role in roles:
             comp = self.spec.components.get(role)
             if comp is None:
                 raise ModelUnavailable(f"model set {self.spec.name!r} has no {role} network")
             if not comp.builtin:
-                weight_files(comp)
+                weight_files(comp, contents=True)
 
     def has_weights(self, role: str) -> bool:
         """Whether network ``role``'s weights are here (built in, or on this machine). Weights that are here but
-        broken (empty, cut short) raise ModelUnavailable: falling back to another network would hide them."""
+        broken (empty, cut short, the wrong tensors) raise ModelUnavailable: falling back to another network would
+        hide them."""
         try:
             self.check_available([role])
         except WeightsMissing:

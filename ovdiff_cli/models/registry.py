@@ -40,6 +40,13 @@ ROLE_FILES = {
 
 RANDOM = "random"  # the pseudo-library of networks built in-process with seeded random weights
 
+# CLIP's MLP activation, chosen in --models with `clip-act=` (after the first entry, like the ROLE=PATH overrides).
+CLIP_ACT = "clip-act"
+CLIP_ACTIVATIONS = ("quickgelu", "gelu")
+# sha256 of CLIP weight files known to be trained with QuickGELU (OpenAI's) -> whose they are. Model set modules add
+# the files they pin, so a copy of them in a folder (`models fetch --to`) runs QuickGELU whatever its config says.
+QUICK_GELU_WEIGHTS: dict[str, str] = {}
+
 
 class ModelUnavailable(RuntimeError):
     """A model's weights cannot be used: not on this machine (and never downloaded implicitly), or broken."""
@@ -74,6 +81,10 @@ class Component:
     hub_aliases: tuple[str, ...] = ()
     # The model set whose `ovdiff models fetch` downloads this component (for hints); None for local overrides.
     fetch_set: str | None = None
+    # CLIP only: the MLP activation its weights were trained with, where the set or the user says it ("quickgelu"
+    # for OpenAI's weights, or `clip-act=` in --models); None follows the weights and their config
+    # (:func:`clip_activation`).
+    activation: str | None = None
 
     @property
     def builtin(self) -> bool:
@@ -201,7 +212,8 @@ def list_model_sets() -> list[ModelSetSpec]:
 def resolve_models(arg: str) -> ModelSetSpec:
     """Parse ``--models``: ``NAME``, ``PATH`` (a folder with sd/, dino/, clip/), or ``NAME,role=PATH,...``.
 
-    Per-model overrides replace one network with a local folder, e.g. ``sd15,sd=/models/sd15``.
+    Per-model overrides replace one network with a local folder, e.g. ``sd15,sd=/models/sd15``; ``clip-act=gelu``
+    or ``clip-act=quickgelu`` says which activation a CLIP read from files runs (default: :func:`clip_activation`).
     Raises ValueError (one line, naming the bad value) for anything else.
     """
     _ensure_registered()
@@ -221,15 +233,32 @@ def resolve_models(arg: str) -> ModelSetSpec:
     else:
         names = ", ".join(MODEL_SETS)
         raise ValueError(f"--models {arg!r}: not a model set ({names}) nor an existing folder")
+    activation = None
     for item in overrides:
         role, sep, path = item.partition("=")
+        if role == CLIP_ACT:
+            if path not in CLIP_ACTIVATIONS:
+                raise ValueError(f"--models override {item!r}: expected {CLIP_ACT}={' or '.join(CLIP_ACTIVATIONS)}")
+            activation = path
+            continue
         if not sep or role not in ROLES:
-            raise ValueError(f"--models override {item!r}: expected ROLE=PATH with ROLE one of {', '.join(ROLES)}")
+            raise ValueError(
+                f"--models override {item!r}: expected ROLE=PATH with ROLE one of {', '.join(ROLES)}, or"
+                f" {CLIP_ACT}={'|'.join(CLIP_ACTIVATIONS)}"
+            )
         target = Path(path).expanduser()
         if not (target.is_dir() or (role == "cutler" and target.is_file())):
             what = "a folder or a checkpoint file" if role == "cutler" else "a folder"
             raise ValueError(f"--models override {item!r}: {path} is not {what}")
         spec = spec.with_local(role, path)
+    if activation:  # applied last, so it holds for a clip=PATH given before or after it
+        clip = spec.components["clip"]
+        if clip.builtin:
+            raise ValueError(
+                f"--models {arg!r}: {CLIP_ACT} is for CLIP weights read from files, and {spec.name}'s CLIP is built"
+                " in-process; add clip=PATH"
+            )
+        spec = replace(spec, components={**spec.components, "clip": replace(clip, activation=activation)})
     return spec
 
 
@@ -286,8 +315,9 @@ def local_snapshot(comp: Component) -> Path:
         return path
     assert comp.hub_id, "built-in components have no snapshot"
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
+    partial: tuple[Path, list[str]] | None = None  # the first snapshot found here with weight files missing
     for repo in (comp.hub_id, *comp.hub_aliases):
         try:
             return Path(
@@ -298,8 +328,26 @@ def local_snapshot(comp: Component) -> Path:
                     local_files_only=True,
                 )
             )
+        except IncompleteSnapshotError as exc:
+            # huggingface_hub refuses a snapshot that its cached file listing says lacks files: it is here, so name
+            # the files we load that are gone (an alias may still hold them all).
+            root = Path(exc.snapshot_path)
+            names = comp.allow_patterns or ROLE_FILES.get(comp.role, ())
+            missing = [rel for rel in names if not (root / rel).is_file()]
+            if not missing:
+                return root  # only files we never load are gone
+            partial = partial or (root, missing)
         except (LocalEntryNotFoundError, FileNotFoundError, OSError):
             continue
+    if partial:
+        root, missing = partial
+        named = f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing in {root}"
+        error = WeightsMissing(
+            f"{ROLE_TITLES[comp.role]}: weight file{'s' if len(missing) > 1 else ''} {named}: fetch again with"
+            f" {_fetch_hint(comp)}, or pass a complete folder with --models NAME,{comp.role}=PATH"
+        )
+        error.detail = named  # which files, as weight_files says it, for `models list`
+        raise error
     also = f" (nor under {' or '.join(comp.hub_aliases)} at that revision)" if comp.hub_aliases else ""
     raise WeightsMissing(
         f"{ROLE_TITLES[comp.role]} weights ({comp.hub_id}@{comp.revision or 'main'}) are not in the "
@@ -314,50 +362,91 @@ def _fetch_hint(comp: Component) -> str:
     return f"`ovdiff models fetch {comp.fetch_set}`" if comp.fetch_set else "`ovdiff models fetch`"
 
 
-def weight_files(comp: Component) -> list[Path]:
-    """Every file this component's weights are loaded from, checked present, non-empty and not cut short (from the
-    files' own framing: safetensors headers, zip directories), without loading them.
+def found_source(comp: Component) -> str:
+    """Where this machine has the component's weights, as ``REPO@COMMIT``: the repository they were found under
+    (the pinned name or one of its other names) and, for a branch such as ``main``, the commit it pointed to then
+    (``REPO@COMMIT (main)``: the sha to pin). Its declared :attr:`Component.source` where nothing is found."""
+    if not comp.hub_id:
+        return comp.source
+    from huggingface_hub.file_download import repo_folder_name
 
-    Raises ModelUnavailable naming the first missing or empty file and how to provide the weights.
+    try:
+        root = local_snapshot(comp)
+    except ModelUnavailable:
+        return comp.source
+    repo = next(
+        (r for r in comp.hub_aliases if root.parent.parent.name == repo_folder_name(repo_id=r, repo_type="model")),
+        comp.hub_id,
+    )
+    branch = f" ({comp.revision or 'main'})" if root.name != comp.revision else ""
+    return f"{repo}@{root.name}{branch}"
+
+
+def weight_files(comp: Component, *, contents: bool = False) -> list[Path]:
+    """Every file this component's weights are loaded from, checked present, non-empty and not cut short (from the
+    files' own framing: safetensors headers, zip directories), without loading them. With ``contents``, also that
+    they hold the tensors the network needs, by name and shape (:mod:`ovdiff_cli.models.contents`: seconds once
+    per file, remembered); hashing does not ask for it, so cache keys stay cheap.
+
+    Raises ModelUnavailable naming the first missing, empty, cut short or (``contents``) wrong file and how to provide
+    the weights: WeightsMissing when it is simply not there, contents.WeightsWrong when it holds the wrong things.
     """
     root = local_snapshot(comp)
     names = comp.allow_patterns or ROLE_FILES.get(comp.role, ())
     files = [root] if root.is_file() else [root / rel for rel in names]  # a file: a CutLER checkpoint
+    problem, wrong = None, False
     for f in files:
-        state = None
         if not f.is_file() or f.stat().st_size == 0:
-            state = "is empty" if f.is_file() else "is missing"
-        else:
-            state = _incomplete(f)
-        if state:
-            named = f"{f.relative_to(root)} {state} in {root}" if f != root else f"{f} {state}"
-            again = f"fetch it again with {_fetch_hint(comp)}, or " if comp.fetch_set else ""
-            error = (WeightsMissing if state == "is missing" else ModelUnavailable)(
-                f"{ROLE_TITLES[comp.role]}: weight file {named}: {again}pass a complete"
-                f" {'file' if f == root else 'folder'} with --models NAME,{comp.role}=PATH"
-            )
-            error.detail = named  # which file and what is wrong with it, for `models list`
-            raise error
+            problem = (f, "is empty" if f.is_file() else "is missing")
+        elif state := _incomplete(f):
+            problem, wrong = (f, state), state.startswith("is not a ")  # whole, but another format
+        if problem:
+            break
+    if problem is None and contents:
+        from .contents import check_contents
+
+        problem = check_contents(comp, root, files)
+        wrong = problem is not None
+    if problem:
+        from .contents import WeightsWrong
+
+        f, state = problem
+        named = f"{f.relative_to(root)} {state} in {root}" if f != root else f"{f} {state}"
+        again = f"fetch it again with {_fetch_hint(comp)}, or " if comp.fetch_set else ""
+        kind = WeightsWrong if wrong else WeightsMissing if state == "is missing" else ModelUnavailable
+        error = kind(
+            f"{ROLE_TITLES[comp.role]}: weight file {named}: {again}pass a {'correct' if wrong else 'complete'}"
+            f" {'file' if f == root else 'folder'} with --models NAME,{comp.role}=PATH"
+        )
+        error.detail = named  # which file and what is wrong with it, for `models list`
+        raise error
     return files
 
 
 def _incomplete(path: Path) -> str | None:
-    """Why a weight file is visibly cut short, from its own framing and without reading its tensors; None if it
-    looks whole. A safetensors file must end exactly where its header's last tensor ends; a zip-format torch
-    checkpoint must have its central directory (written last)."""
+    """What is wrong with a weight file by its own framing, without reading its tensors: "is truncated (...)" when it
+    is visibly cut short, "is not a safetensors file (...)" when a .safetensors file has no header at all (random
+    bytes, another format); None if it looks whole. A safetensors file must end exactly where its header's last
+    tensor ends; a zip-format torch checkpoint must have its central directory (written last)."""
     import zipfile
+
+    from .contents import SAFETENSORS_MAX_HEADER
 
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
         if path.suffix == ".safetensors":
             header_len = int.from_bytes(head, "little") if len(head) == 8 else size
+            # Every safetensors header is a JSON object: a file cut inside it still starts with its brace.
+            first = f.read(1)
+            if first and (first != b"{" or header_len > SAFETENSORS_MAX_HEADER):
+                return "is not a safetensors file (no JSON header after its first 8 bytes: another format?)"
             if 8 + header_len > size:
                 return f"is truncated ({size:,} bytes, shorter than its own header)"
             try:
-                header = json.loads(f.read(header_len))
+                header = json.loads(first + f.read(header_len - 1))
                 end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, IndexError):
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
                 return "is not a safetensors file (its header cannot be read)"
             expected = 8 + header_len + end
             if expected != size:
@@ -374,7 +463,12 @@ def component_hash(comp: Component) -> str:
     Hub: the snapshot's commit sha plus a digest of its files' identities (a snapshot file links to a blob named by
     the sha256 of its content, so this costs nothing). Local folder or checkpoint file: a digest of the content of
     its weight files (sha256 of every byte, remembered by path, size and modification time, so it is computed once).
-    Built-in: a digest of its config and init seed. Raises ModelUnavailable when a weight file is missing.
+    Built-in: a digest of its config and init seed. A CLIP that runs GELU (:func:`clip_activation`) gets its own
+    hash. Raises ModelUnavailable when a weight file is missing.
+
+    This fast path trusts names: a hub blob's name is not checked against its bytes, and a local file edited in
+    place with its size and modification time kept keeps its remembered digest. :func:`verify` (``ovdiff models
+    verify``) re-reads every byte.
     """
     if comp.builtin:
         blob = json.dumps({"arch": comp.arch, "config": comp.config, "seed": comp.init_seed}, sort_keys=True)
@@ -383,9 +477,36 @@ def component_hash(comp: Component) -> str:
     root = local_snapshot(comp)
     base = root.parent if root.is_file() else root
     digest = _files_digest(base, files)
+    # The activation is part of what CLIP computes. QuickGELU, the only one before a folder's GELU was honoured,
+    # keeps the hashes it always had; GELU gets others, so no entry made under the other activation is reused.
+    act = "-gelu" if comp.role == "clip" and clip_activation(comp) == "gelu" else ""
     if comp.hub_id:
-        return f"{root.name}-{digest[:12]}"  # huggingface_hub names snapshot folders by commit sha
-    return ("file-" if root.is_file() else "local-") + digest
+        return f"{root.name}-{digest[:12]}{act}"  # huggingface_hub names snapshot folders by commit sha
+    return ("file-" if root.is_file() else "local-") + digest + act
+
+
+def clip_activation(comp: Component) -> str:
+    """The MLP activation a CLIP component runs, "quickgelu" or "gelu": the one its weights were trained with.
+
+    In order: the component's own (the pinned OpenAI weights, or ``clip-act=`` in ``--models``); QuickGELU for a
+    weight file whose sha256 is in :data:`QUICK_GELU_WEIGHTS` (a copy of the pinned OpenAI file, whatever its
+    folder's config says); else ``quick_gelu`` in the folder's ``open_clip_config.json``, GELU when absent, as
+    open_clip reads it (LAION's and most other CLIP weights are trained with GELU). Built-in: its config's.
+    """
+    if comp.activation:
+        return comp.activation
+    if comp.builtin:
+        return "quickgelu" if comp.config.get("quick_gelu") else "gelu"
+    _ensure_registered()  # the sets' modules add their known weights
+    root = local_snapshot(comp)
+    config_name, weights_name = ROLE_FILES["clip"]
+    if _content_id(root / weights_name).partition(":")[2] in QUICK_GELU_WEIGHTS:
+        return "quickgelu"
+    try:
+        config = json.loads((root / config_name).read_text())["model_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "gelu"  # unreadable: the load fails on it and says so
+    return "quickgelu" if isinstance(config, dict) and config.get("quick_gelu") else "gelu"
 
 
 def _files_digest(root: Path, files: list[Path]) -> str:
@@ -399,23 +520,42 @@ def _files_digest(root: Path, files: list[Path]) -> str:
 def _content_id(path: Path) -> str:
     """What a file holds: in a Hugging Face hub cache, the name of the blob it links to (the sha256 of an LFS file's
     content, the git hash of a small one); elsewhere, the sha256 of its bytes, remembered by path, size and mtime."""
+    blob = _blob_name(path)
+    if blob:
+        return "blob:" + blob
+    key = _memo_key(path)
+    memo = _digest_memo()
+    if key not in memo:
+        memo[key] = _hash_bytes(path)
+        _save_digest_memo(memo)
+    return "sha256:" + memo[key]
+
+
+def _blob_name(path: Path) -> str | None:
+    """The name of the hub blob ``path`` links to (a snapshot file in a Hugging Face cache), else None."""
     import os
 
     if path.is_symlink():
         target = Path(os.path.realpath(path))
         if target.parent.name == "blobs":
-            return "blob:" + target.name
+            return target.name
+    return None
+
+
+def _memo_key(path: Path) -> str:
+    """Where a file's digest is remembered: its real path, size and modification time, any of which an edit changes
+    (an edit that keeps all three is only found by :func:`verify`)."""
     stat = path.stat()
-    memo_key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
-    memo = _digest_memo()
-    if memo_key not in memo:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
-        memo[memo_key] = h.hexdigest()
-        _save_digest_memo(memo)
-    return "sha256:" + memo[memo_key]
+    return f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+
+
+def _hash_bytes(path: Path, algorithm: str = "sha256", prefix: bytes = b"") -> str:
+    """Hex digest of ``prefix`` followed by every byte of ``path``, read in 4 MiB blocks."""
+    h = hashlib.new(algorithm, prefix)
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _memo_path() -> Path:
@@ -448,15 +588,100 @@ def _save_digest_memo(memo: dict[str, str]) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class FileCheck:
+    """One weight file as :func:`verify` found it. ``state``: "ok"; "corrupt" (a hub file whose bytes are not what
+    its blob's name says); "stale" (a local file whose remembered digest was of other bytes, now corrected); or
+    "broken" (missing, empty or cut short, as the loaders' checks say; ``path`` is None and ``detail`` names the
+    file). ``detail`` says what was found."""
+
+    path: Path | None
+    state: str
+    detail: str = ""
+
+    @property
+    def bad(self) -> bool:
+        return self.state != "ok"
+
+
+def verify(comp: Component) -> list[FileCheck]:
+    """Re-read every byte of ``comp``'s weight files, never trusting a name: a file linked to a hub blob must hash to
+    the blob's name (the sha256 of an LFS file, the git blob hash of a small one), and a local file's remembered
+    sha256 must be its content's. A remembered digest found stale is corrected, so cache keys follow the bytes from
+    then on. Built-in components have nothing to verify.
+
+    Raises WeightsMissing (without ``detail``) when the weights are not on this machine at all.
+    """
+    if comp.builtin:
+        return []
+    try:
+        files = weight_files(comp)
+    except ModelUnavailable as exc:
+        if isinstance(exc, WeightsMissing) and not hasattr(exc, "detail"):
+            raise
+        return [FileCheck(None, "broken", getattr(exc, "detail", str(exc)))]
+    memo = _digest_memo()
+    checks, corrected = [], False
+    for f in files:
+        blob = _blob_name(f)
+        if blob:
+            checks.append(_check_blob(f, blob, comp))
+            continue
+        key, actual = _memo_key(f), _hash_bytes(f)
+        recorded = memo.get(key)
+        if recorded != actual:
+            memo[key], corrected = actual, True  # a first digest is remembered too
+        if recorded in (None, actual):
+            checks.append(FileCheck(f, "ok"))
+            continue
+        checks.append(
+            FileCheck(
+                f,
+                "stale",
+                f"remembered sha256 {recorded[:16]}… was of other bytes (edited with its size and modification time"
+                f" kept); corrected to {actual[:16]}…, so cache keys follow the new bytes",
+            )
+        )
+    if corrected:
+        _save_digest_memo(memo)
+    return checks
+
+
+def _check_blob(path: Path, blob: str, comp: Component) -> FileCheck:
+    """Whether the hub blob ``path`` links to holds what its name says."""
+    import os
+
+    if len(blob) == 64:  # an LFS file: named by the sha256 of its content
+        kind, actual = "sha256", _hash_bytes(path)
+    else:  # a small file: named by its git blob hash
+        kind, actual = "git blob hash", _hash_bytes(path, "sha1", b"blob %d\0" % path.stat().st_size)
+    if actual == blob:
+        return FileCheck(path, "ok")
+    return FileCheck(
+        path,
+        "corrupt",
+        f"content {kind} {actual[:16]}… is not its blob's name {blob[:16]}…: delete {os.path.realpath(path)} and run"
+        f" {_fetch_hint(comp)}",
+    )
+
+
 def presence(comp: Component) -> str:
-    """Human-readable availability of one component: 'built-in', 'present', 'missing', or 'incomplete: FILE is
-    truncated (...)' when its files are here but one is empty or cut short (found from headers, nothing loaded)."""
+    """Human-readable availability of one component: 'built-in', 'present', 'missing' ('missing: FILE is missing in
+    FOLDER' when the rest of its files are here), 'incomplete: FILE is
+    truncated (...) in FOLDER' when one of its files is empty or cut short, or 'wrong: FILE has no tensor ...' when
+    one is whole but not what the network needs (another format, other tensors). Found from headers and the
+    networks' shapes on the meta device, without loading any weights (:func:`weight_files` with ``contents``)."""
     if comp.builtin:
         return "built-in"
+    from .contents import WeightsWrong
+
     try:
-        weight_files(comp)
-    except WeightsMissing:
-        return "missing"
+        weight_files(comp, contents=True)
+    except WeightsMissing as exc:
+        detail = getattr(exc, "detail", None)  # which file, when the weights are partly here
+        return f"missing: {detail}" if detail else "missing"
+    except WeightsWrong as exc:
+        return f"wrong: {getattr(exc, 'detail', exc)}"
     except ModelUnavailable as exc:
         return f"incomplete: {getattr(exc, 'detail', exc)}"
     return "present"
@@ -476,37 +701,106 @@ def fetch_timeouts() -> tuple[float, float]:
     return (value, value) if value > 0 else (FETCH_CONNECT_TIMEOUT, FETCH_READ_TIMEOUT)
 
 
-def _hub_client_with_timeouts() -> None:
-    """Make huggingface_hub give up on a silent server. Its requests pass ``timeout=None`` (wait forever), so the
-    bound is put on the transport: a request without a timeout gets the fetch timeouts."""
-    import httpx2
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils._http import hf_request_event_hook
+class FetchTimeout(TimeoutError):
+    """A download gave up: the server sent nothing for ``bound`` seconds, counted across every retry and file of
+    the fetch; ``waited`` is how long the whole fetch ran, ``last`` the last error other than a timeout, if any."""
 
-    connect, read = fetch_timeouts()
-    bounds = {"connect": connect, "read": read, "write": read, "pool": connect}
+    def __init__(self, bound: float, waited: float, last: str | None = None) -> None:
+        also = f"; last: {last}" if last else ""
+        super().__init__(f"no answer within {bound:g} s (gave up after {waited:.1f} s{also})")
+        self.bound, self.waited = bound, waited
+
+
+class _Silence:
+    """How long the server has sent nothing during one fetch. huggingface_hub retries a timed-out request up to
+    five times with back-off (six waits of the read timeout, 387 s at the defaults), so the bound is kept here, for
+    the whole fetch: every request's timeouts are cut to what is left of it, and once it is spent the fetch ends."""
+
+    def __init__(self, connect: float, read: float) -> None:
+        import time
+
+        self.connect, self.bound = connect, read
+        self.started = self.heard = time.monotonic()
+        self.last: str | None = None  # the last error that was no timeout (a refused connection, say)
+
+    def answered(self) -> None:
+        """The server sent something (headers or bytes): the silence starts again."""
+        import time
+
+        self.heard = time.monotonic()
+
+    def left(self) -> float:
+        """Seconds of silence still allowed; raises FetchTimeout when none are."""
+        import time
+
+        now = time.monotonic()
+        # A socket timeout of `left` seconds fires no earlier than `left` seconds after this call; the slack absorbs
+        # clock rounding so that a timeout cut to the bound is recognised as the bound.
+        if now >= self.heard + self.bound - 0.01:
+            raise FetchTimeout(self.bound, now - self.started, self.last)
+        return self.heard + self.bound - now
+
+
+def _bounded_client(silence: _Silence, **client_options):
+    """An ``httpx2.Client`` whose every request and every read is bounded by ``silence`` (whatever timeout its caller
+    passed: huggingface_hub passes none, or its own 10 s), following redirects."""
+    import httpx2
+
+    class HeardStream(httpx2.SyncByteStream):
+        def __init__(self, stream) -> None:
+            self.stream = stream
+
+        def __iter__(self):
+            try:
+                for chunk in self.stream:
+                    silence.answered()
+                    yield chunk
+            except httpx2.TimeoutException:
+                silence.left()  # a read cut to the end of the bound: the whole fetch is over, not just this try
+                raise
+
+        def close(self) -> None:
+            self.stream.close()
 
     class BoundedTransport(httpx2.HTTPTransport):
         def handle_request(self, request):
-            given = request.extensions.get("timeout") or {}
-            request.extensions["timeout"] = {k: given.get(k) or v for k, v in bounds.items()}
-            return super().handle_request(request)
+            left = silence.left()
+            connect, read = min(silence.connect, left), min(silence.bound, left)
+            request.extensions["timeout"] = {"connect": connect, "read": read, "write": read, "pool": connect}
+            try:
+                response = super().handle_request(request)
+            except httpx2.TimeoutException:
+                silence.left()
+                raise
+            except httpx2.TransportError as exc:  # retried by the hub within the bound: say it if the bound ends
+                silence.last = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                raise
+            silence.answered()
+            response.stream = HeardStream(response.stream)
+            return response
 
-    def factory():
-        return httpx2.Client(
-            event_hooks={"request": [hf_request_event_hook]}, follow_redirects=True, transport=BoundedTransport()
-        )
+    return httpx2.Client(follow_redirects=True, transport=BoundedTransport(), **client_options)
 
-    set_client_factory(factory)
+
+def _hub_client_with_timeouts() -> None:
+    """Make huggingface_hub give up once the server has been silent for the read timeout (:func:`fetch_timeouts`),
+    counted from now across all its requests and retries."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import hf_request_event_hook
+
+    silence = _Silence(*fetch_timeouts())
+    set_client_factory(lambda: _bounded_client(silence, event_hooks={"request": [hf_request_event_hook]}))
 
 
 def lay_out(comp: Component, source: Path, target: Path, link: bool = False) -> str:
     """Put a fetched component's weight files under ``target`` (``models fetch --to``) and say what was written.
 
-    Files are hard-linked from the download cache where the file system allows it, else copied, so the folder
-    works on machines that do not share that cache; ``link`` makes symlinks instead. A file already there with
-    the same size is kept; a link pointing nowhere, or a file of another size, is replaced. A CutLER checkpoint
-    keeps its file name inside ``target``.
+    Files are hard-linked from the download cache where the file system allows it, else copied (through a ``.part``
+    file, so a cut copy never looks complete), so the folder works on machines that do not share that cache;
+    ``link`` makes symlinks instead. A file already there is kept only when its content is the source's (weights of
+    one architecture always have the same size, so the size says nothing); a file with other content, e.g. from
+    before a pin moved, is replaced and named, and a link pointing nowhere is replaced. A CutLER checkpoint keeps
+    its file name inside ``target``.
     """
     import os
     import shutil
@@ -514,6 +808,7 @@ def lay_out(comp: Component, source: Path, target: Path, link: bool = False) -> 
     names = [source.name] if source.is_file() else list(comp.allow_patterns or ROLE_FILES.get(comp.role, ()))
     base = source.parent if source.is_file() else source
     counts = {"hard-linked": 0, "copied": 0, "symlinked": 0, "already there": 0}
+    replaced = []
     if target.is_symlink() and not target.exists():
         target.unlink()  # a dangling link from an older layout: never keep it
     for rel in names:
@@ -521,46 +816,105 @@ def lay_out(comp: Component, source: Path, target: Path, link: bool = False) -> 
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.is_symlink() and not dst.exists():
             dst.unlink()
-        if dst.exists() and not dst.is_symlink() and dst.stat().st_size == src.stat().st_size:
+        stale = dst.exists() and not dst.is_symlink()
+        if stale and _same_content(dst, src):
             counts["already there"] += 1
             continue
         dst.unlink(missing_ok=True)
         if link:
             dst.symlink_to(src)
-            counts["symlinked"] += 1
-            continue
-        try:
-            os.link(src, dst)
-            counts["hard-linked"] += 1
-        except OSError:  # another file system, or links not allowed: a copy always works
-            shutil.copy2(src, dst)
-            counts["copied"] += 1
-    done = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
-    return f"{target}: {len(names)} files ({done})"
+            how = "symlinked"
+        else:
+            try:
+                os.link(src, dst)
+                how = "hard-linked"
+            except OSError:  # another file system, or links not allowed: a copy always works
+                partial = dst.with_name(dst.name + ".part")
+                shutil.copy2(src, partial)
+                partial.replace(dst)
+                how = "copied"
+        if stale:
+            replaced.append(rel)
+        else:
+            counts[how] += 1
+    done = [f"{n} {what}" for what, n in counts.items() if n]
+    if replaced:
+        done.append(f"{len(replaced)} replaced (content differed: {', '.join(replaced)})")
+    return f"{target}: {len(names)} files ({', '.join(done)})"
+
+
+def _same_content(path: Path, source: Path) -> bool:
+    """Whether ``path`` holds exactly the bytes of ``source`` (a resolved file). A hub blob of an LFS file is named
+    by the sha256 of its content, so only ``path`` is read (once: :func:`_content_id` remembers its digest by path,
+    size and mtime); any other source (a small hub file, named by its git hash, or a checkpoint) is compared byte
+    for byte."""
+    import filecmp
+    import os
+    import re
+
+    if path.stat().st_size != source.stat().st_size:
+        return False
+    if os.path.samefile(path, source):
+        return True  # hard-linked by an earlier run
+    if source.parent.name == "blobs" and re.fullmatch("[0-9a-f]{64}", source.name):
+        return _content_id(path) == f"sha256:{source.name}"
+    return filecmp.cmp(path, source, shallow=False)
+
+
+def _complete_here(comp: Component) -> Path | None:
+    """This component's weights, when every file of a revision that cannot move (a commit sha, or a checkpoint URL's
+    file) is already here and whole: then nothing needs the network. None otherwise."""
+    import re
+
+    if comp.hub_id and not re.fullmatch("[0-9a-f]{40}", comp.revision or ""):
+        return None  # a branch may have moved since the last fetch: only the hub can say
+    try:
+        weight_files(comp)
+    except ModelUnavailable:
+        return None
+    return local_snapshot(comp)
+
+
+def _download(url: str, target: Path) -> Path:
+    """Download ``url`` to ``target`` through a ``.part`` file (a present file is a complete download), giving up
+    once the server has been silent for the read timeout, as the hub's downloads do."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    with _bounded_client(_Silence(*fetch_timeouts())) as client, client.stream("GET", url) as response:
+        response.raise_for_status()
+        with open(partial, "wb") as fh:
+            for block in response.iter_bytes(1 << 20):
+                fh.write(block)
+    partial.replace(target)  # atomic
+    return target
 
 
 def fetch(comp: Component) -> Path:
     """Download one component's pinned revision into the Hugging Face cache, or its checkpoint URL into the weights
-    folder (``ovdiff models fetch``), giving up after the connect and read timeouts (:func:`fetch_timeouts`)."""
+    folder (``ovdiff models fetch``). A pinned revision already complete here is used without touching the network.
+
+    Raises FetchTimeout once the server has sent nothing for the read timeout (:func:`fetch_timeouts`), counted
+    over the whole fetch: the hub client's retries do not multiply it.
+    """
     if comp.builtin or comp.local:
         raise ValueError(f"{comp.role} is {comp.source}: nothing to fetch")
+    here = _complete_here(comp)
+    if here is not None:
+        return here
     if comp.url:
-        import urllib.request
-
-        target = weights_dir() / comp.role / comp.url.rsplit("/", 1)[-1]
-        if target.is_file():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".part")
-        # urllib's timeout bounds the connection and every read alike: the larger of the two applies.
-        with urllib.request.urlopen(comp.url, timeout=max(fetch_timeouts())) as response, open(partial, "wb") as fh:
-            while block := response.read(1 << 20):
-                fh.write(block)
-        partial.replace(target)  # atomic: a present file is a complete download
-        return target
-    from huggingface_hub import snapshot_download
+        return _download(comp.url, weights_dir() / comp.role / comp.url.rsplit("/", 1)[-1])
+    from huggingface_hub import constants, set_client_factory, snapshot_download
+    from huggingface_hub.utils._http import default_client_factory
 
     _hub_client_with_timeouts()
-    return Path(
-        snapshot_download(comp.hub_id, revision=comp.revision, allow_patterns=list(comp.allow_patterns) or None)
-    )
+    # hf_xet would download the large files outside the HTTP client, where the bound neither sees their bytes nor
+    # cuts their waits: plain HTTPS downloads (which the hub serves for every file) keep the bound true.
+    xet = constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_DISABLE_XET = True
+    try:
+        return Path(
+            snapshot_download(comp.hub_id, revision=comp.revision, allow_patterns=list(comp.allow_patterns) or None)
+        )
+    finally:
+        constants.HF_HUB_DISABLE_XET = xet
+        set_client_factory(default_client_factory)  # never leave a spent bound on the process's hub client

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
-from .registry import DIFFUSERS_FILES, ROLE_FILES, SD_FEATURE_LAYERS, Component, ModelSetSpec, register_model_set
+from .registry import (
+    DIFFUSERS_FILES,
+    QUICK_GELU_WEIGHTS,
+    ROLE_FILES,
+    SD_FEATURE_LAYERS,
+    Component,
+    ModelSetSpec,
+    register_model_set,
+)
 
 # Pinned hub revisions: a download always fetches these exact files, and a cache key names the commit and the weight
 # files' sha256, so results never silently change under a user. To move a pin: change the commit here, run
 # `ovdiff models fetch sd15`, and expect every cached entry of that network to be recomputed (its keys change).
 SD15_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
-# At this commit open_clip_model.safetensors has sha256 4b8699299b1e8997753c64b052ba32031449d5d853f55a039148560ee02b820f
 CLIP_REVISION = "977e3dd0ec55ab8da155f2fbeb6b5f54948b6e3d"
+# The sha256 of open_clip_model.safetensors at that commit: OpenAI's weights, trained with QuickGELU. A folder holding
+# this file (`models fetch --to`, a copy) runs QuickGELU too, whatever its config says.
+CLIP_SHA256 = "4b8699299b1e8997753c64b052ba32031449d5d853f55a039148560ee02b820f"
+QUICK_GELU_WEIGHTS[CLIP_SHA256] = "OpenAI's CLIP ViT-B/16"
 # DINO stays on `main`: no commit of timm/vit_base_patch8_224.dino holding model.safetensors could be verified offline.
 # Its cache keys still name the exact weights (the weight file's sha256), so a moved `main` changes keys, never
-# serves stale results.
+# serves stale results. To pin it, put the commit here: `ovdiff models list` shows the one a fetch of `main` got.
 DINO_REVISION = "main"
 
 # Only the diffusers-format fp32 safetensors: the repo also holds 4-8 GB of single-file checkpoints we never use.
@@ -56,6 +67,7 @@ def sd15() -> ModelSetSpec:
                 revision=CLIP_REVISION,
                 allow_patterns=ROLE_FILES["clip"],
                 fetch_set="sd15",
+                activation="quickgelu",  # OpenAI's weights, whatever the snapshot's config says
             ),
             # CutLER's released Cascade Mask R-CNN (its README's download link); not on the Hugging Face hub.
             "cutler": Component(
