@@ -1,13 +1,13 @@
-"""Regenerate the README's real outputs (``make readme``), so its digests, counts and timings never go stale.
+"""Regenerate the docs' real outputs (``make readme``), so their digests, counts and timings never go stale.
 
-Each generated block sits between ``<!-- readme_outputs: NAME -->`` and ``<!-- /readme_outputs -->`` in
-README.md. This script runs the commands the block shows, offline with the tiny models in a scratch folder, and
-writes their output there. Everything else in the README is left as it is.
+Each generated block sits between ``<!-- readme_outputs: NAME -->`` and ``<!-- /readme_outputs -->`` in one of
+README.md and docs/*.md (each block in exactly one file). This script runs the commands the block shows, offline
+with the tiny models in a scratch folder, and writes their output there. Everything else is left as it is.
 
-    python examples/readme_outputs.py [--readme README.md] [--check]
+    python examples/readme_outputs.py [FILE ...] [--check]
 
-``--check`` rewrites nothing and exits 1 if a block's marker is missing (the outputs themselves hold timings, so
-they are expected to differ from run to run).
+FILE defaults to README.md and every docs/*.md. ``--check`` rewrites nothing and exits 1 if a block's marker is
+missing, unknown or repeated (the outputs themselves hold timings, so they are expected to differ from run to run).
 """
 
 from __future__ import annotations
@@ -130,17 +130,38 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
 MARKED = re.compile(r"(<!-- readme_outputs: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /readme_outputs -->)", re.S)
 
 
+def marked_files(files: list[Path]) -> dict[Path, str]:
+    """The text of every file that holds markers, after checking that each block is marked exactly once."""
+    texts = {path: path.read_text(encoding="utf-8") for path in files}
+    where: dict[str, list[str]] = {}
+    for path, text in texts.items():
+        for m in MARKED.finditer(text):
+            where.setdefault(m["name"], []).append(str(path))
+    problems = [
+        *(f"block {name!r} has no markers" for name in sorted(set(BLOCKS) - set(where))),
+        *(
+            f"markers {name!r} ({', '.join(paths)}) name no block"
+            for name, paths in where.items()
+            if name not in BLOCKS
+        ),
+        *(
+            f"block {name!r} is marked more than once: {', '.join(paths)}"
+            for name, paths in where.items()
+            if len(paths) > 1
+        ),
+    ]
+    if problems:
+        raise SystemExit(f"in {', '.join(map(str, files))}: " + "; ".join(problems))
+    return {path: text for path, text in texts.items() if MARKED.search(text)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
+    parser.add_argument("files", nargs="*", type=Path, help="markdown files to scan (default: README.md, docs/*.md)")
     parser.add_argument("--check", action="store_true", help="only check that every block has its markers")
     args = parser.parse_args()
-    text = args.readme.read_text(encoding="utf-8")
-    found = {m["name"] for m in MARKED.finditer(text)}
-    missing = sorted(set(BLOCKS) - found)
-    unknown = sorted(found - set(BLOCKS))
-    if missing or unknown:
-        raise SystemExit(f"{args.readme}: blocks without markers {missing}, markers without a block {unknown}")
+    files = args.files or [HERE.parent / "README.md", *sorted((HERE.parent / "docs").glob("*.md"))]
+    texts = marked_files(files)
     if args.check:
         return
     outputs = {}
@@ -148,9 +169,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print(f"== {name}", flush=True)
             outputs[name] = make(Path(tmp))
-    text = MARKED.sub(lambda m: m[1] + outputs[m["name"]] + m[4], text)
-    args.readme.write_text(text, encoding="utf-8")
-    print(f"rewrote {len(outputs)} blocks in {args.readme}")
+    for path, text in texts.items():
+        path.write_text(MARKED.sub(lambda m: m[1] + outputs[m["name"]] + m[4], text), encoding="utf-8")
+        print(f"rewrote {len(MARKED.findall(text))} blocks in {path}")
 
 
 if __name__ == "__main__":

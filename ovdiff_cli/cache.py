@@ -53,7 +53,8 @@ _STAT_NAMES = ("hits", "misses", "corrupt", "writes")
 _MISSING = object()
 
 
-# What the pipeline caches (pipeline.py): support images with their attribution, mask proposals, prototype banks.
+# What the pipeline caches (ovdiff_cli/pipeline/): support images with their attribution, mask proposals,
+# prototype banks.
 STAGES = ("support", "proposals", "bank")
 
 

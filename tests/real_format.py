@@ -28,7 +28,7 @@ def cutler_shapes() -> dict[str, tuple[int, ...]]:
     """The tensors the full-size CutLER detector loads, by name (our converted .safetensors layout)."""
     from ovdiff_cli.cutler.configs import FULL
     from ovdiff_cli.cutler.model import CutlerDetector
-    from ovdiff_cli.models.loading import without_init
+    from ovdiff_cli.meta import without_init
 
     return {name: tuple(t.shape) for name, t in without_init(lambda: CutlerDetector(FULL)).state_dict().items()}
 

@@ -268,7 +268,8 @@ def test_cache_ls_and_segment_says_what_it_synthesises(tmp_path):
 
 
 def test_readme_generated_blocks_have_their_markers():
-    """`make readme` rewrites the README's real outputs between markers; every block it makes must be marked."""
+    """`make readme` rewrites the real outputs between markers in README.md and docs/*.md; every block it makes must
+    be marked, exactly once."""
     script = Path(__file__).resolve().parents[1] / "examples" / "readme_outputs.py"
     proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

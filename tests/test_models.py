@@ -13,6 +13,7 @@ import pytest
 import torch
 from real_format import cutler_checkpoint
 
+from ovdiff_cli.meta import without_init
 from ovdiff_cli.models import ModelUnavailable, component_hash, loading, resolve_models
 from ovdiff_cli.models.loading import CONTEXT_LENGTH, Models, PromptTokenizer, resolve_device
 from ovdiff_cli.models.registry import ROLE_FILES, local_snapshot, presence, weight_files
@@ -821,7 +822,7 @@ def test_dino_from_a_folder_equals_timms_own_loading_and_initialises_nothing(tmp
 def test_a_checkpoint_that_leaves_a_parameter_empty_is_refused():
     """A library loader that skipped a parameter would leave it on the meta device (no values at all): refused,
     naming it, instead of failing later in a forward pass."""
-    model = loading.without_init(lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)))
+    model = without_init(lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)))
     partial_state = {"0.weight": torch.ones(2, 3), "0.bias": torch.zeros(2)}
     with pytest.raises(RuntimeError, match=r"toy: the checkpoint has no values for 1\.weight, 1\.bias"):
         loading._assign_from(model, lambda m: m.load_state_dict(partial_state, strict=False), "toy")

@@ -122,7 +122,7 @@ def test_support_bytes_are_floored_and_cutler_sees_the_float_image(tmp_path, tin
         seen.append(images.clone())
         return [torch.zeros(0, *attribution.shape[1:], dtype=torch.bool) for _ in range(attribution.shape[0])]
 
-    monkeypatch.setattr(pipeline.masks.CutlerMasker, "propose", record)
+    monkeypatch.setattr(pipeline.support.masks.CutlerMasker, "propose", record)
     opts = {"masker": "cutler"}
     with Cache(tmp_path / "a") as a:
         run(a, tiny_models, ["cat"], **opts)
@@ -148,7 +148,7 @@ def test_threshold_masks_take_otsu_from_the_cached_grid_maps(cache, tiny_models)
     from ovdiff_cli import attribution
 
     opts = pipeline.SynthOptions(**{**FAST, "masker": "threshold"})
-    keys = pipeline.ensure_support(cache, tiny_models, "cat", opts, pipeline._Silent()).keys
+    keys = pipeline.ensure_support(cache, tiny_models, "cat", opts, pipeline.common._Silent()).keys
     grid = torch.stack([torch.from_numpy(pipeline.load_support(cache, k)[2]) for k in keys])
     low, high = threshold_multiotsu(grid.double().numpy().ravel(), classes=3)
     support = pipeline.support_tensors(cache, tiny_models, keys)
@@ -163,14 +163,14 @@ def test_image_alone_equals_image_in_its_batch(tmp_path, tiny_models):
     """Image 3 regenerated on its own is byte-identical to image 3 generated with its batch of 4."""
     opts = pipeline.SynthOptions(**FAST)
     with Cache(tmp_path / "a") as full:
-        support = pipeline.ensure_support(full, tiny_models, "cat", opts, pipeline._Silent())
+        support = pipeline.ensure_support(full, tiny_models, "cat", opts, pipeline.common._Silent())
         keys = support.keys
         assert support.generated == 4 and list(support.fresh) == keys
         together = full.get("support", keys[3])
     with Cache(tmp_path / "b") as alone:
         for i in range(3):  # images 0-2 already there: only image 3 is generated
             alone.put("support", keys[i], full_payload(tmp_path / "a", keys[i]))
-        support = pipeline.ensure_support(alone, tiny_models, "cat", opts, pipeline._Silent())
+        support = pipeline.ensure_support(alone, tiny_models, "cat", opts, pipeline.common._Silent())
         assert support.generated == 1 and list(support.fresh) == [keys[3]]
         assert alone.get("support", keys[3]) == together
 
@@ -180,7 +180,7 @@ def test_bank_from_images_in_memory_equals_bank_from_the_cache(tmp_path, tiny_mo
     trip; a bank rebuilt later from the cached PNGs alone is byte-identical."""
     loads = []
     real_load = pipeline.load_support
-    monkeypatch.setattr(pipeline, "load_support", lambda c, k: loads.append(k) or real_load(c, k))
+    monkeypatch.setattr(pipeline.support, "load_support", lambda c, k: loads.append(k) or real_load(c, k))
     with Cache(tmp_path / "a") as first:
         made = run(first, tiny_models, ["cat"])[0]
         keys = pipeline.class_keys(tiny_models, "cat", pipeline.SynthOptions(**FAST))[0]
@@ -205,7 +205,7 @@ def test_resumed_run_gives_same_bank(tmp_path, tiny_models):
     with Cache(tmp_path / "straight") as c:
         straight = run(c, tiny_models, ["cat"], **opts)[0]
     with Cache(tmp_path / "resumed") as c:
-        real_generate = pipeline.synthesis.generate
+        real_generate = pipeline.support.synthesis.generate
         calls = []
 
         def interrupted(*args, **kwargs):
@@ -214,12 +214,12 @@ def test_resumed_run_gives_same_bank(tmp_path, tiny_models):
             calls.append(1)
             return real_generate(*args, **kwargs)
 
-        pipeline.synthesis.generate = interrupted
+        pipeline.support.synthesis.generate = interrupted
         try:
             with pytest.raises(KeyboardInterrupt):
                 run(c, tiny_models, ["cat"], **opts)
         finally:
-            pipeline.synthesis.generate = real_generate
+            pipeline.support.synthesis.generate = real_generate
         assert c.info()["support"]["entries"] == 4  # the first batch was saved before the interruption
         resumed = run(c, tiny_models, ["cat"], **opts)[0]
     assert resumed.images_generated == 4

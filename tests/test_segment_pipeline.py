@@ -74,7 +74,7 @@ def test_plan_skips_complete_images_only(planted, tmp_path):
 @pytest.fixture(params=["in line", "worker thread"])
 def writes(request, monkeypatch):
     """Both ways segment_files writes: in line (CPU) and on a worker thread (accelerators)."""
-    monkeypatch.setattr(pipeline, "writes_in_background", lambda segmenter: request.param == "worker thread")
+    monkeypatch.setattr(pipeline.segment, "writes_in_background", lambda segmenter: request.param == "worker thread")
     return request.param
 
 
@@ -163,7 +163,7 @@ def test_groups_end_when_every_window_size_fills_whole_batches(tmp_path, monkeyp
         assert torch.equal(grouped.scores, single.scores)
     # A group also ends once its score maps reach the memory budget: 3 channels x 1 extractor x 32 x 48 float32.
     assert seg.score_bytes(32, 48) == 4 * 3 * 1 * 32 * 48
-    monkeypatch.setattr(pipeline.D, "GROUP_SCORE_BYTES", 4 * 3 * 32 * 48)
+    monkeypatch.setattr(pipeline.segment.D, "GROUP_SCORE_BYTES", 4 * 3 * 32 * 48)
     groups.clear()
     list(pipeline.iter_segmentations([(item, None) for item in items], seg, on_failure=None))
     assert groups == [1, 1, 1, 2, 2, 1]  # a 32x48 image reaches the budget alone, two 32x32 ones do together

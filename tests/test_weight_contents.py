@@ -69,7 +69,8 @@ def no_generation(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the weights were checked")
 
-    monkeypatch.setattr(pipeline, "synthesize", refuse)
+    for user in (pipeline.synth, pipeline.segment):  # synth, and segment, explain and eval through build_segmenter
+        monkeypatch.setattr(user, "synthesize", refuse)
 
 
 def _refused(args: list[str], tmp_path: Path) -> list[str]:
@@ -149,7 +150,7 @@ def test_clip_and_dino_files_are_read_as_their_loaders_convert_them(tmp_path):
     file fits; a tensor of another shape that no conversion touches does not, and is named with both shapes."""
     import timm
 
-    from ovdiff_cli.models.loading import without_init
+    from ovdiff_cli.meta import without_init
 
     arch = "vit_small_patch16_224.dino"
     shapes = {

@@ -41,7 +41,7 @@ def ls(
     """One row per cached prototype bank: its class and the settings that made it, when, and its size."""
     from datetime import datetime
 
-    from ..pipeline import cached_banks
+    from ..pipeline.synth import cached_banks
 
     with user_errors(), open_cache(cache_dir, must_exist=True) as cache:
         banks = cached_banks(cache, class_name)

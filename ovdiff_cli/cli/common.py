@@ -135,7 +135,7 @@ def given(**options: Any) -> dict[str, Any]:
 
 def synth_options(**given_options: Any):
     """SynthOptions from the options the user set (None = not given: the library default applies)."""
-    from ..pipeline import SynthOptions
+    from ..pipeline.keys import SynthOptions
 
     return SynthOptions(**given(**given_options))
 

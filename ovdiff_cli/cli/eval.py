@@ -156,7 +156,7 @@ def run(
             raise ValueError(f"--seeds {seeds}: a seed is listed twice")
         mine = part.take(samples)
         if save_pred is not None:
-            from ..pipeline import check_save_pred
+            from ..pipeline.eval import check_save_pred
 
             check_save_pred(save_pred, mine, seed_list)
         if not quiet and split == "val" and limit is None and spec.val_images and len(samples) != spec.val_images:
@@ -179,13 +179,13 @@ def run(
     try:
         with RichProgress(not quiet) as progress, user_errors():
             if run_on is None:
-                from ..pipeline import score_predictions
+                from ..pipeline.eval import score_predictions
 
                 result = score_predictions(mine, spec, pred_dir, progress=progress, on_failure=report)
                 confusions, failed, interrupted = {None: result.confusion}, result.failed, result.interrupted
                 context = {"models": None, "options": {"pred_dir": str(pred_dir)}}
             else:
-                from ..pipeline import eval_context, evaluate_seeds
+                from ..pipeline.eval import eval_context, evaluate_seeds
 
                 confusions, failed, interrupted = evaluate_seeds(
                     mine,

@@ -63,7 +63,8 @@ def explain(
     from ..explain import render
     from ..inputs import ImageError, load_image
     from ..outputs import picture_format, save_with_fallback
-    from ..pipeline import build_segmenter, support_image
+    from ..pipeline.segment import build_segmenter
+    from ..pipeline.support import support_image
 
     with user_errors():
         x, y = parse_xy(xy)

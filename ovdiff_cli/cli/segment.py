@@ -54,7 +54,7 @@ def segment(
     """
     from ..inputs import find_images, resolve_shard, skipped_note
     from ..outputs import build_legend, check_out_folder, write_legend
-    from ..pipeline import build_segmenter, plan_outputs, segment_files
+    from ..pipeline.segment import build_segmenter, plan_outputs, segment_files
 
     with user_errors():
         skipped: list[Path] = []

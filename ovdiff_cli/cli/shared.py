@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from ..cache import Cache
     from ..classes import ClassSpec
     from ..models.loading import Models
-    from ..pipeline import SynthOptions
+    from ..pipeline.keys import SynthOptions
     from ..segmentation import SegmentOptions
 
 
@@ -201,7 +201,9 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
     from ..classes import build_class_list, split_list
     from ..models import resolve_models
     from ..models.loading import Models, resolve_device, set_threads
-    from ..pipeline import masker_note, missing_banks, segment_roles, support_size_note, synthesis_notes
+    from ..pipeline.keys import masker_note
+    from ..pipeline.segment import segment_roles
+    from ..pipeline.synth import missing_banks, support_size_note, synthesis_notes
     from ..segmentation import SegmentOptions
 
     if classes is None:

@@ -81,7 +81,8 @@ def synth(
         )
         from ..models import resolve_models
         from ..models.loading import Models, resolve_device, set_threads
-        from ..pipeline import effective_masker, masker_note, support_size_note, synthesize
+        from ..pipeline.keys import effective_masker, masker_note
+        from ..pipeline.synth import support_size_note, synthesize
 
         spec = resolve_models(models or DEFAULT_MODELS)
         opts = synth_options(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..meta import without_init
 from .configs import FULL, CutlerConfig
 from .model import CutlerDetector
 
@@ -195,9 +196,7 @@ def load_cutler(
     dtype: torch.dtype = torch.float32,
 ) -> CutlerDetector:
     """A detector in eval mode on ``device``/``dtype`` with the weights of a ``.pth`` or converted ``.safetensors``,
-    built without initialising the parameters the checkpoint replaces (see models.loading.without_init)."""
-    from ..models.loading import without_init
-
+    built without initialising the parameters the checkpoint replaces (see meta.without_init)."""
     model = without_init(lambda: CutlerDetector(config))
     model.load_state_dict(map_state_dict(model, read_checkpoint(path)), assign=True)
     return model.to(device=device, dtype=dtype).eval()
@@ -210,8 +209,6 @@ def convert(path_in: str | Path, path_out: str | Path, config: CutlerConfig = FU
     unpickles code (see :func:`read_checkpoint`); later loads of the safetensors file need no pickle at all.
     """
     from safetensors.torch import save_file
-
-    from ..models.loading import without_init
 
     path_in, path_out = Path(path_in), Path(path_out)
     state = read_checkpoint(path_in)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+# Filled by the package's __init__ importing clip, dino and sd, which Python runs before this module can be
+# imported from outside: the registry is complete whenever it is read.
 EXTRACTORS: dict[str, type[Extractor]] = {}
 
 
@@ -98,8 +100,6 @@ def normalise_pixels(images: torch.Tensor, mean: tuple[float, ...], std: tuple[f
 
 def parse_extractors(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``"sd,dino"`` -> ("sd", "dino"); ValueError naming the bad value and the accepted ones."""
-    from . import clip, dino, sd  # noqa: F401  (registration)
-
     names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
     names = [n for n in names if n]
     shown = value if isinstance(value, str) else ",".join(value)  # as typed, never a Python list

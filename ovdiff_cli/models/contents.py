@@ -186,7 +186,7 @@ def _converted(path: Path, convert: Callable[[], dict[str, Any]], what: str) -> 
 def _built(config: Path | None, build: Callable[[], Any], what: str) -> Any:
     """``build()`` on the meta device; a failure is ``config``'s when a config file describes the network, else the
     component's own (an architecture name the library does not know)."""
-    from .loading import without_init
+    from ..meta import without_init
 
     try:
         return without_init(build)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..meta import without_init
 from .registry import (
     ROLE_FILES,
     ROLE_TITLES,
@@ -238,16 +239,6 @@ def load_generator(comp: Component, device: torch.device, dtype: torch.dtype, de
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)  # faster convolutions with tensor cores
     return Generator(unet, vae, text, PromptTokenizer(), sched, device, dtype)
-
-
-def without_init(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """``build()`` with its parameters on the meta device: no memory and no random initialisation (seconds of CPU
-    for a ViT-B) for weights that are about to be read from a file. Buffers are built for real, since the
-    non-persistent ones (CLIP's causal mask) are in no checkpoint."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return build()
 
 
 def _assign_from(model: torch.nn.Module, load: Callable[[torch.nn.Module], Any], what: str) -> torch.nn.Module:
