@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ovdiff_cli.models import resolve_models
-from ovdiff_cli.models.registry import ROLE_FILES, _digest_memo, fetch, lay_out
+from ovdiff_cli.models.fetching import fetch, lay_out
+from ovdiff_cli.models.registry import ROLE_FILES, _digest_memo
 from ovdiff_cli.models.sd15 import CLIP_REVISION
 
 
@@ -95,7 +96,7 @@ def test_a_silent_server_ends_the_whole_fetch_within_its_bound(silent_server, on
 
 
 def test_refused_connections_are_retried_only_within_the_bound_and_named(online_hub, monkeypatch):
-    from ovdiff_cli.models.registry import FetchTimeout
+    from ovdiff_cli.models.fetching import FetchTimeout
 
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
@@ -110,7 +111,8 @@ def test_refused_connections_are_retried_only_within_the_bound_and_named(online_
 
 
 def test_a_silent_checkpoint_server_is_bounded_and_leaves_no_file(silent_server, monkeypatch, tmp_path):
-    from ovdiff_cli.models.registry import Component, FetchTimeout
+    from ovdiff_cli.models.fetching import FetchTimeout
+    from ovdiff_cli.models.registry import Component
 
     monkeypatch.setenv("OVDIFF_FETCH_TIMEOUT", "1")
     comp = Component("cutler", "detectron2", "cutler", url=silent_server + "/cutler_cascade_final.pth")

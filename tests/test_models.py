@@ -578,7 +578,8 @@ def test_downloads_give_up_on_a_silent_server(silent_server, monkeypatch, tmp_pa
     from huggingface_hub.utils._http import default_client_factory
 
     from ovdiff_cli.cli.models import _download_failure
-    from ovdiff_cli.models.registry import Component, _hub_client_with_timeouts, fetch, fetch_timeouts
+    from ovdiff_cli.models.fetching import _hub_client_with_timeouts, fetch, fetch_timeouts
+    from ovdiff_cli.models.registry import Component
 
     monkeypatch.setenv("OVDIFF_FETCH_TIMEOUT", "0.5")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # loopback only: the silent server
@@ -688,7 +689,7 @@ def test_models_list_piped_prints_whole_values():
 
 
 def test_fetch_to_hard_links_or_copies_and_replaces_dangling_links(hub_cache, tmp_path):
-    from ovdiff_cli.models.registry import lay_out
+    from ovdiff_cli.models.fetching import lay_out
 
     dino = resolve_models("sd15").components["dino"]
     snap = _fake_snapshot(hub_cache, "timm/vit_base_patch8_224.dino", "ab" * 20, ["model.safetensors", "config.json"])

@@ -129,8 +129,8 @@ def fetch(
     ] = False,
 ) -> None:
     """Download a model set's pinned revisions into the Hugging Face cache (for offline compute nodes)."""
+    from ..models.fetching import fetch as fetch_component
     from ..models.registry import MODEL_SETS, list_model_sets
-    from ..models.registry import fetch as fetch_component
 
     list_model_sets()
     if name not in MODEL_SETS:
@@ -152,7 +152,7 @@ def fetch(
                 raise fail(_download_failure(comp, exc), code=1) from None
             out.print(f"  {role}: {path}")
             if to is not None:
-                from ..models.registry import lay_out
+                from ..models.fetching import lay_out
 
                 out.print(f"  {lay_out(comp, path, to / role, link)}")
 
@@ -162,7 +162,7 @@ def _download_failure(comp, exc: Exception) -> str:
     silent; else the first cause, which the hub wraps in its own errors), and what to do."""
     from urllib.parse import urlparse
 
-    from ..models.registry import FetchTimeout
+    from ..models.fetching import FetchTimeout
 
     if comp.url:
         host = urlparse(comp.url).netloc
