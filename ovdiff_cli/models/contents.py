@@ -20,12 +20,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .registry import ROLE_FILES, ROLE_TITLES, Component, ModelUnavailable, _digest_memo, _files_digest
+from .registry import (
+    ROLE_FILES,
+    ROLE_TITLES,
+    Component,
+    ModelUnavailable,
+    _digest_memo,
+    _files_digest,
+    safetensors_header,
+)
 
 Shapes = dict[str, tuple[int, ...]]
 
-# safetensors' own limit on its JSON header: a larger length prefix means the file is something else.
-SAFETENSORS_MAX_HEADER = 100_000_000
 # Bump when the comparison changes, so files passed by an older check are checked again.
 _CHECK_VERSION = 1
 # The libraries whose loaders decide what each role's files must hold (their versions are part of a passed check).
@@ -100,20 +106,16 @@ def _remember(key: str) -> None:
 
 
 def _safetensors_shapes(path: Path) -> Shapes:
-    """Tensor name -> shape from a safetensors file's header (the JSON after its 8-byte length), no data read.
+    """Tensor name -> shape from a safetensors file's header (:func:`registry.safetensors_header`), no data read.
 
     Raises _Problem "is not a safetensors file (...)" for anything without a readable header.
     """
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        raw = f.read(length) if 8 + length <= size and length <= SAFETENSORS_MAX_HEADER else b""
-    if not raw.startswith(b"{"):
-        raise _Problem(path, "is not a safetensors file (no JSON header after its first 8 bytes: another format?)")
     try:
-        header = json.loads(raw)
+        header, _ = safetensors_header(path)
         return {name: tuple(int(d) for d in entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except ValueError as exc:
+        raise _Problem(path, str(exc)) from None
+    except (TypeError, KeyError, AttributeError):
         raise _Problem(path, "is not a safetensors file (its header is not a table of tensors)") from None
 
 

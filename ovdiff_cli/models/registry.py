@@ -423,6 +423,34 @@ def weight_files(comp: Component, *, contents: bool = False) -> list[Path]:
     return files
 
 
+# safetensors' own limit on its JSON header: a larger length prefix means the file is something else.
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (tensor name -> {"dtype", "shape", "data_offsets"}, and
+    "__metadata__") and the offset its data starts at, read without the data. Raises ValueError whose text
+    completes "FILE ...": "is not a safetensors file (...)" for random bytes or another format, "is truncated
+    (...)" for a file cut inside its header."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else size
+        # Every safetensors header is a JSON object: a file cut inside it still starts with its brace.
+        first = f.read(1)
+        if first and (first != b"{" or header_len > SAFETENSORS_MAX_HEADER):
+            raise ValueError("is not a safetensors file (no JSON header after its first 8 bytes: another format?)")
+        if 8 + header_len > size:
+            raise ValueError(f"is truncated ({size:,} bytes, shorter than its own header)")
+        try:
+            header = json.loads(first + f.read(header_len - 1))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError("is not a safetensors file (its header cannot be read)")
+    return header, 8 + header_len
+
+
 def _incomplete(path: Path) -> str | None:
     """What is wrong with a weight file by its own framing, without reading its tensors: "is truncated (...)" when it
     is visibly cut short, "is not a safetensors file (...)" when a .safetensors file has no header at all (random
@@ -430,27 +458,21 @@ def _incomplete(path: Path) -> str | None:
     tensor ends; a zip-format torch checkpoint must have its central directory (written last)."""
     import zipfile
 
-    from .contents import SAFETENSORS_MAX_HEADER
-
     size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        try:
+            header, data_start = safetensors_header(path)
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except ValueError as exc:
+            return str(exc)
+        except (KeyError, TypeError, IndexError):
+            return "is not a safetensors file (its header cannot be read)"
+        expected = data_start + end
+        if expected != size:
+            return f"is truncated ({size:,} bytes where its header lists {expected:,})"
+        return None
     with path.open("rb") as f:
-        head = f.read(8)
-        if path.suffix == ".safetensors":
-            header_len = int.from_bytes(head, "little") if len(head) == 8 else size
-            # Every safetensors header is a JSON object: a file cut inside it still starts with its brace.
-            first = f.read(1)
-            if first and (first != b"{" or header_len > SAFETENSORS_MAX_HEADER):
-                return "is not a safetensors file (no JSON header after its first 8 bytes: another format?)"
-            if 8 + header_len > size:
-                return f"is truncated ({size:,} bytes, shorter than its own header)"
-            try:
-                header = json.loads(first + f.read(header_len - 1))
-                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-                return "is not a safetensors file (its header cannot be read)"
-            expected = 8 + header_len + end
-            if expected != size:
-                return f"is truncated ({size:,} bytes where its header lists {expected:,})"
+        head = f.read(4)
     if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
         return f"is truncated ({size:,} bytes; the checkpoint's zip directory is missing)"
     return None

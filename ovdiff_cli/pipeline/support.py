@@ -169,8 +169,8 @@ def support_masks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fg, bg (N, S, S) bool masks at the support image's resolution (REFERENCE 3).
 
-    CutLER sees the unquantised images (``support.floats``, as the reference runs it at sampling time), MaskCut's
-    DINO the saved ones. Proposals of proposal-based maskers are cached per image (bit-packed).
+    CutLER sees the unquantised images (:meth:`SupportTensors.floats`, as the reference runs it at sampling time),
+    MaskCut's DINO the saved ones. Proposals of proposal-based maskers are cached per image (bit-packed).
     """
     masker = build_class_masker(opts, models)
     attr = support.attribution
@@ -191,7 +191,8 @@ def support_masks(
             # On the models' device: MaskCut's eigenproblems are milliseconds on a GPU, seconds on a CPU.
             dino = build_extractor("dino", models)
             feats = _batched(support.images[todo], dino.maskcut_keys, batch_size(opts, models))
-        for i, props in zip(todo, masker.propose(attr[todo], feats, support.floats[todo]), strict=True):
+        images = support.floats(todo) if masker.needs_images else None
+        for i, props in zip(todo, masker.propose(attr[todo], feats, images), strict=True):
             proposals[i] = props.cpu()
             packed = np.packbits(props.cpu().numpy().astype(bool).reshape(-1))
             cache.put("proposals", pkeys[i], cachelib.encode_arrays({"masks": packed}, {"count": len(props)}))
@@ -213,16 +214,22 @@ class SupportTensors:
 
     Attributes:
         images: (N, 3, S, S) float32 in [0, 1], the saved bytes / 255: what the feature extractors see.
-        floats: (N, 3, S, S) float32 in [0, 1], the unquantised images (to 1/512 of a grey level): what CutLER
-            sees (REFERENCE 1).
+        saved: (N, 3, S, S) uint8, the saved bytes themselves.
+        residuals: (N, 3, S, S) uint8, what flooring dropped (see :meth:`floats`).
         attribution: (N, S, S) float32 in [0, 1] at the image size: what masks are chosen on.
         grid_attribution: (N, G, G) float32 in [0, 1] on the latent grid, as captured.
     """
 
     images: torch.Tensor
-    floats: torch.Tensor
+    saved: torch.Tensor
+    residuals: torch.Tensor
     attribution: torch.Tensor
     grid_attribution: torch.Tensor
+
+    def floats(self, index: list[int]) -> torch.Tensor:
+        """(len(index), 3, S, S) float32 in [0, 1]: those images unquantised (to 1/512 of a grey level), what CutLER
+        sees (REFERENCE 1). Made only for the images a detector runs on, not kept for the class."""
+        return synthesis.restore_float(self.saved[index], self.residuals[index])
 
 
 def support_tensors(
@@ -251,7 +258,8 @@ def support_tensors(
     grid = torch.stack(maps).to(models.device)
     return SupportTensors(
         images=saved.float() / 255,
-        floats=synthesis.restore_float(saved, residual),
+        saved=saved,
+        residuals=residual,
         attribution=attribution.at_image_size(grid, saved.shape[-1]),
         grid_attribution=grid,
     )
