@@ -48,12 +48,19 @@ demo: install
 	$(VENV)/bin/ovdiff segment $(DEMO_DIR)/images --out $(DEMO_DIR)/segment $(DEMO_SEG)
 	@echo "== explain one pixel of the first scene"
 	$(VENV)/bin/ovdiff explain $(DEMO_DIR)/images/scene_00.jpg --xy 120,300 --out $(DEMO_DIR)/explain.png $(DEMO_SEG)
+	@echo "== a class from your own photos: 6 drawn kite photos, 3 of them with masks (examples/draw_photos.py)"
+	$(PY) examples/draw_photos.py $(DEMO_DIR)/photos
+	$(VENV)/bin/ovdiff synth kite --photos $(DEMO_DIR)/photos/kite --photo-masks $(DEMO_DIR)/photos/kite-masks $(DEMO_TINY) --n 0
+	@echo "== explain a pixel of the kite: the prototypes that decided it come from the photos"
+	$(VENV)/bin/ovdiff explain $(DEMO_DIR)/photos/scene_kite.jpg --xy 330,60 --out $(DEMO_DIR)/explain_kite.png \
+		--classes-file examples/photo_classes.txt $(DEMO_TINY) --no-filter
 	$(VENV)/bin/ovdiff cache info --cache-dir $(DEMO_DIR)/cache
 	@echo "== inputs:   $(DEMO_DIR)/images/*.jpg"
 	@echo "== masks:    $(DEMO_DIR)/segment/*.png (palette PNG: 0 background, i = i-th class of the list)"
 	@echo "== overlays: $(DEMO_DIR)/segment/*_overlay.jpg"
 	@echo "== legend:   $(DEMO_DIR)/segment/legend.json"
 	@echo "== explain:  $(DEMO_DIR)/explain.png"
+	@echo "== photos:   $(DEMO_DIR)/photos/kite/*.jpg (masks in kite-masks/), explained: $(DEMO_DIR)/explain_kite.png"
 
 # Where the time goes, CPU and tiny models (about a minute on 2 cores): prints a table, writes bench/results-cpu.json.
 bench: install

@@ -119,6 +119,23 @@ def no_silent_work(work: Path) -> str:
     return fenced("\n".join([f"$ ovdiff {' '.join(args)}", *notes, proc.stdout.strip()]))
 
 
+def photo_demo(work: Path) -> str:
+    """`make demo`'s photo class: synth from the drawn kite photos (its table), then explain a kite pixel."""
+    subprocess.run([sys.executable, str(HERE / "draw_photos.py"), str(work / "demo-out" / "photos")], check=True)
+    demo = [*TINY, "--n", "8", "--steps", "10"]
+    synth = ["synth", "kite", "--photos", "demo-out/photos/kite", "--photo-masks", "demo-out/photos/kite-masks"]
+    synth += [*demo, "--n", "0"]
+    # The classes file names the photo folders relative to itself: a copy beside demo-out/ finds them there.
+    (work / "examples").mkdir()
+    (work / "examples" / "photo_classes.txt").write_text((HERE / "photo_classes.txt").read_text(encoding="utf-8"))
+    explain = ["explain", "demo-out/photos/scene_kite.jpg", "--xy", "330,60", "--out", "demo-out/explain_kite.png"]
+    explain += ["--classes-file", "examples/photo_classes.txt", *demo, "--no-filter"]
+    lines = []
+    for args in (synth, explain):
+        lines += [f"$ ovdiff {' '.join(args)}", ovdiff(work, *args, "-q").stdout.rstrip()]
+    return fenced("\n".join(lines))
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "synth-json": synth_json,
     "synth-table": synth_table,
@@ -126,6 +143,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "segment-line": segment_line,
     "eval-demo-line": eval_demo_line,
     "no-silent-work": no_silent_work,
+    "photo-demo": photo_demo,
 }
 MARKED = re.compile(r"(<!-- readme_outputs: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /readme_outputs -->)", re.S)
 

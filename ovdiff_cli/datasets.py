@@ -1,5 +1,6 @@
 """The benchmark datasets of paper section 4, as mmsegmentation lays them out: where the files are, the class
-lists, and how ground-truth ids are read. Data, plus one loader; light (Pillow and numpy only).
+lists, and how ground-truth ids are read. Data, plus one loader and the pick of training images that
+``eval --support-from train`` uses as support sets; light (Pillow and numpy only).
 
 With background (paper Table 1): ``voc`` (21 classes), ``context`` (60), ``object`` (81; COCO-Object, made from
 COCO-Stuff-164k by ``ovdiff eval prepare object``). Without background (paper 4.4, Table 4; no bg prototypes,
@@ -8,12 +9,15 @@ the background label is ignored): ``voc20``, ``context59``, ``ade`` (150), ``stu
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import defaults as D
 from .evaluation import IGNORE_INDEX
 
 VOC = [
@@ -415,3 +419,127 @@ def prepare_coco_object(root: Path, split: str = "val", overwrite: bool = False,
         if progress is not None:
             progress.advance()
     return written, skipped
+
+
+# --- support sets from the training split (eval --support-from train) ----------------------------------------------
+
+# Where eval's support sets come from: generated (the paper's), or the benchmark's own annotated training images.
+SUPPORT_FROM = ("synthetic", "train")
+
+
+def vocabulary_ids(spec: DatasetSpec) -> np.ndarray:
+    """(V,) int64: the dataset id of each vocabulary entry, V = len(spec.vocabulary()).
+
+    Entry i is segment's label i + 1 (label 0 is background), mapped by :meth:`DatasetSpec.to_dataset_ids`: with
+    background (voc, context, object) id i + 1, since the dataset's id 0 is its background class; without (voc20,
+    ade, ...) id i, reduce-zero-label having already moved the stored ids down by one.
+    """
+    return spec.to_dataset_ids(np.arange(1, spec.num_classes - spec.background + 1, dtype=np.int64))
+
+
+class ClassIndex:
+    """Which vocabulary entries each training image's ground truth holds, read when first asked for and remembered.
+
+    Only ids and small sets of entry indices are kept, never label arrays, so memory stays small on COCO's 118k
+    training images, and several seeds' picks read each label map at most once. A label map that cannot be read
+    is remembered in :attr:`unreadable` ((id, reason), in the order met) and holds no class.
+    """
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+        ids = vocabulary_ids(spec)
+        # dataset id -> vocabulary entry; ids outside the table (the background class, 255) map to -1
+        self._entry = np.full(max(int(ids.max()), IGNORE_INDEX) + 1, -1, dtype=np.int64)
+        self._entry[ids] = np.arange(len(ids))
+        self._known: dict[str, frozenset[int]] = {}
+        self.unreadable: list[tuple[str, str]] = []
+        self.reads = 0  # label maps read so far (for tests and progress)
+
+    def classes_of(self, sample: Sample) -> frozenset[int]:
+        """The vocabulary entries (indices into spec.vocabulary()) present in ``sample``'s ground truth."""
+        found = self._known.get(sample.id)
+        if found is None:
+            self.reads += 1
+            try:
+                gt = self.spec.read_labels(sample.label).ravel()
+            except (OSError, ValueError, SyntaxError) as exc:  # Pillow's decoding errors; ValueError: not one channel
+                self.unreadable.append((sample.id, str(exc)))
+                gt = np.empty(0, dtype=np.int64)
+            # Only the ids the vocabulary can hold (a 16-bit or signed map's stray values are no class, like 255), then
+            # a count per id: linear, where np.unique sorts.
+            gt = gt[(gt >= 0) & (gt < len(self._entry))]
+            values = np.flatnonzero(np.bincount(gt, minlength=len(self._entry)))
+            entries = self._entry[values]
+            found = frozenset(int(e) for e in entries[entries >= 0])
+            self._known[sample.id] = found
+        return found
+
+
+@dataclass(frozen=True)
+class Shots:
+    """One seed's pick of training images as support sets (``eval --support-from train``).
+
+    Attributes:
+        seed: the seed that ordered the training images.
+        shots: K, the images wanted per class.
+        picked: per vocabulary entry (in spec.vocabulary() order), the picked samples in pick order: K of them, or
+            every image of the split holding the class when it has fewer (none: the class is not in the split).
+        looked_at: training images looked at until every class had K (all of them when some class never does).
+        total: training images in the split.
+    """
+
+    seed: int
+    shots: int
+    picked: tuple[tuple[Sample, ...], ...]
+    looked_at: int
+    total: int
+
+
+def shot_order(samples: list[Sample], seed: int) -> list[Sample]:
+    """The training images in seed ``seed``'s shuffled order: by sha256 of ``"<seed>:<id>"``. A seeded shuffle that
+    depends on nothing else: no random stream (the same on every numpy), and adding or removing an image of the
+    split moves no other image in the order."""
+    return sorted(samples, key=lambda s: hashlib.sha256(f"{seed}:{s.id}".encode()).digest())
+
+
+def pick_shots(
+    spec: DatasetSpec,
+    samples: list[Sample],
+    shots: int = D.SHOTS,
+    seed: int = D.SEED,
+    *,
+    index: ClassIndex | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Shots:
+    """For every class of the benchmark's vocabulary (not the background label), ``shots`` training images whose
+    ground truth holds it: the first ones in :func:`shot_order`, an image counting for every class it holds.
+
+    Label maps are read in that order, and reading stops as soon as every class has ``shots`` images, so a
+    benchmark whose classes are common reads a small part of its split (a class that is missing or rarer than
+    ``shots`` makes it read all of them). ``index`` remembers what was read, for the next seed's pick (give the
+    same one to every seed of a run). ``on_progress(looked_at, total)`` is called after each image.
+
+    Args:
+        samples: the training split, as :func:`list_samples` returns it (``split="train"``).
+
+    Raises:
+        ValueError: ``shots`` below 1.
+    """
+    if shots < 1:
+        raise ValueError(f"--shots {shots}: must be at least 1")
+    index = index or ClassIndex(spec)
+    picked: list[list[Sample]] = [[] for _ in range(len(vocabulary_ids(spec)))]
+    wanting = len(picked)  # classes with fewer than ``shots`` images so far
+    looked_at = 0
+    for sample in shot_order(samples, seed):
+        looked_at += 1
+        for entry in sorted(index.classes_of(sample)):
+            if len(picked[entry]) < shots:
+                picked[entry].append(sample)
+                if len(picked[entry]) == shots:
+                    wanting -= 1
+        if on_progress is not None:
+            on_progress(looked_at, len(samples))
+        if wanting == 0:
+            break
+    return Shots(seed, shots, tuple(tuple(p) for p in picked), looked_at, len(samples))

@@ -48,6 +48,16 @@ BG_ATTRIBUTION_MAX = 0.2  # bg mask keeps only pixels whose attribution is below
 FG_FALLBACK = 0.5  # fewer than 2 proposals: fg = attribution above this (bg = below BG_ATTRIBUTION_MAX)
 BG_ERODE = 1  # erosions of the bg mask with a 3x3 cross, at the support image's resolution
 
+# --- user photos as support (photos.py) -------------------------------------------------------------------------
+# Attribution on a real photo: its VAE latent noised to each of these DDPM timesteps, one UNet pass each with the class
+# prompt, the class tokens' cross-attention captured as during synthesis and averaged. Chosen by measurement
+# (bench/photo_timesteps.py, docs/photos.md): the set whose maps on generated images best reproduce the maps that
+# synthesis itself recorded for them.
+PHOTO_TIMESTEPS = (300, 500, 700)
+PHOTO_NOISE_SEED = 0
+# With --support-from train: training images per class (as many as the synthetic support set).
+SHOTS = N_SUPPORT
+
 # --- 3.3 prototypes ---------------------------------------------------------------------------------------------
 EXTRACTORS = ("sd", "dino", "clip")
 K_PARTS = 32

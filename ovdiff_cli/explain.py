@@ -19,7 +19,7 @@ import torch
 
 from . import defaults as D
 from .outputs import colour, draw_outlines, load_font
-from .prototypes import KIND_NAMES, REGION_NAMES
+from .prototypes import KIND_NAMES, REGION_NAMES, PrototypeBank
 from .segmentation import BACKGROUND_NAME, EXCLUDED_SCORE, Segmentation, Segmenter
 
 # Layout of the explanation PNG: a header with the query image, then one row per prototype.
@@ -40,6 +40,8 @@ class SupportRegion:
         box: (x0, y0, x1, y1) bounding box of the pixels in support-image pixels, end exclusive.
         cells: number of feature-grid cells pooled.
         mask: (h, w) bool, the pooled cells on the extractor's grid.
+        photo: for one of the user's photos: its file name (as it is called now); None for a generated image.
+        sha256: that photo's content digest.
     """
 
     index: int
@@ -47,6 +49,13 @@ class SupportRegion:
     box: tuple[int, int, int, int]
     cells: int
     mask: np.ndarray
+    photo: str | None = None
+    sha256: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How captions name it: ``photo mug/3.jpg`` or ``image 7``."""
+        return f"photo {self.photo}" if self.photo is not None else f"image {self.index}"
 
 
 @dataclass
@@ -121,7 +130,14 @@ class Explanation:
                     "similarity": round(ev.similarity, 6),
                     "wins_pixels": int(ev.wins.sum()),
                     "support": [
-                        {"index": r.index, "key": r.key, "box": list(r.box), "cells": r.cells} for r in ev.support
+                        {
+                            "index": r.index,
+                            "key": r.key,
+                            "box": list(r.box),
+                            "cells": r.cells,
+                            **({"photo": r.photo, "sha256": r.sha256} if r.photo is not None else {}),
+                        }
+                        for r in ev.support
                     ],
                 }
                 for rank, ev in enumerate(self.prototypes, start=1)
@@ -134,15 +150,20 @@ def label_names(segmenter: Segmenter) -> list[str]:
     return [BACKGROUND_NAME] + [c.name for c in segmenter.protoset.classes]
 
 
-def _support_regions(pixels: torch.Tensor, keys: list[str], support_size: int) -> list[SupportRegion]:
-    """(N, h, w) bool pooled cells -> one region per support image that has any, most cells first."""
+def _support_regions(pixels: torch.Tensor, bank: PrototypeBank, support_size: int) -> list[SupportRegion]:
+    """(N, h, w) bool pooled cells -> one region per support image that has any, most cells first. The user's
+    photos (the last support images of a bank that records ``photos`` in its meta) are named by file."""
     sy, sx = support_size / pixels.shape[-2], support_size / pixels.shape[-1]
+    keys = bank.support_keys
+    photos = bank.meta.get("photos", [])
+    first_photo = len(keys) - len(photos)
     out = []
     for n in torch.nonzero(pixels.flatten(1).any(1)).flatten().tolist():
         mask = pixels[n].numpy()
         ys, xs = np.nonzero(mask)
         box = (int(xs.min() * sx), int(ys.min() * sy), int((xs.max() + 1) * sx), int((ys.max() + 1) * sy))
-        out.append(SupportRegion(n, keys[n], box, int(mask.sum()), mask))
+        photo = photos[n - first_photo] if n >= first_photo else {}
+        out.append(SupportRegion(n, keys[n], box, int(mask.sum()), mask, photo.get("file"), photo.get("sha256")))
     return sorted(out, key=lambda r: (-r.cells, r.index))
 
 
@@ -234,7 +255,7 @@ def explain(
                     image=int(protos.image[b]) if int(protos.image[b]) >= 0 else None,
                     part=int(protos.part[b]) if int(protos.part[b]) >= 0 else None,
                     similarity=float(per[name][row]),
-                    support=_support_regions(protos.support_pixels(b), bank.support_keys, support_size),
+                    support=_support_regions(protos.support_pixels(b), bank, support_size),
                     wins=won,
                 )
             )
@@ -256,6 +277,15 @@ def explain(
 
 OUTLINE_W = 2  # outline width in the picture's pixels (plus a 1-pixel halo: outputs.draw_outlines)
 SWATCH = 18  # side of a legend entry's outline sample
+
+
+def support_text(regions: Sequence[SupportRegion]) -> str:
+    """``"12 support images"``, or ``"12 support images (3 of them your photos)"``."""
+    photos = sum(r.photo is not None for r in regions)
+    mine = f" ({photos} of them your photos)" if photos and photos < len(regions) else ""
+    if photos and photos == len(regions):
+        return count_noun(photos, "photo") + " of yours"
+    return count_noun(len(regions), "support image") + mine
 
 
 def count_noun(n: int, noun: str) -> str:
@@ -346,6 +376,17 @@ def _wrap(text: str, font, width: int) -> list[str]:
         else:
             lines.append(word)
     return lines
+
+
+def _short(text: str, font, width: int) -> str:
+    """``text`` cut with '...' in the middle until it fits ``width`` pixels (a long photo name keeps its
+    start and its end)."""
+    if font.getlength(text) <= width:
+        return text
+    keep = len(text)
+    while keep > 4 and font.getlength(text[: keep // 2] + "..." + text[len(text) - keep // 2 :]) > width:
+        keep -= 1
+    return text[: keep // 2] + "..." + text[len(text) - keep // 2 :]
 
 
 def _swatch(label: int):
@@ -482,10 +523,11 @@ def render(
         top = header_h + ROW_H * (rank - 1)
         draw.line([0, top - 4, width, top - 4], fill=(210, 210, 210))
         canvas.paste(region_map, (8, top))
-        source = {"instance": f"support image {ev.image}", "part": f"part cluster {ev.part}"}.get(ev.kind, "all masks")
+        instance = ev.support[0].label if ev.kind == "instance" and ev.support else f"support image {ev.image}"
+        source = {"instance": instance, "part": f"part cluster {ev.part}"}.get(ev.kind, "all masks")
         caption = [
             f"#{rank} {ev.extractor}: {ev.kind} prototype ({ev.region}) of '{ev.class_name}'",
-            f"{source}, pooled from {count_noun(len(ev.support), 'support image')}",
+            f"{source}, pooled from {support_text(ev.support)}",
             f"similarity {ev.similarity:.3f} ({ev.extractor} features)",
             f"wins {count_noun(int(ev.wins.sum()), 'pixel')} of the query (left)",
         ]
@@ -498,7 +540,7 @@ def render(
             canvas.paste(fitted, (x, top))
             draw.text(
                 (x, top + THUMB + 4),
-                f"image {region.index}: {count_noun(region.cells, 'cell')}",
+                _short(f"{region.label}: {count_noun(region.cells, 'cell')}", small, THUMB),
                 fill=(0, 0, 0),
                 font=small,
             )

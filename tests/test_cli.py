@@ -306,14 +306,22 @@ def test_tables_off_a_terminal_are_tab_separated_whole_values():
     synth = invoke("synth", "cat", LONG, *TINY)
     assert synth.exit_code == 0, synth.output
     rows = tsv(synth.stdout)
-    assert rows[0] == ["class", "images new", "images cached", "prototypes class/instance/part", "digest", "seconds"]
+    assert rows[0] == [
+        "class",
+        "images new",
+        "images cached",
+        "photos",
+        "prototypes class/instance/part",
+        "digest",
+        "seconds",
+    ]
     assert [r[0] for r in rows[1:]] == ["cat", LONG]
-    assert all(len(r[4]) == 64 for r in rows[1:])  # the whole digest (the terminal shows 12 characters)
-    assert rows[1][1:3] == ["2", "0"] and rows[1][3].startswith("clip ")
+    assert all(len(r[5]) == 64 for r in rows[1:])  # the whole digest (the terminal shows 12 characters)
+    assert rows[1][1:4] == ["2", "0", "0"] and rows[1][4].startswith("clip ")
     listing = invoke("cache", "ls")
     assert listing.exit_code == 0 and "…" not in listing.stdout and "┃" not in listing.stdout
     rows = tsv(listing.stdout)
-    assert rows[0][:3] == ["class", "models", "n"] and rows[0][-2:] == ["stored", "size"]
+    assert rows[0][:4] == ["class", "models", "generated", "photos"] and rows[0][-2:] == ["stored", "size"]
     by_class = {r[0]: dict(zip(rows[0], r, strict=True)) for r in rows[1:]}
     assert set(by_class) == {"cat", LONG}
     assert by_class[LONG]["masker"] == "cutler" and by_class[LONG]["extractors"] == "clip,dino,sd"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,18 +90,47 @@ RAW_CLASSES = {"voc": 21, "voc20": 21, "context": 60, "context59": 60, "object":
 RAW_CLASSES["cityscapes"] = 19
 
 
-def make_dataset(top: Path, name: str, n: int = 3, seed: int = 0, size: tuple[int, int] = (40, 30)) -> list[str]:
-    """Random images and label maps (raw ids as the benchmark stores them, some 255) in ``name``'s layout."""
+def split_path(template: str, split: str) -> str:
+    """A path of LAYOUTS (written for val) for the train split, as mmseg lays that out."""
+    assert split in ("val", "train")
+    if split == "val":
+        return template
+    for val, train in (
+        ("validation", "training"),
+        ("val2017", "train2017"),
+        ("/val/", "/train/"),
+        ("/val.txt", "/train.txt"),
+    ):
+        template = template.replace(val, train)
+    return template
+
+
+def make_dataset(
+    top: Path,
+    name: str,
+    n: int = 3,
+    seed: int = 0,
+    size: tuple[int, int] = (40, 30),
+    *,
+    split: str = "val",
+    ids: list[str] | None = None,
+    labels: Callable[[str], np.ndarray] | None = None,
+) -> list[str]:
+    """Random images and label maps (raw ids as the benchmark stores them, some 255) in ``name``'s layout, for
+    ``split``; ``labels(id)`` plants an image's (H, W) raw label map instead."""
     rng = np.random.default_rng(seed)
-    image_t, label_t, listing = LAYOUTS[name]
-    ids = IDS.get(name, [f"2008_{i:06d}" for i in range(n)])[:n]
+    image_t, label_t, listing = (split_path(t, split) if t else t for t in LAYOUTS[name])
+    ids = ids or IDS.get(name, [f"2008_{i:06d}" for i in range(n)])[:n]
     for i in ids:
         img, lab = top / image_t.format(id=i), top / label_t.format(id=i)
         img.parent.mkdir(parents=True, exist_ok=True)
         lab.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(img)
-        raw = rng.integers(0, RAW_CLASSES[name], (size[1], size[0]))
-        raw[0, :5] = 255
+        if labels is not None:
+            raw = labels(i)
+        else:
+            raw = rng.integers(0, RAW_CLASSES[name], (size[1], size[0]))
+            raw[0, :5] = 255
         write_labels(lab, raw, 256)
     if listing:
         (top / listing).parent.mkdir(parents=True, exist_ok=True)
@@ -375,3 +406,132 @@ def test_per_class_table_off_a_terminal_is_tab_separated(tmp_path):
     assert [r[0] for r in rows[1:]] == list(spec.classes)  # every name whole, however long
     assert max(map(len, spec.classes)) > 15 and "…" not in result.stdout and "┃" not in result.stdout
     assert {r[1] for r in rows[1:]} <= {"n/a", "100.00%"} and summary.startswith("mIoU=100.00% ")
+
+
+# --- support sets from the training split (--support-from train) ---------------------------------------------------
+
+# Eight VOC training images, each planted with whole blocks of some classes on background 0 (a 255 row on top):
+# aeroplane (1) in images 0-4, bicycle (2) and every class from boat (4) to tvmonitor (20) in images 5 and 6, bird
+# (3) in image 7 alone. Images are named by their last digit below.
+TRAIN_IDS = [f"2009_{j:06d}" for j in range(8)]
+TRAIN_CLASSES = {j: {1} for j in range(5)} | {5: {2, *range(4, 21)}, 6: {2, *range(4, 21)}, 7: {3}}
+# sha256 of "<seed>:<id>" orders them (by last digit) 7 4 1 3 0 6 5 2 for seed 1 and 2 7 1 4 0 3 5 6 for seed 2.
+TRAIN_ONLY = ["--models", "tiny", "--k", "3", "--short-side", "64", "--scales", "64,48", "--stride", "32"]
+
+
+def plant_train(top: Path, without: int | None = None) -> None:
+    """The training split above (64 x 48), with class ``without`` nowhere; a val split of one random image."""
+    make_dataset(top, "voc", n=1, size=(64, 48))
+
+    def labels(image_id: str) -> np.ndarray:
+        raw = np.zeros((48, 64), dtype=np.int64)
+        for c in TRAIN_CLASSES[int(image_id[-1])] - {without}:
+            y, x = divmod(c - 1, 5)
+            raw[4 + 11 * y : 12 + 11 * y, 2 + 12 * x : 12 + 12 * x] = c
+        raw[0] = 255
+        return raw
+
+    make_dataset(top, "voc", size=(64, 48), split="train", ids=TRAIN_IDS, labels=labels, seed=1)
+
+
+def digits(shots: datasets.Shots, names: tuple[str, ...]) -> dict[str, str]:
+    """class -> the last digits of its picked images' ids, in pick order."""
+    return {name: "".join(s.id[-1] for s in p) for name, p in zip(names, shots.picked, strict=True)}
+
+
+def test_train_shots_follow_each_seeds_order_of_the_planted_labels(tmp_path):
+    plant_train(tmp_path)
+    voc = datasets.get_dataset("voc")
+    train = datasets.list_samples(voc, tmp_path, "train")
+    names = voc.classes[1:]  # the vocabulary: background is no class to pick for
+    others = dict.fromkeys(names[3:], "65")
+    one = datasets.pick_shots(voc, train, 2, 1)
+    assert digits(one, names) == {"aeroplane": "41", "bicycle": "65", "bird": "7", **others}
+    assert one.looked_at == one.total == 8  # bird never gets its second image: every map is read
+    two = datasets.pick_shots(voc, train, 2, 2)
+    assert digits(two, names) == {"aeroplane": "21", "bicycle": "56", "bird": "7", **dict.fromkeys(names[3:], "56")}
+    # Without background (reduce-zero-label: stored id c is class c - 1 of 20) the same images hold the same classes.
+    voc20 = datasets.get_dataset("voc20")
+    assert datasets.vocabulary_ids(voc).tolist() == list(range(1, 21))
+    assert datasets.vocabulary_ids(voc20).tolist() == list(range(20))
+    assert digits(datasets.pick_shots(voc20, train, 2, 1), voc20.classes) == digits(one, names)
+    # One shot: a pick stops once every class has it; a second seed reads only the maps the first did not.
+    index = datasets.ClassIndex(voc)
+    first = datasets.pick_shots(voc, train, 1, 1, index=index)
+    assert (first.looked_at, index.reads) == (6, 6)  # 7 4 1 3 0 6: bird, aeroplane, then bicycle and the rest
+    assert digits(first, names) == {"aeroplane": "4", "bicycle": "6", "bird": "7", **dict.fromkeys(names[3:], "6")}
+    second = datasets.pick_shots(voc, train, 1, 2, index=index)
+    assert (second.looked_at, index.reads) == (7, 8)  # 2 7 1 4 0 3 5: only images 2 and 5 were new (not 6 + 7)
+    assert digits(second, names)["aeroplane"] == "2"
+    # A label map that cannot be read holds no class (and is remembered with why): bird is then nowhere.
+    (tmp_path / f"VOCdevkit/VOC2012/SegmentationClass/{TRAIN_IDS[7]}.png").write_bytes(b"not a png")
+    index = datasets.ClassIndex(voc)
+    assert datasets.pick_shots(voc, train, 2, 1, index=index).picked[2] == ()
+    assert [i for i, _ in index.unreadable] == [TRAIN_IDS[7]]
+
+
+def test_support_from_train_runs_end_to_end(tmp_path):
+    """Two seeds through the CLI with the tiny models: each seed's banks are made of its own training images with
+    their ground truth as masks, and the result records where its supports came from."""
+    from ovdiff_cli.cache import Cache
+    from ovdiff_cli.pipeline.synth import cached_banks
+
+    plant_train(tmp_path)
+    out = tmp_path / "r.json"
+    args = ["eval", "voc", "--root", str(tmp_path), "--support-from", "train", "--shots", "2", "--seeds", "1,2"]
+    result = invoke(*args, *TRAIN_ONLY, "--save", str(out))
+    assert result.exit_code == 0, result.output
+    assert "note: --shots 2: the train split holds fewer images of 1 class, which get them all: bird (1)" in (
+        result.output
+    )
+    options = json.loads(out.read_text())["options"]
+    assert options["support_from"] == "train" and options["shots"] == 2 and options["synth"]["n"] == 0
+    digests = options["shots_sha256"]
+    assert [d["seed"] for d in digests] == [1, 2] and digests[0]["sha256"] != digests[1]["sha256"]
+
+    def sha(j: int) -> str:
+        return hashlib.sha256((tmp_path / f"VOCdevkit/VOC2012/JPEGImages/{TRAIN_IDS[j]}.jpg").read_bytes()).hexdigest()
+
+    cache = Cache(tmp_path / "cache")
+    try:
+        # airplane (VOC's aeroplane) picked other images for each seed; bicycle and bird had no choice: one bank.
+        for name, picks in {"airplane": ["14", "12"], "bicycle": ["56"], "bird": ["7"]}.items():
+            banks = cached_banks(cache, name)
+            found = sorted("".join(sorted(p["file"][-1] for p in b.meta["photos"])) for b in banks)
+            assert found == sorted(picks), name
+            for bank in banks:
+                assert bank.meta["n"] == 0
+                for photo in bank.meta["photos"]:
+                    assert photo == {
+                        "file": photo["file"],
+                        "sha256": sha(int(photo["file"][-1])),
+                        "route": "user",
+                        "mask": "user",
+                    }
+    finally:
+        cache.close()
+
+
+def test_support_from_train_mistakes_are_one_line(tmp_path):
+    plant_train(tmp_path, without=20)
+    root = ["eval", "voc", "--root", str(tmp_path), "--quiet"]
+    cases = [
+        (
+            ["--support-from", "train", "--shots", "2", "--models", "tiny"],
+            "--support-from train: no image of the train split (8 images) holds class tvmonitor; such a class has no"
+            " support set",
+        ),
+        (["--support-from", "val"], "--support-from 'val': expected one of synthetic, train"),
+        (["--shots", "2"], "--shots 2: only with --support-from train"),
+        (["--support-from", "train", "--shots", "0"], "--shots 0: must be at least 1"),
+        (["--support-from", "train", "--pred-dir", str(tmp_path)], "--support-from train and --pred-dir:"),
+    ]
+    for extra, message in cases:
+        result = invoke(*root, *extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert result.output.splitlines() == [result.output.splitlines()[0]], result.output
+        assert result.output.startswith(f"error: {message}"), result.output
+    (tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt").unlink()
+    result = invoke(*root, "--support-from", "train")
+    assert result.exit_code == 2 and result.output.startswith("error: --support-from train needs the voc train split")
+    assert "--split" not in result.output

@@ -179,8 +179,8 @@ def test_bank_from_images_in_memory_equals_bank_from_the_cache(tmp_path, tiny_mo
     """Issue 15: a run hands its generated images to masks and features on the device, without the PNG round
     trip; a bank rebuilt later from the cached PNGs alone is byte-identical."""
     loads = []
-    real_load = pipeline.load_support
-    monkeypatch.setattr(pipeline.support, "load_support", lambda c, k: loads.append(k) or real_load(c, k))
+    real_load = pipeline.support.load_entry
+    monkeypatch.setattr(pipeline.support, "load_entry", lambda c, k: loads.append(k) or real_load(c, k))
     with Cache(tmp_path / "a") as first:
         made = run(first, tiny_models, ["cat"])[0]
         keys = pipeline.class_keys(tiny_models, "cat", pipeline.SynthOptions(**FAST))[0]
@@ -267,8 +267,9 @@ def test_bank_contents(cache, tiny_models):
 
 
 def test_options_are_validated():
-    with pytest.raises(ValueError, match="--n 0"):
-        pipeline.SynthOptions(n=0)
+    with pytest.raises(ValueError, match="--n -1"):
+        pipeline.SynthOptions(n=-1)
+    assert pipeline.SynthOptions(n=0).n == 0  # photos only: whether a class has any support is checked per class
     with pytest.raises(ValueError, match="surf"):
         pipeline.SynthOptions(extractors=("sd", "surf"))
     with pytest.raises(ValueError, match="nope"):

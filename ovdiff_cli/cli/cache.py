@@ -51,6 +51,7 @@ def ls(
         {
             "class": b.class_name,
             **{f: b.meta.get(f) for f in fields},
+            "photos": b.photos,
             "extractors": b.extractors,
             "stored": datetime.fromtimestamp(b.stored_at).astimezone().isoformat(timespec="seconds"),
             "bytes": b.bytes,
@@ -61,9 +62,22 @@ def ls(
     if as_json:
         typer.echo(json.dumps({"directory": where, "banks": rows}, indent=2))
         return
-    settings = ("model_set", "n", "steps", "seed", "masker", "batch_size", "precision")
+    settings = ("model_set", "n", "photos", "steps", "seed", "masker", "batch_size", "precision")
     print_table(
-        ("class", "models", "n", "steps", "seed", "masker", "batch", "precision", "extractors", "stored", "size"),
+        (
+            "class",
+            "models",
+            "generated",
+            "photos",
+            "steps",
+            "seed",
+            "masker",
+            "batch",
+            "precision",
+            "extractors",
+            "stored",
+            "size",
+        ),
         [
             (
                 r["class"],

@@ -57,13 +57,37 @@ SaveOpt = Annotated[
 
 # What determines a class's prototypes: synth, segment, explain and eval all accept these.
 ClassesFileOpt = Annotated[
-    Path | None, typer.Option("--classes-file", help="One class per line; optional 'stuff' or 'thing' column.")
+    Path | None,
+    typer.Option(
+        "--classes-file", help="One class per line; optional columns stuff or thing, photos:DIR, masks:DIR, n:K."
+    ),
+]
+PhotosOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--photos",
+        metavar="[CLASS=]DIR",
+        help="Your own photos of a class, added to its support set (--n 0: photos only). CLASS= with several classes.",
+    ),
+]
+PhotoMasksOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--photo-masks",
+        metavar="[CLASS=]DIR",
+        help="Masks of those photos, one PNG per photo by stem (non-zero = object); photos without one are attributed.",
+    ),
 ]
 StuffOpt = Annotated[
     str | None,
     typer.Option("--stuff", help="Comma list of classes that are 'stuff' (sky, water...); see the README."),
 ]
-NOpt = Annotated[int | None, typer.Option("--n", help=f"Support images per class [default: {D.N_SUPPORT}].")]
+NOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--n", help=f"Generated support images per class; 0 with --photos: photos only [default: {D.N_SUPPORT}]."
+    ),
+]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help=f"Denoising steps [default: {D.STEPS}].")]
 SchedulerOpt = Annotated[
     str | None,
@@ -138,6 +162,43 @@ def synth_options(**given_options: Any):
     from ..pipeline.keys import SynthOptions
 
     return SynthOptions(**given(**given_options))
+
+
+# Folders with at least this many files get a progress line while they are listed and hashed.
+LISTING_PROGRESS_FROM = 100
+
+
+def with_photos(classes: list, photos: list[str] | None, masks: list[str] | None, opts: Any, models: Any, quiet: bool):
+    """``classes`` with their photos (``--photos`` / ``--photo-masks`` or a classes file's columns) listed and
+    checked before any work, with a progress line while a large folder is hashed; each photo left out is named on
+    stderr. Raises ValueError for the caller's ``user_errors()``."""
+    from ..classes import attach_photos
+    from ..pipeline.synth import photo_sets
+
+    classes = attach_photos(classes, photos or [], masks or [])
+    if not any(c.photos is not None for c in classes):
+        return photo_sets(classes, opts, models)
+    with RichProgress(not quiet) as progress:
+
+        def listing(folder: str, done: int, total: int) -> None:
+            if total < LISTING_PROGRESS_FROM:  # a few photos list in a blink: an error stays one line
+                return
+            if done == 1:
+                progress.start(f"photos in {folder}", total)
+            progress.advance()
+
+        classes = photo_sets(classes, opts, models, listing)
+    for spec in classes:
+        for name, reason in spec.photo_set.skipped if spec.photo_set is not None else ():
+            err.print(f"warning: {spec.name}: photo {name} left out: {reason}", highlight=False, markup=False)
+    return classes
+
+
+def photo_warnings(results: Iterable[Any]) -> None:
+    """Name on stderr each photo a run left out of its class's bank (synth's ClassResult.photos_skipped)."""
+    for r in results:
+        for file, why in r.photos_skipped:
+            err.print(f"warning: {r.name}: photo {file} left out: {why}", highlight=False, markup=False)
 
 
 def print_notes(class_names: list[str], quiet: bool = False, more: list[str | None] | None = None) -> None:

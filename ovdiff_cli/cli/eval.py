@@ -1,6 +1,7 @@
 """``ovdiff eval``: benchmark mIoU (paper section 4) from the shell, shardable, with machine-readable results.
 
 ovdiff eval DATASET --root DIR ...        (= ovdiff eval run DATASET ...)
+ovdiff eval DATASET --root DIR --support-from train --shots K   (real support sets, a reference point)
 ovdiff eval merge PART.json... --save FILE
 ovdiff eval prepare object --coco-stuff-root DIR
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -30,10 +31,15 @@ from .common import (
     fail,
     given,
     out,
+    photo_warnings,
     print_table,
     user_errors,
 )
 from .shared import SegmentArgs, prepare, segmentation_options
+
+if TYPE_CHECKING:
+    from ..classes import ClassSpec
+    from ..datasets import DatasetSpec, Sample
 
 
 class _RunByDefault(TyperGroup):
@@ -110,6 +116,18 @@ def run(
             "--prompt-names", help="paper (the reference's prompt names and overrides) or plain (readable names)."
         ),
     ] = "paper",
+    support_from: Annotated[
+        str,
+        typer.Option(
+            "--support-from",
+            help="synthetic (generated support sets, the paper's) or train (--shots annotated training images per"
+            " class with their ground truth as masks).",
+        ),
+    ] = "synthetic",
+    shots: Annotated[
+        int | None,
+        typer.Option("--shots", help=f"With --support-from train: training images per class [default: {D.SHOTS}]."),
+    ] = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     *,
@@ -126,7 +144,9 @@ def run(
         spec = get_dataset(dataset)
         if limit is not None and limit < 1:
             raise ValueError(f"--limit {limit}: must be at least 1")
+        from_train = _check_support_options(support_from, shots, pred_dir, args.n)
         samples = list_samples(spec, root, split)[:limit]
+        train = _train_samples(spec, root) if from_train else []
         part = resolve_shard(shard)
         if part.count > 1 and save is None:
             raise ValueError(
@@ -141,7 +161,8 @@ def run(
             raise ValueError("--seed and --seeds: give one of them")
         if pred_dir is not None and save_pred is not None:
             raise ValueError("--pred-dir scores existing predictions; --save-pred has nothing to save")
-        check_outputs(("--save", save), inputs=[f for s in samples for f in (s.image, s.label)], as_json=as_json)
+        inputs = [f for s in (*samples, *train) for f in (s.image, s.label)]
+        check_outputs(("--save", save), inputs=inputs, as_json=as_json)
         classes = build_class_list(
             spec.vocabulary(prompt_names),
             stuff=split_list(args.stuff) if args.stuff else None,
@@ -161,6 +182,23 @@ def run(
             check_save_pred(save_pred, mine, seed_list)
         if not quiet and split == "val" and limit is None and spec.val_images and len(samples) != spec.val_images:
             err.print(f"note: {dataset} val has {spec.val_images} images; --root holds {len(samples)}")
+        supports = None
+        if from_train:
+            from ..pipeline.eval import TrainSupports
+
+            # Training images only unless --n adds generated ones: the run's N is then the classes' N, which the
+            # result's options record.
+            args = dataclasses.replace(args, n=args.n or 0)
+            supports = TrainSupports(spec, classes, train, **given(shots=shots), n=args.n)
+            # The first seed's classes now: its photos decide which banks are missing, which prepare reports.
+            with RichProgress(not quiet) as progress:
+                classes = supports.classes(seed_list[0], progress)
+            if not quiet:
+                for note in supports.notes:
+                    err.print(f"note: {note}", highlight=False, markup=False)
+                if split == "train":
+                    err.print("note: --split train: the support images are among the images scored")
+            _left_out(classes, seed_list[0], len(seed_list))
         run_on = (
             None if pred_dir is not None else prepare(dataclasses.replace(args, background=spec.background), classes)
         )
@@ -187,6 +225,15 @@ def run(
             else:
                 from ..pipeline.eval import eval_context, evaluate_seeds
 
+                def seed_classes(seed: int) -> list[ClassSpec]:
+                    """That seed's classes with its own training images (the first seed's are made already)."""
+                    assert supports is not None
+                    built = seed in supports.picked()
+                    found = supports.classes(seed, progress)
+                    if not built:
+                        _left_out(found, seed, len(seed_list))
+                    return found
+
                 confusions, failed, interrupted = evaluate_seeds(
                     mine,
                     spec,
@@ -201,8 +248,18 @@ def run(
                     on_failure=report,
                     on_seed=timing,
                     compile=run_on.compile,
+                    classes_for=seed_classes if supports is not None else None,
+                    on_synth=photo_warnings,
                 )
-                context = eval_context(run_on.models, run_on.synth, run_on.seg, run_on.classes)
+                context = eval_context(
+                    run_on.models,
+                    run_on.synth,
+                    run_on.seg,
+                    run_on.classes,
+                    support_from=support_from,
+                    shots=supports.shots if supports is not None else None,
+                    seed_classes=supports.picked() if supports is not None else None,
+                )
     finally:
         if run_on is not None:
             run_on.cache.close()
@@ -225,6 +282,56 @@ def run(
             f"{len(failed)} of {len(mine)} images could not be scored (listed above); the result leaves them out",
             EXIT_FAILED,
         )
+
+
+def _check_support_options(support_from: str, shots: int | None, pred_dir: Path | None, n: int | None) -> bool:
+    """Whether the supports come from the training split; ValueError (one line) for a value or combination that
+    does not make sense."""
+    from ..datasets import SUPPORT_FROM
+
+    if support_from not in SUPPORT_FROM:
+        raise ValueError(f"--support-from {support_from!r}: expected one of {', '.join(SUPPORT_FROM)}")
+    from_train = support_from == "train"
+    if shots is not None and not from_train:
+        raise ValueError(
+            f"--shots {shots}: only with --support-from train (synthetic support sets have --n generated images)"
+        )
+    if from_train and pred_dir is not None:
+        raise ValueError(
+            "--support-from train and --pred-dir: --pred-dir scores existing predictions, it builds no support set"
+        )
+    if shots is not None and shots < 1:
+        raise ValueError(f"--shots {shots}: must be at least 1")
+    if from_train and (shots or D.SHOTS) + (n or 0) > D.N_MAX:
+        raise ValueError(
+            f"--shots {shots or D.SHOTS}{f' and --n {n}' if n else ''}: more than {D.N_MAX:,} support images per class"
+            " (its prototypes hold every image's features in memory at once)"
+        )
+    return from_train
+
+
+def _train_samples(spec: DatasetSpec, root: Path) -> list[Sample]:
+    """The training split's samples for --support-from train; its errors say that this option needs it."""
+    from ..datasets import list_samples
+
+    try:
+        return list_samples(spec, root, "train")
+    except ValueError as exc:
+        # list_samples' hint about --split does not apply: the training split is not chosen by --split here.
+        why = str(exc).replace(" (is --split train right?)", "")
+        raise ValueError(f"--support-from train needs the {spec.name} train split: {why}") from None
+
+
+def _left_out(classes: list[ClassSpec], seed: int, seeds: int) -> None:
+    """A warning per picked training image that could not be read (it is left out of its class's support set)."""
+    which = f"seed {seed}: " if seeds > 1 else ""
+    for spec in classes:
+        for image_id, reason in spec.photo_set.skipped if spec.photo_set is not None else ():
+            err.print(
+                f"warning: {which}{spec.name}: training image {image_id} left out: {reason}",
+                highlight=False,
+                markup=False,
+            )
 
 
 @app.command("merge")

@@ -22,6 +22,7 @@ from .common import (
     given,
     options_text,
     out,
+    photo_warnings,
     print_notes,
     user_errors,
 )
@@ -76,7 +77,7 @@ def explain(
             raise ValueError(f"IMAGE {image}: no such file")
         check_outputs(("--out", out_file), ("--save", save), inputs=[image], as_json=as_json)
         picture_kind = picture_format(out_file, f"--out {out_file}") if out_file is not None else None
-        run_on = prepare(args)
+        run_on = prepare(args, quiet=quiet)
         print_notes([c.name for c in run_on.classes], quiet, run_on.notes)
         try:
             img = load_image(image, run_on.seg.max_pixels)
@@ -91,7 +92,9 @@ def explain(
     written, problem = out_file, None  # where the picture went; why not to --out, if it could not
     try:
         with RichProgress(not quiet) as progress, user_errors():
-            segmenter = build_segmenter(run_on.classes, run_on.synth, run_on.seg, mdl, cache, progress, run_on.compile)
+            segmenter = build_segmenter(
+                run_on.classes, run_on.synth, run_on.seg, mdl, cache, progress, run_on.compile, photo_warnings
+            )
             expl = explain_pixel(segmenter, img, x, y, mdl.spec.image_size, **given(top=top))
             if out_file is not None:
                 title = f"{image.name}; models {mdl.spec.name}" + ("" if mdl.spec.meaningful else " (random weights)")
@@ -123,15 +126,17 @@ def explain(
 
 def _print_explanation(expl: Explanation, image: Path, x: int, y: int, wrote: Path | None) -> None:
     """The human summary: the label, each deciding prototype, and the picture written (if any)."""
-    from ..explain import count_noun
+    from ..explain import count_noun, support_text
 
     runner = f", runner-up {expl.runner_up[1]} ({expl.runner_up[2]:.3f})" if expl.runner_up else ""
     out.print(f"pixel ({x}, {y}) of {image}: {expl.label} ({expl.score:.3f}){runner}")
     for rank, ev in enumerate(expl.prototypes, start=1):
-        where = f"image {ev.image}" if ev.image is not None else f"part {ev.part}" if ev.part is not None else "all"
+        where = f"part {ev.part}" if ev.part is not None else "all"
+        if ev.image is not None:
+            where = ev.support[0].label if ev.support else f"image {ev.image}"
         out.print(
             f"  #{rank} {ev.extractor} {ev.kind} {ev.region} prototype of '{ev.class_name}' ({where}):"
-            f" similarity {ev.similarity:.3f}, from {count_noun(len(ev.support), 'support image')},"
+            f" similarity {ev.similarity:.3f}, from {support_text(ev.support)},"
             f" wins {count_noun(int(ev.wins.sum()), 'pixel')}"
         )
     if wrote is not None:

@@ -22,6 +22,7 @@ from .common import (
     fail,
     options_text,
     out,
+    photo_warnings,
     print_notes,
     user_errors,
 )
@@ -61,7 +62,7 @@ def segment(
         items = find_images(inputs, exclude=out_dir, on_skip=skipped.append)
         check_outputs(("--save", save), inputs=[i.path for i in items], as_json=as_json)
         part = resolve_shard(shard)
-        run_on = prepare(args)
+        run_on = prepare(args, quiet=quiet)
         class_list, mdl, cache, seg_opts = run_on.classes, run_on.models, run_on.cache, run_on.seg
         legend = build_legend(
             [c.name for c in class_list],
@@ -92,7 +93,9 @@ def segment(
             # Nothing to do (a finished job run again) loads no model at all.
             t0 = time.perf_counter()
             segmenter = (
-                build_segmenter(class_list, run_on.synth, seg_opts, mdl, cache, progress, run_on.compile)
+                build_segmenter(
+                    class_list, run_on.synth, seg_opts, mdl, cache, progress, run_on.compile, photo_warnings
+                )
                 if plan.todo
                 else None
             )

@@ -27,6 +27,8 @@ from .common import (
     MaskerOpt,
     ModelsOpt,
     NOpt,
+    PhotoMasksOpt,
+    PhotosOpt,
     PrecisionOpt,
     SchedulerOpt,
     SeedOpt,
@@ -37,6 +39,7 @@ from .common import (
     given,
     open_cache,
     synth_options,
+    with_photos,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +56,8 @@ class SegmentArgs:
 
     classes: str | None = None
     classes_file: Path | None = None
+    photos: list[str] | None = None
+    photo_masks: list[str] | None = None
     stuff: str | None = None
     stuff_table: str | None = None
     models: str | None = None
@@ -85,6 +90,8 @@ class SegmentArgs:
 _OPTIONS: dict[str, Any] = {
     "classes": Annotated[str | None, typer.Option("--classes", help='Comma list, e.g. "cat,dog,sky".')],
     "classes_file": ClassesFileOpt,
+    "photos": PhotosOpt,
+    "photo_masks": PhotoMasksOpt,
     "stuff": StuffOpt,
     "stuff_table": StuffTableOpt,
     "models": ModelsOpt,
@@ -145,7 +152,7 @@ _OPTIONS: dict[str, Any] = {
 assert list(_OPTIONS) == [f.name for f in fields(SegmentArgs)], "declare each shared option in both places"
 
 
-_VOCABULARY = ("classes", "classes_file")
+_VOCABULARY = ("classes", "classes_file", "photos", "photo_masks")
 
 
 def segmentation_options(command=None, *, vocabulary: bool = True):
@@ -191,10 +198,12 @@ class Prepared:
     missing: list[str] = field(default_factory=list)  # the classes without a cached bank for these settings
 
 
-def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepared:
+def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None, quiet: bool = False) -> Prepared:
     """Validate the shared options and build what they name (no network is loaded; the cache is opened).
 
-    ``classes`` replaces --classes / --classes-file when the command knows its vocabulary (a benchmark's).
+    ``classes`` replaces --classes / --classes-file when the command knows its vocabulary (a benchmark's; its
+    classes may come with photos already listed). Classes' photos are listed and checked here (``quiet``: without
+    a progress line).
     Raises the library's ValueError / ModelUnavailable / CacheError for the caller's ``user_errors()``. Fails
     at once if a network the run needs has no weights here.
     """
@@ -242,6 +251,7 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
     )
     set_threads(args.threads)
     models = Models(spec, resolve_device(args.device), args.precision)
+    classes = with_photos(classes, args.photos, args.photo_masks, synth, models, quiet)
     cache = open_cache(args.cache_dir)
     try:
         models.check_available(segment_roles(classes, synth, seg, models, cache))
@@ -249,7 +259,7 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None) -> Prepar
         notes = synthesis_notes(missing, synth, models, cache)
         if missing and (masker := masker_note(synth, models)):
             notes.append(masker)
-        if missing and (size := support_size_note(synth, models)):
+        if missing and (size := support_size_note(synth, models, classes)):
             notes.append(size)
     except BaseException:
         cache.close()

@@ -9,6 +9,7 @@ import typer
 from .. import defaults as D
 from .common import (
     DEFAULT_MODELS,
+    EXIT_FAILED,
     EXIT_INTERRUPTED,
     BatchSizeOpt,
     CacheDirOpt,
@@ -20,6 +21,8 @@ from .common import (
     MaskerOpt,
     ModelsOpt,
     NOpt,
+    PhotoMasksOpt,
+    PhotosOpt,
     PrecisionOpt,
     QuietOpt,
     RichProgress,
@@ -34,19 +37,24 @@ from .common import (
     check_outputs,
     emit,
     err,
+    fail,
     given,
     open_cache,
     options_text,
+    photo_warnings,
     print_notes,
     print_table,
     synth_options,
     user_errors,
+    with_photos,
 )
 
 
 def synth(
     classes: Annotated[list[str] | None, typer.Argument(help='Class names, e.g. cat "potted plant".')] = None,
     classes_file: ClassesFileOpt = None,
+    photos: PhotosOpt = None,
+    photo_masks: PhotoMasksOpt = None,
     models: ModelsOpt = None,
     n: NOpt = None,
     steps: StepsOpt = None,
@@ -97,11 +105,12 @@ def synth(
         )
         set_threads(threads)
         mdl = Models(spec, resolve_device(device), precision)
+        class_list = with_photos(class_list, photos, photo_masks, opts, mdl, quiet)
         mdl.check_available(["sd", "dino", "clip"])
         masker_name = effective_masker(opts, mdl)
         mdl.check_available(["cutler"] if masker_name == "cutler" else [])
         cache = open_cache(cache_dir)
-    print_notes([c.name for c in class_list], quiet, [masker_note(opts, mdl), support_size_note(opts, mdl)])
+    print_notes([c.name for c in class_list], quiet, [masker_note(opts, mdl), support_size_note(opts, mdl, class_list)])
     if verbose:
         err.print(f"models {spec.name} on {mdl.device}; cache {cache.directory}; {options_text(opts)}", markup=False)
     try:
@@ -113,6 +122,7 @@ def synth(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         cache.close()
+    listed = {c.name: list(c.photo_set.skipped) for c in class_list if c.photo_set is not None}
     if as_json or save is not None:
         doc = {
             "models": {"name": spec.name, "hashes": mdl.hashes, "meaningful": spec.meaningful},
@@ -124,6 +134,11 @@ def synth(
                     "stuff": r.stuff,
                     "images_generated": r.images_generated,
                     "images_cached": r.images_cached,
+                    "support": {"generated": r.generated, "photos": r.photos},
+                    "photos_computed": r.photos_computed,
+                    "photos_skipped": [
+                        {"file": f, "reason": why} for f, why in [*listed.get(r.name, []), *r.photos_skipped]
+                    ],
                     "prototypes": r.prototypes,
                     "digest": r.digest,
                     "seconds": round(r.seconds, 3),
@@ -133,14 +148,15 @@ def synth(
             ],
         }
         if emit(doc, as_json, save):
-            return
+            return _photo_failures(results, class_list)
     print_table(
-        ("class", "images new", "images cached", "prototypes class/instance/part", "digest", "seconds"),
+        ("class", "images new", "images cached", "photos", "prototypes class/instance/part", "digest", "seconds"),
         [
             (
                 f"{r.name} (stuff)" if r.stuff else r.name,
                 r.images_generated,
                 r.images_cached,
+                r.photos,
                 ", ".join(f"{e} " + "/".join(map(str, counts.values())) for e, counts in r.prototypes.items()),
                 r.digest,
                 f"{r.seconds:.1f}",
@@ -154,3 +170,17 @@ def synth(
             if r.stages:
                 shown = ", ".join(f"{k} {v:.1f} s" for k, v in r.stages.items() if k != "load")
                 err.print(f"{r.name}: {shown} (loading networks {r.stages.get('load', 0):.1f} s, inside those)")
+    _photo_failures(results, class_list)
+
+
+def _photo_failures(results: list, classes: list) -> None:
+    """Exit 1 if any photo was left out of a support set (each was named on stderr: when listing, before the work,
+    or by :func:`photo_warnings`): the banks are complete without them, but a script should notice."""
+    from ..pipeline.synth import count_photos
+
+    photo_warnings(results)
+    count = sum(len(r.photos_skipped) for r in results)
+    count += sum(len(c.photo_set.skipped) for c in classes if c.photo_set is not None)
+    if count:
+        were = "was" if count == 1 else "were"
+        raise fail(f"{count_photos(count)} {were} left out of the support sets (listed above)", EXIT_FAILED)

@@ -9,11 +9,12 @@ and options: no model is loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import cache as cachelib
 from .. import defaults as D
 from .. import masks, synthesis
+from ..classes import ClassSpec
 from ..extractors import build_extractor, parse_extractors
 from ..models.loading import Models, dtype_name
 
@@ -44,7 +45,9 @@ class SynthOptions:
     negative_prompt: str = D.NEGATIVE_PROMPT
 
     def __post_init__(self) -> None:
-        for name in ("n", "steps", "batch_size", "k"):
+        if self.n < 0:
+            raise ValueError(f"--n {self.n}: must be 0 (photos only) or more")
+        for name in ("steps", "batch_size", "k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.n > D.N_MAX:
@@ -69,10 +72,40 @@ def configured_batch_size(opts: SynthOptions, models: Models) -> int:
     return models.spec.cpu_batch_size if models.device.type == "cpu" else D.BATCH_SIZE
 
 
-def batch_size(opts: SynthOptions, models: Models) -> int:
+def batch_size(opts: SynthOptions, models: Models, photos: int = 0) -> int:
     """Images per network batch when computing on support images (masks, features): the configured batch size,
-    never more than N."""
-    return min(configured_batch_size(opts, models), opts.n)
+    never more than the class's images (N generated plus ``photos``)."""
+    return max(1, min(configured_batch_size(opts, models), opts.n + photos))
+
+
+def class_options(spec: ClassSpec, opts: SynthOptions) -> SynthOptions:
+    """The run's options for one class: its own count of generated images when its classes-file line sets one."""
+    return opts if spec.n is None or spec.n == opts.n else replace(opts, n=spec.n)
+
+
+def photos_of(spec: ClassSpec) -> tuple:
+    """The class's usable photos (photos.Photo, in support-set order); none without a photos folder."""
+    return spec.photo_set.photos if spec.photo_set is not None else ()
+
+
+def photo_key(models: Models, class_name: str, photo) -> str:
+    """Cache key of a photo's support entry: its bytes' digest and what turns them into the entry, never its path
+    (a renamed photo keeps its entry). With the user's mask: the mask's digest (no attribution is computed, so
+    neither the class nor SD is in the key). Without: the class prompt, SD and the attribution's timesteps (it
+    runs one photo at a time, so no batch enters it: see support.ensure_photos)."""
+    fields: dict = {"photo": photo.digest, "size": models.spec.image_size, "fit": "whole-lanczos"}
+    if photo.mask_digest is not None:
+        fields["mask"] = photo.mask_digest
+    else:
+        fields |= {
+            "prompt": synthesis.prompt_for(class_name),
+            "class_name": class_name,
+            "model": models.hashes["sd"],
+            "timesteps": list(D.PHOTO_TIMESTEPS),
+            "noise_seed": D.PHOTO_NOISE_SEED,
+            "dtype": dtype_name(models.dtype("sd")),
+        }
+    return cachelib.make_key("support", SUPPORT_VERSION, kind="photo", **fields)
 
 
 def sampling_batch_size(opts: SynthOptions, models: Models) -> int:
@@ -152,14 +185,19 @@ def _masker_fields(models: Models, masker: masks.Masker) -> dict:
     }
 
 
-def bank_key(models: Models, class_name: str, keys: list[str], opts: SynthOptions) -> str:
+def bank_key(models: Models, class_name: str, keys: list[str], opts: SynthOptions, photos: int = 0) -> str:
+    """Cache key of a class's prototype bank: its support keys (generated images, then ``photos`` photos) and
+    every setting of masks, features and prototypes."""
     masker = build_class_masker(opts, models)
     extractors = {name: build_extractor(name, models) for name in opts.extractors}
+    # Only a class with photos has the photo fields: every other class keeps the key it always had.
+    with_photos = {"photos": {"count": photos, "erode": D.BG_ERODE, "no_mask": "skip"}} if photos else {}
     return cachelib.make_key(
         "bank",
         BANK_VERSION,
         class_name=class_name,
         support=keys,
+        **with_photos,
         **_masker_fields(models, masker),
         extractors={
             n: {"model": models.hashes[e.role], "params": e.params(), "dtype": dtype_name(models.dtype(e.role))}
@@ -175,7 +213,12 @@ def bank_key(models: Models, class_name: str, keys: list[str], opts: SynthOption
     )
 
 
-def class_keys(models: Models, class_name: str, opts: SynthOptions) -> tuple[list[str], str]:
-    """The class's N support keys and its bank key: computed from model hashes and options, no model loaded."""
-    keys = [support_key(models, class_name, i, opts) for i in range(opts.n)]
-    return keys, bank_key(models, class_name, keys, opts)
+def class_keys(models: Models, spec: ClassSpec | str, opts: SynthOptions) -> tuple[list[str], str]:
+    """The class's support keys (its N generated images, then its photos) and its bank key: computed from model
+    hashes, options and the photos' digests, no model loaded. ``opts`` is the run's; the class's own N applies."""
+    spec = ClassSpec(spec) if isinstance(spec, str) else spec
+    opts = class_options(spec, opts)
+    photos = photos_of(spec)
+    keys = [support_key(models, spec.name, i, opts) for i in range(opts.n)]
+    keys += [photo_key(models, spec.name, p) for p in photos]
+    return keys, bank_key(models, spec.name, keys, opts, len(photos))

@@ -28,7 +28,7 @@ from ..segmentation import Segmentation, Segmenter, SegmentOptions, build_protot
 from ..timing import Timings
 from .common import InOrder, Progress, _Silent
 from .keys import SynthOptions, effective_masker
-from .synth import missing_banks, synthesize
+from .synth import ClassResult, missing_banks, synthesize
 
 T = TypeVar("T")
 
@@ -69,12 +69,17 @@ def build_segmenter(
     cache: cachelib.Cache,
     progress: Progress | None = None,
     compile: bool = False,
+    on_synth: Callable[[list[ClassResult]], None] | None = None,
 ) -> Segmenter:
     """The classes' prototype banks (synthesised where missing, exactly as ``synth`` does) made into a
-    :class:`Segmenter` on the models' device (``compile``: see Segmenter)."""
+    :class:`Segmenter` on the models' device (``compile``: see Segmenter). ``on_synth`` gets synth's results (the
+    CLI names the photos they left out)."""
     from ..filters import ClipPrefilter
 
-    banks = [r.bank for r in synthesize(classes, synth_opts, models, cache, progress)]
+    results = synthesize(classes, synth_opts, models, cache, progress)
+    if on_synth is not None:
+        on_synth(results)
+    banks = [r.bank for r in results]
     protoset = build_prototype_set(banks, classes, seg_opts.background, seg_opts.stuff_threshold)
     extractors = {name: build_extractor(name, models) for name in synth_opts.extractors}
     prefilter = None

@@ -6,15 +6,17 @@ device for masks and features. ``explain`` reads support images back through :fu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .. import attribution, masks, synthesis
+from .. import attribution, masks, photos, synthesis
 from .. import cache as cachelib
 from ..extractors import build_extractor
+from ..inputs import ImageError
 from ..models.loading import Models
 from ..timing import Timings
 from .common import InOrder, Progress
@@ -86,6 +88,8 @@ def ensure_support(
         with SupportWriter(cache, class_name, timings) as own:
             return ensure_support(cache, models, class_name, opts, progress, timings, own)
     support = SupportSet([support_key(models, class_name, i, opts) for i in range(opts.n)])
+    if not opts.n:  # photos only
+        return support
     keys = support.keys
     missing = {i for i, k in enumerate(keys) if cache.get("support", k) is None}
     progress.start(f"{class_name}: images", opts.n)
@@ -133,13 +137,128 @@ def encode_support(
 
 def load_support(cache: cachelib.Cache, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 image, (H, W, 3) uint8 flooring residual and (G, G) float32 attribution in [0, 1] of one
-    cached support image."""
+    cached support image. A photo's entry (see :func:`encode_photo`) has no residual (zeros here) and, with the
+    user's mask, no attribution (zeros here too: :func:`load_entry` tells them apart)."""
+    entry = load_entry(cache, key)
+    return entry.image, entry.residual, entry.attribution
+
+
+@dataclass
+class SupportEntry:
+    """One cached support image as the bank builder needs it.
+
+    Attributes:
+        image: (S, S, 3) uint8 RGB.
+        residual: (S, S, 3) uint8 flooring residual (zeros for a photo: its bytes are exact).
+        attribution: (G, G) float32 in [0, 1] (zeros for a photo with the user's mask).
+        mask: (S, S) uint8 of photos.MASK_BG / MASK_FG / MASK_IGNORE for a photo with the user's mask, else None.
+        photo: whether it is a user's photo.
+    """
+
+    image: np.ndarray
+    residual: np.ndarray
+    attribution: np.ndarray
+    mask: np.ndarray | None = None
+    photo: bool = False
+
+
+def load_entry(cache: cachelib.Cache, key: str) -> SupportEntry:
+    """A cached support entry, generated image or photo (KeyError when the cache does not hold it)."""
     payload = cache.get("support", key)
     if payload is None:
         raise KeyError(f"support image {key[:12]} is not in the cache")
-    arrays, _ = cachelib.decode_arrays(payload)
+    arrays, meta = cachelib.decode_arrays(payload)
     image = cachelib.decode_png(arrays["image_png"].tobytes())
-    return image, arrays["residual"], arrays["attribution"].astype(np.float32)
+    photo = "sha256" in meta
+    residual = arrays["residual"] if "residual" in arrays else np.zeros_like(image)
+    mask = arrays.get("mask")
+    if "attribution" in arrays:
+        attr = arrays["attribution"].astype(np.float32)
+    else:
+        grid = int(meta["grid"])
+        attr = np.zeros((grid, grid), dtype=np.float32)
+    return SupportEntry(image, residual, attr, mask, photo)
+
+
+def encode_photo(
+    image: np.ndarray,
+    photo: photos.Photo,
+    class_name: str,
+    attribution: np.ndarray | None,
+    mask: np.ndarray | None,
+    grid: int,
+) -> bytes:
+    """A photo's support entry: the (S, S, 3) uint8 photo fitted to the support size as PNG, and either the user's
+    (S, S) uint8 mask or the (G, G) float32 attribution; its name and digest as provenance (a renamed photo keeps
+    the name it was first cached under: explain shows the current one)."""
+    arrays = {"image_png": np.frombuffer(cachelib.encode_png(image), dtype=np.uint8)}
+    if mask is not None:
+        arrays["mask"] = np.ascontiguousarray(mask, dtype=np.uint8)
+    else:
+        arrays["attribution"] = attribution.astype(np.float32)
+    meta = {"class": class_name, "photo": photo.name, "sha256": photo.digest, "grid": grid}
+    return cachelib.encode_arrays(arrays, meta)
+
+
+@dataclass
+class PhotoRun:
+    """What :func:`ensure_photos` did for one class: photos computed here, found cached, and left out
+    ((name, reason): their pixels could not be decoded)."""
+
+    computed: int = 0
+    cached: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def ensure_photos(
+    cache: cachelib.Cache,
+    models: Models,
+    class_name: str,
+    items: list[tuple[str, photos.Photo]],
+    opts: SynthOptions,
+    progress: Progress,
+    timings: Timings | None = None,
+) -> PhotoRun:
+    """Make sure every photo's support entry is cached: the photo fitted to the support size with its mask (the
+    user's), or with its attribution map (:func:`photos.attribute`, one photo at a time). Photos are read in
+    batches of the class's batch size and stored as each batch finishes, so memory holds one batch and an
+    interrupted run keeps what it did. ``items``: (key, photo) pairs. ``timings`` accumulates "photos" (decoding,
+    fitting, attribution and cache writes)."""
+    timings = timings or Timings()
+    run = PhotoRun()
+    todo = [(k, p) for k, p in items if not cache.contains("support", k)]
+    run.cached = len(items) - len(todo)
+    progress.start(f"{class_name}: photos", len(items))
+    progress.advance(run.cached)
+    size, grid = models.spec.image_size, models.spec.grid
+    b = batch_size(opts, models, len(items))
+    for start in range(0, len(todo), b):
+        loaded = []
+        with timings("photos"):
+            for key, photo in todo[start : start + b]:
+                try:
+                    image, mask = photos.load_photo(photo, size)
+                except ImageError as exc:
+                    run.failed.append((photo.name, str(exc)))
+                    progress.advance()
+                    continue
+                loaded.append((key, photo, image, mask))
+        with timings("photos"):
+            need = [item for item in loaded if item[3] is None]
+            maps = {}
+            if need:
+                gen = models.get("sd", decoder=False)
+                pixels = torch.from_numpy(np.stack([item[2] for item in need])).permute(0, 3, 1, 2).to(gen.device)
+                # One photo at a time: in a batch, a map's last bits depend on its slot (1e-6 on this project's
+                # CPU), and a photo's slot would change as photos come and go; alone, its map is a function of it.
+                run_one = functools.partial(photos.attribute, gen, class_name)
+                found = _batched(pixels, run_one, 1).float().cpu().numpy()
+                maps = {item[0]: m for item, m in zip(need, found, strict=True)}
+            for key, photo, image, mask in loaded:
+                cache.put("support", key, encode_photo(image, photo, class_name, maps.get(key), mask, grid))
+                run.computed += 1
+                progress.advance()
+    return run
 
 
 def support_image(cache: cachelib.Cache, key: str) -> np.ndarray | None:
@@ -171,7 +290,32 @@ def support_masks(
 
     CutLER sees the unquantised images (:meth:`SupportTensors.floats`, as the reference runs it at sampling time),
     MaskCut's DINO the saved ones. Proposals of proposal-based maskers are cached per image (bit-packed).
+
+    Photos: one with the user's mask takes it (:func:`photos.mask_fg_bg`) and is not shown to the masker; the
+    others go through the masker with the generated images, except that a photo without any object proposal gets
+    empty masks (eq. 1's threshold fallback assumes the class is in the picture, as it is in a generated image):
+    the caller reports it as a photo where no mask was found.
     """
+    n = len(keys)
+    masked = sorted(support.user_masks)
+    rest = [i for i in range(n) if i not in support.user_masks]
+    size = tuple(support.attribution.shape[1:])
+    fg = torch.zeros((n, *size), dtype=torch.bool, device=support.attribution.device)
+    bg = torch.zeros_like(fg)
+    for i in masked:
+        f, b = photos.mask_fg_bg(support.user_masks[i])
+        fg[i], bg[i] = torch.from_numpy(f), torch.from_numpy(b)
+    if rest:
+        b = batch_size(opts, models, n - opts.n)
+        fg[rest], bg[rest] = _masker_masks(cache, models, [keys[i] for i in rest], support.subset(rest), opts, b)
+    return fg, bg
+
+
+def _masker_masks(
+    cache: cachelib.Cache, models: Models, keys: list[str], support: SupportTensors, opts: SynthOptions, b: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masker's fg, bg (N, S, S) bool for these support images (none of them with a user's mask); ``b``: the
+    class's network batch size."""
     masker = build_class_masker(opts, models)
     attr = support.attribution
     if not masker.proposal_based:
@@ -190,13 +334,16 @@ def support_masks(
         if masker.needs_features:
             # On the models' device: MaskCut's eigenproblems are milliseconds on a GPU, seconds on a CPU.
             dino = build_extractor("dino", models)
-            feats = _batched(support.images[todo], dino.maskcut_keys, batch_size(opts, models))
+            feats = _batched(support.images[todo], dino.maskcut_keys, b)
         images = support.floats(todo) if masker.needs_images else None
         for i, props in zip(todo, masker.propose(attr[todo], feats, images), strict=True):
             proposals[i] = props.cpu()
             packed = np.packbits(props.cpu().numpy().astype(bool).reshape(-1))
             cache.put("proposals", pkeys[i], cachelib.encode_arrays({"masks": packed}, {"count": len(props)}))
     pairs = [masks.select_masks(p, a) for p, a in zip(proposals, attr, strict=True)]
+    for i, props in enumerate(proposals):
+        if bool(support.photo[i]) and not bool(props.any()):  # no object proposal on a photo: no mask found
+            pairs[i] = (torch.zeros_like(pairs[i][0]), torch.zeros_like(pairs[i][1]))
     return masks.stack_masks(pairs, attr)
 
 
@@ -218,6 +365,8 @@ class SupportTensors:
         residuals: (N, 3, S, S) uint8, what flooring dropped (see :meth:`floats`).
         attribution: (N, S, S) float32 in [0, 1] at the image size: what masks are chosen on.
         grid_attribution: (N, G, G) float32 in [0, 1] on the latent grid, as captured.
+        photo: (N,) bool on the CPU, which images are the user's photos.
+        user_masks: index -> (S, S) uint8 mask (photos.MASK_*) of each photo that came with the user's mask.
     """
 
     images: torch.Tensor
@@ -225,11 +374,27 @@ class SupportTensors:
     residuals: torch.Tensor
     attribution: torch.Tensor
     grid_attribution: torch.Tensor
+    photo: torch.Tensor
+    user_masks: dict[int, np.ndarray] = field(default_factory=dict)
 
     def floats(self, index: list[int]) -> torch.Tensor:
         """(len(index), 3, S, S) float32 in [0, 1]: those images unquantised (to 1/512 of a grey level), what CutLER
-        sees (REFERENCE 1). Made only for the images a detector runs on, not kept for the class."""
-        return synthesis.restore_float(self.saved[index], self.residuals[index])
+        sees (REFERENCE 1); a photo's bytes / 255 (they are exact). Made only for the images a detector runs on,
+        not kept for the class."""
+        restored = synthesis.restore_float(self.saved[index], self.residuals[index])
+        exact = self.saved[index].float() / 255
+        return torch.where(self.photo[index].to(restored.device)[:, None, None, None], exact, restored)
+
+    def subset(self, index: list[int]) -> SupportTensors:
+        """These images only (no user masks among them)."""
+        return SupportTensors(
+            self.images[index],
+            self.saved[index],
+            self.residuals[index],
+            self.attribution[index],
+            self.grid_attribution[index],
+            self.photo[index],
+        )
 
 
 def support_tensors(
@@ -241,17 +406,21 @@ def support_tensors(
     the cache (PNG and raw residual, lossless: the same values).
     """
     fresh = fresh or {}
-    pixels, residuals, maps = [], [], []
-    for key in keys:
+    pixels, residuals, maps, photo, user_masks = [], [], [], [], {}
+    for i, key in enumerate(keys):
         if key in fresh:
             pixels.append(fresh[key].pixels.to(models.device).permute(1, 2, 0))
             residuals.append(fresh[key].residual_pixels.to(models.device).permute(1, 2, 0))
             maps.append(torch.from_numpy(fresh[key].attribution))
+            photo.append(False)
         else:
-            image, residual, attr = load_support(cache, key)
-            pixels.append(torch.from_numpy(image).to(models.device))
-            residuals.append(torch.from_numpy(residual).to(models.device))
-            maps.append(torch.from_numpy(attr))
+            entry = load_entry(cache, key)
+            pixels.append(torch.from_numpy(entry.image).to(models.device))
+            residuals.append(torch.from_numpy(entry.residual).to(models.device))
+            maps.append(torch.from_numpy(entry.attribution))
+            photo.append(entry.photo)
+            if entry.mask is not None:
+                user_masks[i] = entry.mask
     # (N, H, W, 3) viewed as (N, 3, H, W): channels-last memory, the layout the networks have always been given
     # (convolutions' last bits depend on it, and with them the cached banks).
     saved, residual = torch.stack(pixels).permute(0, 3, 1, 2), torch.stack(residuals).permute(0, 3, 1, 2)
@@ -262,4 +431,6 @@ def support_tensors(
         residuals=residual,
         attribution=attribution.at_image_size(grid, saved.shape[-1]),
         grid_attribution=grid,
+        photo=torch.tensor(photo, dtype=torch.bool),
+        user_masks=user_masks,
     )
