@@ -61,7 +61,9 @@ def holds_outputs(folder: Path) -> bool:
     return read_legend(folder / LEGEND_FILE) is not None
 
 
-def _walk(folder: Path, exclude: Path | None, on_skip: Callable[[Path], None]) -> list[Path]:
+def walk_images(folder: Path, exclude: Path | None, on_skip: Callable[[Path], None]) -> list[Path]:
+    """Image files under the absolute ``folder``, sorted: hidden entries, the absolute ``exclude`` folder and
+    folders holding an earlier run's outputs (reported to ``on_skip``) left out."""
     found = []
     for root, dirs, files in os.walk(folder):
         here = Path(root)
@@ -121,7 +123,7 @@ def find_images(
     for raw in inputs:
         path = Path(os.path.abspath(raw))
         if path.is_dir():
-            files += [(f, path) for f in _walk(path, exclude, skip)]
+            files += [(f, path) for f in walk_images(path, exclude, skip)]
         elif path.is_file():
             files.append((path, path.parent))
         elif _GLOB_CHARS & set(raw):

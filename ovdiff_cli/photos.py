@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import defaults as D
-from .inputs import ImageError, _is_image_file, load_image
+from .inputs import ImageError, load_image, walk_images
 
 if TYPE_CHECKING:
     import torch
@@ -181,18 +181,19 @@ def list_photos(
         )
     if masks is not None and not masks.is_dir():
         raise ValueError(f"--photo-masks {masks}: no such folder")
-    files = _photo_files(folder, exclude=masks)
+    top = Path(os.path.abspath(folder))
+    files = walk_images(top, Path(os.path.abspath(masks)) if masks is not None else None, lambda _folder: None)
     if not files:
         raise ValueError(f"{what} {folder}: no image files in it (expected .jpg, .png, ... photos of the class)")
     photos, skipped = [], []
     pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         for done, path in enumerate(files, 1):
-            found = _listed(path, folder, masks, min_side, max_pixels)
+            found = _listed(path, top, masks, min_side, max_pixels)
             if isinstance(found, Photo):
                 photos.append(found)
             else:
-                skipped.append((path.relative_to(folder).as_posix(), found))
+                skipped.append((path.relative_to(top).as_posix(), found))
             if on_progress is not None:
                 on_progress(done, len(files))
     finally:
@@ -236,17 +237,6 @@ def sort_photos(photos: list[Photo]) -> list[Photo]:
     """Support-set order: by content (digest, then mask digest), never by name; the same photo twice is kept once."""
     unique = {(p.digest, p.mask_digest or ""): p for p in sorted(photos, key=lambda p: p.name)}
     return [unique[k] for k in sorted(unique)]
-
-
-def _photo_files(folder: Path, exclude: Path | None) -> list[Path]:
-    """Image files under ``folder`` (hidden entries and the masks folder left out), sorted."""
-    skip = Path(os.path.abspath(exclude)) if exclude is not None else None
-    found = []
-    for root, dirs, files in os.walk(folder):
-        here = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(os.path.abspath(here / d)) != skip)
-        found += [here / f for f in sorted(files) if not f.startswith(".")]
-    return [p for p in found if _is_image_file(p)]
 
 
 def _mask_for(photo: Path, folder: Path, masks: Path | None) -> Path | None:

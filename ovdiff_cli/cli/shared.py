@@ -256,7 +256,7 @@ def prepare(args: SegmentArgs, classes: list[ClassSpec] | None = None, quiet: bo
     try:
         models.check_available(segment_roles(classes, synth, seg, models, cache))
         missing = missing_banks(classes, synth, models, cache)
-        notes = synthesis_notes(missing, synth, models, cache)
+        notes = synthesis_notes(missing, synth, models, cache, classes)
         if missing and (masker := masker_note(synth, models)):
             notes.append(masker)
         if missing and (size := support_size_note(synth, models, classes)):

@@ -273,15 +273,24 @@ def support_size_note(opts: SynthOptions, models: Models, classes: Iterable[Clas
     )
 
 
-def synthesis_notes(missing: list[str], opts: SynthOptions, models: Models, cache: cachelib.Cache) -> list[str]:
+def synthesis_notes(
+    missing: list[str], opts: SynthOptions, models: Models, cache: cachelib.Cache, classes: Iterable[ClassSpec] = ()
+) -> list[str]:
     """What a segment, explain or eval run says before it synthesises classes itself: which ones, why (no bank for
-    these settings), and the settings of the banks the cache does hold for them (so a mismatch is visible)."""
+    these settings), and the settings of the banks the cache does hold for them (so a mismatch is visible).
+    ``classes``: the run's classes, for the support sets of those with photos or their own N."""
     if not missing:
         return []
     wanted = CachedBank("", "", 0.0, 0, list(opts.extractors), bank_meta(opts, models)).settings()
+    own = [
+        f"{c.name}: {class_options(c, opts).n} generated + {count_photos(len(photos_of(c)))}"
+        for c in classes
+        if c.name in missing and (photos_of(c) or class_options(c, opts).n != opts.n)
+    ]
     notes = [
         f"synthesising {len(missing)} {'class' if len(missing) == 1 else 'classes'} first"
-        f" ({opts.n} images each; no cached prototypes for {wanted}): {', '.join(missing)}"
+        f" ({opts.n} images each{''.join(f'; {o}' for o in own)}; no cached prototypes for {wanted}):"
+        f" {', '.join(missing)}"
     ]
     held: dict[str, list[str]] = {}
     for bank in cached_banks(cache):
