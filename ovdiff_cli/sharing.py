@@ -22,6 +22,8 @@ from . import cache as cachelib
 EXPORT_FORMAT = "ovdiff-export/1"
 STAGES = ("bank", "support")
 SUPPORT_ARRAYS = frozenset({"image_png", "residual", "attribution"})  # what pipeline.encode_support writes
+# What pipeline.encode_photo writes for a user's photo: with their mask, or with its attribution map.
+PHOTO_ARRAYS = (frozenset({"image_png", "mask"}), frozenset({"image_png", "attribution"}))
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -92,7 +94,10 @@ def _check_payload(stage: str, payload: bytes, class_name: str) -> None:
         if bank.class_name != class_name:
             raise ValueError(f"the bank is for class {bank.class_name!r}, the manifest says {class_name!r}")
         return
-    arrays, _ = cachelib.decode_arrays(payload)
+    arrays, meta = cachelib.decode_arrays(payload)
+    if "sha256" in meta:  # one of the user's photos
+        _check_photo(arrays)
+        return
     if set(arrays) != SUPPORT_ARRAYS:
         held = ", ".join(sorted(arrays)) or "nothing"
         raise ValueError(f"a support entry holds {held}, expected {', '.join(sorted(SUPPORT_ARRAYS))}")
@@ -110,6 +115,22 @@ def _check_payload(stage: str, payload: bytes, class_name: str) -> None:
             f"a support entry has image {image.shape}, residual {residual.shape} {residual.dtype} and attribution"
             f" {attr.shape} {attr.dtype}"
         )
+
+
+def _check_photo(arrays: dict[str, np.ndarray]) -> None:
+    """ValueError unless ``arrays`` are a photo's support entry: its PNG with the user's (S, S) uint8 mask of 0, 1
+    and 2, or with a 2-D float32 attribution map."""
+    if frozenset(arrays) not in PHOTO_ARRAYS:
+        held = ", ".join(sorted(arrays)) or "nothing"
+        raise ValueError(f"a photo's support entry holds {held}, expected image_png with mask or attribution")
+    image = cachelib.decode_png(arrays["image_png"].tobytes())
+    mask, attr = arrays.get("mask"), arrays.get("attribution")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"a photo's support entry has image {image.shape}")
+    if mask is not None and (mask.shape != image.shape[:2] or mask.dtype != np.uint8 or int(mask.max()) > 2):
+        raise ValueError(f"a photo's support entry has mask {mask.shape} {mask.dtype} for image {image.shape}")
+    if attr is not None and (attr.ndim != 2 or attr.dtype != np.float32):
+        raise ValueError(f"a photo's support entry has attribution {attr.shape} {attr.dtype}")
 
 
 def read_export(path: Path) -> list[Entry]:

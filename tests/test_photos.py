@@ -476,3 +476,25 @@ def test_listing_a_large_folder_shows_progress_off_a_terminal(tmp_path):
     assert any(ln.startswith(f"photos in {folder}: 200/200 (") for ln in err), proc.stderr
     [doc] = json.loads(proc.stdout)["classes"]
     assert doc["support"] == {"generated": 0, "photos": 200} and doc["photos_computed"] == 200
+
+
+def test_a_photo_class_travels_with_its_photos_through_export_and_import(tmp_path):
+    """`cache export --with-support` carries the photos' entries (their mask or attribution) and `import` accepts
+    them: on the other machine synth finds the bank and every photo entry, and computes nothing."""
+    folder, masks = tmp_path / "mug", tmp_path / "masks"
+    plant(folder, "a.png", (10, 40, 20, 60), masks, seed=1)
+    plant(folder, "b.png", (20, 60, 30, 80), seed=2)  # no mask: its entry holds an attribution map
+    args = ["synth", "mug", "--photos", str(folder), "--photo-masks", str(masks), *FAST, "--steps", "2"]
+    assert invoke(*args, "--cache-dir", str(tmp_path / "here")).exit_code == 0
+    exported = invoke(
+        "cache", "export", str(tmp_path / "mug.ovd"), "--with-support", "--cache-dir", str(tmp_path / "here")
+    )
+    assert exported.exit_code == 0, exported.output
+    assert "1 prototype banks and 2 support images (mug)" in exported.stdout
+    imported = invoke("cache", "import", str(tmp_path / "mug.ovd"), "--cache-dir", str(tmp_path / "there"))
+    assert imported.exit_code == 0, imported.output
+    again = invoke(*args, "--cache-dir", str(tmp_path / "there"), "--json")
+    assert again.exit_code == 0, again.output
+    [doc] = json.loads(again.stdout)["classes"]
+    assert doc["photos_computed"] == 0 and doc["support"] == {"generated": 0, "photos": 2}
+    assert stored(tmp_path / "there", "support") == 2
