@@ -498,3 +498,18 @@ def test_a_photo_class_travels_with_its_photos_through_export_and_import(tmp_pat
     [doc] = json.loads(again.stdout)["classes"]
     assert doc["photos_computed"] == 0 and doc["support"] == {"generated": 0, "photos": 2}
     assert stored(tmp_path / "there", "support") == 2
+
+
+def test_a_run_without_the_photos_says_the_cache_holds_a_photo_bank(tmp_path, tiny_models):
+    """segment/explain/eval without --photos would synthesise the class from its name: the note before that says the
+    cache holds the class's bank with photos, and that its --photos folder is what to pass."""
+    folder, masks = tmp_path / "mug", tmp_path / "masks"
+    for i, name in enumerate(("a.png", "b.png")):
+        plant(folder, name, (10, 40, 20 + 10 * i, 60), masks, seed=i)
+    with Cache(tmp_path / "cache") as cache:
+        synth_lib(cache, tiny_models, folder, masks)
+        opts = pipeline.SynthOptions(**{**LIB, "n": 2})
+        notes = pipeline.synthesis_notes(["mug"], opts, tiny_models, cache, [ClassSpec("mug")])
+    assert notes[0].startswith("synthesising 1 class first (2 images each; no cached prototypes for tiny, n 2,")
+    assert "cached for mug with other settings: tiny, n 0 + 2 photos," in notes[1]
+    assert notes[1].endswith("(pass those options and its --photos folder to use them)")

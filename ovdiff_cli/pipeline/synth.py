@@ -293,13 +293,17 @@ def synthesis_notes(
         f" {', '.join(missing)}"
     ]
     held: dict[str, list[str]] = {}
+    with_photos: set[str] = set()
     for bank in cached_banks(cache):
         if bank.class_name in missing:
             held.setdefault(bank.class_name, []).append(bank.settings())
+            if bank.photos:
+                with_photos.add(bank.class_name)
     for name in missing:
         if held.get(name):
             shown = "; ".join(dict.fromkeys(held[name]))
-            notes.append(f"cached for {name} with other settings: {shown} (pass those options to use them)")
+            how = "those options and its --photos folder" if name in with_photos else "those options"
+            notes.append(f"cached for {name} with other settings: {shown} (pass {how} to use them)")
     return notes
 
 
