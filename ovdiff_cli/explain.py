@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import defaults as D
-from .outputs import colour, draw_outlines, load_font
+from .outputs import colour, count_noun, draw_outlines, load_font
 from .prototypes import KIND_NAMES, REGION_NAMES, PrototypeBank
 from .segmentation import BACKGROUND_NAME, EXCLUDED_SCORE, Segmentation, Segmenter
 
@@ -286,11 +286,6 @@ def support_text(regions: Sequence[SupportRegion]) -> str:
     if photos and photos == len(regions):
         return count_noun(photos, "photo") + " of yours"
     return count_noun(len(regions), "support image") + mine
-
-
-def count_noun(n: int, noun: str) -> str:
-    """``count_noun(1, 'pixel')`` -> '1 pixel', ``count_noun(3, 'pixel')`` -> '3 pixels'."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _fit(img, box: tuple[int, int]):

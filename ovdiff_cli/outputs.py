@@ -603,3 +603,8 @@ def write_scores(path: Path, scores: np.ndarray, ids: Sequence[int], names: Sequ
             names=np.asarray(list(names), dtype=str),
             kept=np.asarray(kept, dtype=bool),
         )
+
+
+def count_noun(n: int, noun: str) -> str:
+    """``count_noun(1, 'pixel')`` -> '1 pixel', ``count_noun(3, 'pixel')`` -> '3 pixels'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import defaults as D
 from .inputs import ImageError, load_image, walk_images
+from .models.registry import hash_file
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 # Values of a mask as ovdiff holds it: background, object, and "ignore" (neither fg nor bg: a benchmark's void label).
 MASK_BG, MASK_FG, MASK_IGNORE = 0, 1, 2
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,15 +79,6 @@ class PhotoSet:
 
     def __len__(self) -> int:
         return len(self.photos)
-
-
-def file_digest(path: Path) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB pieces (memory does not grow with the file)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def mask_digest(mask: np.ndarray) -> str:
@@ -230,7 +221,7 @@ def _listed(path: Path, folder: Path, masks: Path | None, min_side: int, max_pix
         if problem := _mask_problem(name, mask_name, mask, size):
             raise ValueError(f"--photo-masks {masks}: {problem}")
         m_digest = mask_digest(mask)
-    return Photo(name, path, file_digest(path), size, mask_path, m_digest)
+    return Photo(name, path, hash_file(path), size, mask_path, m_digest)
 
 
 def sort_photos(photos: list[Photo]) -> list[Photo]:
@@ -276,7 +267,7 @@ def load_photo(photo: Photo, size: int, max_pixels: int = D.MAX_PIXELS) -> tuple
     Raises:
         ImageError: the photo's (or mask's) pixels cannot be decoded, or its content changed since it was listed.
     """
-    if file_digest(photo.path) != photo.digest:
+    if hash_file(photo.path) != photo.digest:
         raise ImageError("the file changed while ovdiff was running; run the command again")
     image = load_image(photo.path, max_pixels)
     mask = None

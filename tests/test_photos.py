@@ -222,7 +222,7 @@ def test_a_photo_without_any_proposal_is_named_and_left_out(tmp_path, monkeypatc
     protos = bank["dino"]
     assert not protos.fg_masks[bare].any() and not protos.bg_masks[bare].any()
     assert protos.image[protos.select(kinds="instance")].tolist() == [masked, masked]  # its fg and bg instance
-    # The closing line counts one photo as one photo (synth.count_photos), not "1 photos were".
+    # The closing line counts one photo as one photo (outputs.count_noun), not "1 photos were".
     assert lines(result.stderr)[-1].startswith("error: 1 photo was left out"), result.stderr
 
 

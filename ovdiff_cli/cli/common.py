@@ -189,16 +189,19 @@ def with_photos(classes: list, photos: list[str] | None, masks: list[str] | None
 
         classes = photo_sets(classes, opts, models, listing)
     for spec in classes:
-        for name, reason in spec.photo_set.skipped if spec.photo_set is not None else ():
-            err.print(f"warning: {spec.name}: photo {name} left out: {reason}", highlight=False, markup=False)
+        _left_out(spec.name, spec.photo_set.skipped if spec.photo_set is not None else ())
     return classes
 
 
 def photo_warnings(results: Iterable[Any]) -> None:
     """Name on stderr each photo a run left out of its class's bank (synth's ClassResult.photos_skipped)."""
     for r in results:
-        for file, why in r.photos_skipped:
-            err.print(f"warning: {r.name}: photo {file} left out: {why}", highlight=False, markup=False)
+        _left_out(r.name, r.photos_skipped)
+
+
+def _left_out(class_name: str, photos: Iterable[tuple[str, str]]) -> None:
+    for file, why in photos:
+        err.print(f"warning: {class_name}: photo {file} left out: {why}", highlight=False, markup=False)
 
 
 def print_notes(class_names: list[str], quiet: bool = False, more: list[str | None] | None = None) -> None:

@@ -126,7 +126,8 @@ def explain(
 
 def _print_explanation(expl: Explanation, image: Path, x: int, y: int, wrote: Path | None) -> None:
     """The human summary: the label, each deciding prototype, and the picture written (if any)."""
-    from ..explain import count_noun, support_text
+    from ..explain import support_text
+    from ..outputs import count_noun
 
     runner = f", runner-up {expl.runner_up[1]} ({expl.runner_up[2]:.3f})" if expl.runner_up else ""
     out.print(f"pixel ({x}, {y}) of {image}: {expl.label} ({expl.score:.3f}){runner}")

@@ -176,11 +176,11 @@ def synth(
 def _photo_failures(results: list, classes: list) -> None:
     """Exit 1 if any photo was left out of a support set (each was named on stderr: when listing, before the work,
     or by :func:`photo_warnings`): the banks are complete without them, but a script should notice."""
-    from ..pipeline.synth import count_photos
+    from ..outputs import count_noun
 
     photo_warnings(results)
     count = sum(len(r.photos_skipped) for r in results)
     count += sum(len(c.photo_set.skipped) for c in classes if c.photo_set is not None)
     if count:
         were = "was" if count == 1 else "were"
-        raise fail(f"{count_photos(count)} {were} left out of the support sets (listed above)", EXIT_FAILED)
+        raise fail(f"{count_noun(count, 'photo')} {were} left out of the support sets (listed above)", EXIT_FAILED)

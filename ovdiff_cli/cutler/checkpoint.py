@@ -9,7 +9,6 @@ mapped weights as safetensors, which later loads read without pickle.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import zipfile
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..meta import without_init
+from ..models.registry import hash_file
 from .configs import FULL, CutlerConfig
 from .model import CutlerDetector
 
@@ -213,10 +213,6 @@ def convert(path_in: str | Path, path_out: str | Path, config: CutlerConfig = FU
     path_in, path_out = Path(path_in), Path(path_out)
     state = read_checkpoint(path_in)
     mapped = map_state_dict(without_init(lambda: CutlerDetector(config)), state)  # only the names and shapes
-    digest = hashlib.sha256()
-    with path_in.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    metadata = {"format": _FORMAT, "config": config.name, "source": path_in.name, "source_sha256": digest.hexdigest()}
+    metadata = {"format": _FORMAT, "config": config.name, "source": path_in.name, "source_sha256": hash_file(path_in)}
     save_file({name: value.contiguous() for name, value in mapped.items()}, path_out, metadata=metadata)
     return _report(state, mapped)

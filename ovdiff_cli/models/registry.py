@@ -548,7 +548,7 @@ def _content_id(path: Path) -> str:
     key = _memo_key(path)
     memo = _digest_memo()
     if key not in memo:
-        memo[key] = _hash_bytes(path)
+        memo[key] = hash_file(path)
         _save_digest_memo(memo)
     return "sha256:" + memo[key]
 
@@ -571,7 +571,7 @@ def _memo_key(path: Path) -> str:
     return f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
 
 
-def _hash_bytes(path: Path, algorithm: str = "sha256", prefix: bytes = b"") -> str:
+def hash_file(path: Path, algorithm: str = "sha256", prefix: bytes = b"") -> str:
     """Hex digest of ``prefix`` followed by every byte of ``path``, read in 4 MiB blocks."""
     h = hashlib.new(algorithm, prefix)
     with open(path, "rb") as fh:
@@ -649,7 +649,7 @@ def verify(comp: Component) -> list[FileCheck]:
         if blob:
             checks.append(_check_blob(f, blob, comp))
             continue
-        key, actual = _memo_key(f), _hash_bytes(f)
+        key, actual = _memo_key(f), hash_file(f)
         recorded = memo.get(key)
         if recorded != actual:
             memo[key], corrected = actual, True  # a first digest is remembered too
@@ -674,9 +674,9 @@ def _check_blob(path: Path, blob: str, comp: Component) -> FileCheck:
     import os
 
     if len(blob) == 64:  # an LFS file: named by the sha256 of its content
-        kind, actual = "sha256", _hash_bytes(path)
+        kind, actual = "sha256", hash_file(path)
     else:  # a small file: named by its git blob hash
-        kind, actual = "git blob hash", _hash_bytes(path, "sha1", b"blob %d\0" % path.stat().st_size)
+        kind, actual = "git blob hash", hash_file(path, "sha1", b"blob %d\0" % path.stat().st_size)
     if actual == blob:
         return FileCheck(path, "ok")
     return FileCheck(

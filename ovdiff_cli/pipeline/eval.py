@@ -26,6 +26,7 @@ from ..classes import ClassSpec
 from ..datasets import ClassIndex, DatasetSpec, Sample, Shots, pick_shots, vocabulary_ids
 from ..inputs import InputImage
 from ..models.loading import Models
+from ..models.registry import hash_file
 from ..segmentation import Segmenter, SegmentOptions
 from ..timing import Timings
 from .common import Progress, _Silent
@@ -309,7 +310,7 @@ def shot_photos(
         sample = by_id[image_id]
         try:
             gt = spec.read_labels(sample.label)
-            digest, size = photos.file_digest(sample.image), photos.displayed_size(sample.image)
+            digest, size = hash_file(sample.image), photos.displayed_size(sample.image)
         except (OSError, ValueError, SyntaxError) as exc:  # Pillow's decoding errors include SyntaxError
             failed.append((image_id, str(exc)))
         else:

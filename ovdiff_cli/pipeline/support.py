@@ -243,14 +243,14 @@ def ensure_photos(
                     progress.advance()
                     continue
                 loaded.append((key, photo, image, mask))
-        with timings("photos"):
             need = [item for item in loaded if item[3] is None]
             maps = {}
             if need:
                 gen = models.get("sd", decoder=False)
                 pixels = torch.from_numpy(np.stack([item[2] for item in need])).permute(0, 3, 1, 2).to(gen.device)
-                # One photo at a time: in a batch, a map's last bits depend on its slot (1e-6 on this project's
-                # CPU), and a photo's slot would change as photos come and go; alone, its map is a function of it.
+                # One photo at a time: in a batch a map's last bits can depend on its slot (1.7e-6 on this project's
+                # CPU without MKL's strict mode, which only the CLI sets; no device promises otherwise), and a photo's
+                # slot would change as photos come and go. Alone, its map is a function of the photo everywhere.
                 run_one = functools.partial(photos.attribute, gen, class_name)
                 found = _batched(pixels, run_one, 1).float().cpu().numpy()
                 maps = {item[0]: m for item, m in zip(need, found, strict=True)}
@@ -297,17 +297,18 @@ def support_masks(
     the caller reports it as a photo where no mask was found.
     """
     n = len(keys)
-    masked = sorted(support.user_masks)
-    rest = [i for i in range(n) if i not in support.user_masks]
+    batch = batch_size(opts, models, n - opts.n)
+    if not support.user_masks:  # every class without photos: the masker sees the support set as it is
+        return _masker_masks(cache, models, keys, support, opts, batch)
     size = tuple(support.attribution.shape[1:])
     fg = torch.zeros((n, *size), dtype=torch.bool, device=support.attribution.device)
     bg = torch.zeros_like(fg)
-    for i in masked:
-        f, b = photos.mask_fg_bg(support.user_masks[i])
+    for i, mask in support.user_masks.items():
+        f, b = photos.mask_fg_bg(mask)
         fg[i], bg[i] = torch.from_numpy(f), torch.from_numpy(b)
+    rest = [i for i in range(n) if i not in support.user_masks]
     if rest:
-        b = batch_size(opts, models, n - opts.n)
-        fg[rest], bg[rest] = _masker_masks(cache, models, [keys[i] for i in rest], support.subset(rest), opts, b)
+        fg[rest], bg[rest] = _masker_masks(cache, models, [keys[i] for i in rest], support.subset(rest), opts, batch)
     return fg, bg
 
 
@@ -382,8 +383,11 @@ class SupportTensors:
         sees (REFERENCE 1); a photo's bytes / 255 (they are exact). Made only for the images a detector runs on,
         not kept for the class."""
         restored = synthesis.restore_float(self.saved[index], self.residuals[index])
+        photo = self.photo[index]
+        if not bool(photo.any()):
+            return restored
         exact = self.saved[index].float() / 255
-        return torch.where(self.photo[index].to(restored.device)[:, None, None, None], exact, restored)
+        return torch.where(photo.to(restored.device)[:, None, None, None], exact, restored)
 
     def subset(self, index: list[int]) -> SupportTensors:
         """These images only (no user masks among them)."""

@@ -24,6 +24,7 @@ from .. import photos, prototypes, synthesis
 from ..classes import ClassSpec
 from ..extractors import build_extractor
 from ..models.loading import Models, dtype_name
+from ..outputs import count_noun
 from ..timing import Timings
 from .common import Progress, _Silent
 from .keys import SynthOptions, batch_size, class_keys, class_options, effective_masker, photos_of
@@ -108,6 +109,11 @@ def photo_meta(photos: tuple, routes: list[str], found: list[bool]) -> list[dict
     ]
 
 
+def photos_used(meta: dict) -> int:
+    """How many of the user's photos a bank (its meta) holds with a mask: the ones that gave prototypes."""
+    return sum(p.get("mask") != "none" for p in meta.get("photos", []))
+
+
 def renamed(meta: list[dict], photos: tuple) -> list[dict]:
     """A cached bank's photo records with the current file names: the bank is keyed by the photos' content, so a
     renamed photo reuses it, and the name it shows is the one the photo has now."""
@@ -167,7 +173,7 @@ def synthesize(
             payload = bank.to_bytes()
             cache.put("bank", result.bank_key, payload)
             progress.advance()
-        result.photos = sum(m["mask"] != "none" for m in bank.meta.get("photos", []))
+        result.photos = photos_used(bank.meta)
         result.photos_skipped += [
             (m["file"], NO_MASK[m["route"]]) for m in bank.meta.get("photos", []) if m["mask"] == "none"
         ]
@@ -220,7 +226,7 @@ class CachedBank:
     @property
     def photos(self) -> int:
         """How many of the user's photos the bank's support set holds (with a mask: the ones that gave prototypes)."""
-        return sum(p.get("mask") != "none" for p in self.meta.get("photos", []))
+        return photos_used(self.meta)
 
     def settings(self) -> str:
         """``"sd15, n 4, steps 30, seed 42, masker maskcut, sd+dino+clip"`` (fields older banks lack are left out);
@@ -228,15 +234,11 @@ class CachedBank:
         m = self.meta
         parts = [str(m["model_set"])] if "model_set" in m else []
         parts += [
-            f"{name} {m[name]}" + (f" + {count_photos(self.photos)}" if name == "n" and self.photos else "")
+            f"{name} {m[name]}" + (f" + {count_noun(self.photos, 'photo')}" if name == "n" and self.photos else "")
             for name in ("n", "steps", "seed", "masker", "batch_size", "precision")
             if name in m
         ]
         return ", ".join([*parts, "+".join(sorted(self.extractors))])
-
-
-def count_photos(n: int) -> str:
-    return f"{n} photo" if n == 1 else f"{n} photos"
 
 
 def cached_banks(cache: cachelib.Cache, class_name: str | None = None) -> list[CachedBank]:
@@ -256,16 +258,15 @@ def cached_banks(cache: cachelib.Cache, class_name: str | None = None) -> list[C
 
 
 def support_size_note(opts: SynthOptions, models: Models, classes: Iterable[ClassSpec] = ()) -> str | None:
-    """A warning, before any work, when a class's support set is large (above D.N_WARN images: --n, or --n plus
-    a class's photos): the cache it fills per class and the memory its prototypes need. None otherwise."""
-    sizes = [(class_options(c, opts).n + len(photos_of(c)), c) for c in classes if photos_of(c)]
-    count, spec = max(sizes, key=lambda s: s[0], default=(opts.n, None))
-    count = max(count, opts.n)
+    """A warning, before any work, when a class's support set is large (above D.N_WARN images: --n, or a class's
+    own N plus its photos): the cache it fills per class and the memory its prototypes need. None otherwise."""
+    sizes = [(class_options(c, opts).n + len(photos_of(c)), c.name) for c in classes] or [(opts.n, None)]
+    count, name = max(sizes, key=lambda s: s[0])
     if count <= D.N_WARN:
         return None
     per_class = count * models.spec.image_size**2 * D.SUPPORT_BYTES_PER_PIXEL
     size = f"{per_class / 1e9:.1f} GB" if per_class >= 1e9 else f"{per_class / 1e6:.0f} MB"
-    what = f"--n {opts.n:,}" if spec is None or count == opts.n else f"class {spec.name!r} ({count:,} support images)"
+    what = f"--n {opts.n:,}" if name is None or count == opts.n else f"class {name!r} ({count:,} support images)"
     return (
         f"{what}: about {size} of cache per class not yet cached, and all {count:,}"
         f" images' masked features held in memory to build its prototypes ({D.N_SUPPORT} is the paper's);"
@@ -283,7 +284,7 @@ def synthesis_notes(
         return []
     wanted = CachedBank("", "", 0.0, 0, list(opts.extractors), bank_meta(opts, models)).settings()
     own = [
-        f"{c.name}: {class_options(c, opts).n} generated + {count_photos(len(photos_of(c)))}"
+        f"{c.name}: {class_options(c, opts).n} generated + {count_noun(len(photos_of(c)), 'photo')}"
         for c in classes
         if c.name in missing and (photos_of(c) or class_options(c, opts).n != opts.n)
     ]
